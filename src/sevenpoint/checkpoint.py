@@ -1,0 +1,76 @@
+"""Checkpoints: atomic writes, safe reads (never unpickle code), model rebuilt from the saved config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, config_from_dict
+from .models import FusionModel
+from .schema import TASKS
+
+SCHEMA_FINGERPRINT = [[t.name, list(t.classes)] for t in TASKS]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable sevenpoint checkpoint; the message says why."""
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint dict with `weights_only=True` (a pickle that would run code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused: the file needs code to be unpickled, or is not a "
+                              f"checkpoint ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # zip/EOF/runtime errors from torch.load
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "sevenpoint" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a sevenpoint checkpoint (no 'sevenpoint' section)")
+    schema = ckpt["sevenpoint"].get("schema")
+    if schema != SCHEMA_FINGERPRINT:
+        raise CheckpointError(f"{path}: label schema differs from this version's: file has "
+                              f"{schema}, expected {SCHEMA_FINGERPRINT}")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, expect_variant: str | None = None) -> tuple[FusionModel, RunConfig, dict]:
+    """Rebuild the model from a checkpoint's own config and load its weights (eval mode)."""
+    ckpt = read_checkpoint(path)
+    cfg = config_from_dict(ckpt["sevenpoint"]["config"])
+    if expect_variant is not None and cfg.model.variant != expect_variant:
+        raise CheckpointError(f"{path}: checkpoint is variant {cfg.model.variant}, expected {expect_variant}")
+    # The packaged ImageNet weights are overwritten by the checkpoint anyway.
+    cfg_build = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint=None)
+    model = FusionModel(cfg_build)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone} model: "
+                              f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model.eval()
+    return model, cfg, ckpt["sevenpoint"]

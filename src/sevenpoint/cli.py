@@ -1,0 +1,269 @@
+"""The `sevenpoint` command line (typer). Faces only: every command calls into engine / predict.
+
+Known errors print one clear line and exit 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Seven-point checklist criteria + diagnosis from dermoscopy, clinical photo and metadata.")
+console = Console()
+err = Console(stderr=True)
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False) -> None:
+    _STATE["debug"] = debug
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DatasetError, ImageError
+    from .engine.train import RunDirError
+    from .models.xception import CheckpointMismatch
+    from .predict import PredictError
+    from .schema import LabelError
+
+    return (CheckpointError, ConfigError, DatasetError, ImageError, RunDirError, CheckpointMismatch,
+            PredictError, LabelError, FileNotFoundError, PermissionError)
+
+
+def main() -> None:
+    """Console entry point: accepts `--seeds 0 1 2` (space-separated) and maps known errors to exit 2."""
+    argv = sys.argv[1:]
+    if "--seeds" in argv:
+        i = argv.index("--seeds")
+        j = i + 1
+        while j < len(argv) and re.fullmatch(r"\d+", argv[j]):
+            j += 1
+        argv = argv[:i + 1] + [",".join(argv[i + 1:j])] + argv[j:]
+    try:
+        app(args=argv, standalone_mode=False)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            err.print("aborted")
+            raise SystemExit(130) from None
+        if _STATE["debug"] or not isinstance(exc, _known_errors()):
+            raise
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        raise SystemExit(2) from None
+
+
+def _seeds(seed: int, seeds: str | None) -> list[int]:
+    if not seeds:
+        return [seed]
+    try:
+        return [int(s) for s in seeds.replace(",", " ").split()]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds {seeds!r}: expected integers, e.g. --seeds 0 1 2") from None
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+@app.command()
+def synth(out_dir: Path, cases: int = 200, size: int = 128, seed: int = 0) -> None:
+    """Write a learnable synthetic Derm7pt (release_v0 layout) to OUT_DIR."""
+    from .data import make_synthetic
+
+    start = time.perf_counter()
+    root = make_synthetic(out_dir, cases=cases, size=size, seed=seed)
+    console.print(f"wrote {cases} synthetic cases ({size} px) to {root} in {time.perf_counter() - start:.1f} s")
+
+
+@app.command("check-data")
+def check_data(data_dir: Path,
+               include_leaky_meta: Annotated[bool, typer.Option(
+                   help="Also encode management and diagnostic difficulty — these LEAK the diagnosis.")] = False,
+               as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
+    """Validate a Derm7pt download and summarise it (exit 0 when usable)."""
+    from .data import Derm7pt
+
+    data = Derm7pt.load(data_dir, include_leaky_meta=include_leaky_meta)
+    s = data.summary()
+    if as_json:
+        console.print_json(json.dumps(s))
+        return
+    console.print(f"[bold]Derm7pt at {s['root']}[/]: {s['cases']} cases; "
+                  + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    table = Table("task", "class", *s["splits"].keys(), title="classes per task per split")
+    for task, per_split in s["classes"].items():
+        classes = next(iter(per_split.values())).keys()
+        for c in classes:
+            table.add_row(task, c, *(str(per_split[sp][c]) for sp in s["splits"]))
+    console.print(table)
+    console.print(f"clinic photo missing (clinic == derm): {len(s['clinic_missing'])} case(s) "
+                  f"{s['clinic_missing']}")
+    path_quirks = [q for q in s["quirks"] if "resolved" in q]
+    console.print(f"path quirks resolved: {len(path_quirks)}")
+    for q in path_quirks:
+        console.print(f"  {q}", highlight=False)
+    console.print(f"metadata: {data.meta_dim} dims" + (" (INCLUDES leaky fields)" if include_leaky_meta else ""))
+    console.print("[green]usable[/]")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def train(
+    data: Annotated[Path, typer.Option(help="Derm7pt folder (release_v0 or its parent).")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides")] = None,
+    config: Annotated[Optional[str], typer.Option(help="YAML file or packaged name (paper, tiny, demo, cpu-recipe).")] = None,
+    seed: int = 0,
+    seeds: Annotated[Optional[str], typer.Option(help="Several seeds: --seeds 0 1 2 (runs in OUT/seedN).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    progress: bool = True,
+) -> None:
+    """Train (checkpoints selected on validation average accuracy; the test split is never read)."""
+    from .config import load_config
+    from .engine.train import train as run_train
+
+    seed_list = _seeds(seed, seeds)
+    results = []
+    for s in seed_list:
+        cfg = load_config(config, overrides or [], seed=s)
+        run_dir = out if len(seed_list) == 1 else out / f"seed{s}"
+        summary = run_train(cfg, data, run_dir, resume=resume, progress=progress, argv=sys.argv)
+        results.append(summary)
+        console.print(f"seed {s}: best val avg acc {100 * (summary['best_val_avg_acc'] or 0):.2f} % "
+                      f"({summary['epochs_run']} epochs, {summary['train_seconds']} s) -> {summary['best_checkpoint']}")
+    if len(results) > 1:
+        vals = [100 * r["best_val_avg_acc"] for r in results]
+        console.print(f"validation average accuracy over seeds {seed_list}: {_mean_sd(vals)} %")
+        (out / "seeds_summary.json").write_text(json.dumps({"seeds": seed_list, "best_val_avg_acc": vals}, indent=2))
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="A best.ckpt / last.ckpt file.")],
+    data: Annotated[Path, typer.Option(help="Derm7pt folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    split: str = "test",
+    tta: Annotated[str, typer.Option(help="none | flip | flip_rot")] = "none",
+    calibrate: Annotated[bool, typer.Option(help="Temperature scaling fitted on the validation split.")] = False,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16")] = "auto",
+    progress: bool = True,
+) -> None:
+    """Evaluate a checkpoint: metrics.json, report.md, predictions.csv, confusion/ROC PNGs."""
+    from .engine.evaluate import evaluate as run_eval
+
+    m = run_eval(checkpoint, data, out, split=split, tta=tta, calibrate=calibrate, precision=precision,
+                 progress=progress)
+    console.print((out / "report.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"average accuracy {100 * m['average_accuracy']:.2f} % on {m['cases']} {split} cases -> {out}")
+
+
+@app.command()
+def ablate(
+    data: Annotated[Path, typer.Option(help="Derm7pt folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder for all runs and the tables.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides")] = None,
+    config: Optional[str] = None,
+    seed: int = 0,
+    seeds: Optional[str] = None,
+    tta: str = "none",
+    progress: bool = True,
+) -> None:
+    """Train + evaluate DIM, CIM, DCIHMM with and without soft attention; write the paper's two tables."""
+    from .engine.ablate import run_ablation
+
+    text = run_ablation(data, out, config, overrides or [], _seeds(seed, seeds), tta=tta, progress=progress)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def demo(out: Path = Path("demo-run"), cases: int = 400, epochs: Optional[int] = None, progress: bool = True) -> None:
+    """The main job end to end on synthetic data: synthesise, train, evaluate, predict one case."""
+    from .engine.demo import run_demo
+
+    run_demo(out, cases=cases, epochs=epochs, progress=progress, console=console)
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file.")],
+    derm: Annotated[Optional[Path], typer.Option(help="Dermoscopy image.")] = None,
+    clinic: Annotated[Optional[Path], typer.Option(help="Clinical photo.")] = None,
+    sex: Optional[str] = None,
+    location: Optional[str] = None,
+    elevation: Optional[str] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the result JSON here.")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for attention overlays (PNG).")] = None,
+    batch: Annotated[Optional[Path], typer.Option(help="CSV with columns derm, clinic, sex, location, elevation.")] = None,
+    precision: str = "auto",
+) -> None:
+    """Predict one case (or a CSV batch): criteria, diagnosis, 7-point score, attention maps."""
+    from .predict import Predictor, PredictError, save_heatmaps
+
+    predictor = Predictor.from_checkpoint(checkpoint, precision=precision)
+    if batch is not None:
+        import pandas as pd
+
+        frame = pd.read_csv(batch, dtype=str, keep_default_na=False)
+        if "derm" not in frame.columns and "clinic" not in frame.columns:
+            raise PredictError(f"{batch}: needs a 'derm' and/or 'clinic' column")
+        base = batch.parent
+        cases = []
+        for rec in frame.to_dict("records"):
+            cases.append({
+                k: (base / rec[k] if rec.get(k) else None) for k in ("derm", "clinic")} | {
+                "meta": {k: rec.get(k) or None for k in ("sex", "location", "elevation")}})
+        results = [r.to_dict() for r in predictor.predict_batch(cases)]
+        payload = json.dumps(results, indent=2)
+        if out:
+            out.write_text(payload)
+            console.print(f"{len(results)} predictions -> {out}")
+        else:
+            console.print_json(payload)
+        return
+    if derm is None and clinic is None:
+        raise PredictError("give --derm and/or --clinic (or --batch CSV)")
+    meta = {"sex": sex, "location": location, "elevation": elevation}
+    result = predictor.predict(derm=derm, clinic=clinic, meta=meta)
+    payload = json.dumps(result.to_dict(), indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(payload)
+    if heatmaps:
+        written = save_heatmaps(result, {"derm": derm, "clinic": clinic}, heatmaps)
+        console.print(f"{len(written)} attention images -> {heatmaps}")
+    _print_prediction(result)
+
+
+def _print_prediction(result) -> None:
+    table = Table("task", "prediction", "probability", title="sevenpoint prediction (research tool, not a medical device)")
+    for name, tr in result.tasks.items():
+        table.add_row(name, f"{tr.predicted} ({tr.predicted_name})", f"{tr.probabilities[tr.predicted]:.2f}")
+    console.print(table)
+    console.print(f"diagnosis: {result.diagnosis} ({result.diagnosis_name}); 7-point score {result.seven_point_score}"
+                  f" -> {'SUSPECT MELANOMA (>= 3)' if result.melanoma_flag else 'below 3'}; "
+                  f"DIAG melanoma probability {result.melanoma_probability:.2f}; branches {', '.join(result.branches_used)}")
+
+
+if __name__ == "__main__":
+    main()

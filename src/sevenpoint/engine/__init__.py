@@ -1,0 +1,1 @@
+"""Engine: training (Lightning), evaluation, metrics and reports."""

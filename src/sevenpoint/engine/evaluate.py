@@ -1,0 +1,119 @@
+"""`evaluate()`: a checkpoint on one split -> metrics.json, report.md, predictions.csv, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_model
+from ..data import Derm7pt, Derm7ptDataset
+from ..data.transforms import tta_views
+from ..models import FusionModel
+from ..schema import PAPER_ORDER, TASKS
+from .metrics import apply_temperature, compute_metrics, ece, fit_temperature
+from .module import forward_batch
+from .report import PUBLISHED, plot_confusion, plot_roc, write_report
+from ..runtime import use_bf16, use_channels_last
+from .train import make_cache
+
+
+@torch.no_grad()
+def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf16: bool = False,
+                   channels_last: bool = False, progress: bool = True) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """Fused probabilities (8 x (N, C_t)), targets (N, 8) and case ids; TTA views are averaged."""
+    model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    probs: list[list[np.ndarray]] = [[] for _ in TASKS]
+    targets, ids = [], []
+    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        views_d, views_c = tta_views(batch["derm"], tta), tta_views(batch["clinic"], tta)
+        acc = None
+        for vd, vc in zip(views_d, views_c):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = forward_batch(model, {**batch, "derm": vd, "clinic": vc}, channels_last)
+            ps = [p.float() for p in out.probs]
+            acc = ps if acc is None else [a + p for a, p in zip(acc, ps)]
+        for t in range(len(TASKS)):
+            probs[t].append((acc[t] / len(views_d)).numpy())
+        targets.append(batch["targets"].numpy())
+        ids += list(batch["case_id"])
+    return [np.concatenate(p) for p in probs], np.concatenate(targets), ids
+
+
+def majority_baseline(data: Derm7pt, split: str) -> dict[str, float]:
+    """Accuracy of predicting each task's most frequent TRAINING class on `split`."""
+    train, target = data.targets("train"), data.targets(split)
+    out = {}
+    for t, task in enumerate(TASKS):
+        mode = np.bincount(train[:, t], minlength=task.num_classes).argmax()
+        out[task.name] = float((target[:, t] == mode).mean())
+    out["AVG"] = float(np.mean([out[t.name] for t in TASKS]))
+    return out
+
+
+def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             split: str = "test", tta: str = "none", calibrate: bool = False, batch_size: int = 32,
+             precision: str = "auto", progress: bool = True) -> dict:
+    """Evaluate once on `split`. Temperatures (with `calibrate`) are fitted on the validation split."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, cfg, _ = load_model(checkpoint)
+    data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+    bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
+    channels_last = use_channels_last(cfg.train.channels_last)
+
+    def run(which: str):
+        ds = Derm7ptDataset(data, which, make_cache(cfg))
+        dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+        return predict_loader(model, dl, tta, bf16, channels_last, progress)
+
+    probs, targets, ids = run(split)
+    metrics = compute_metrics(probs, targets)
+    metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta,
+                    "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
+                    "backbone": cfg.model.backbone, "attention": cfg.model.attention})
+    if calibrate:
+        val_probs, val_targets, _ = run("valid")
+        cal = {}
+        for t, task in enumerate(TASKS):
+            temp = fit_temperature(val_probs[t], val_targets[:, t])
+            before = compute_metrics(val_probs, val_targets)["tasks"][task.name]
+            scaled_val = apply_temperature(val_probs[t], temp)
+            cal[task.name] = {
+                "temperature": temp,
+                "valid_nll_before": before["nll"],
+                "valid_nll_after": float(-np.log(np.clip(scaled_val[np.arange(len(scaled_val)), val_targets[:, t]],
+                                                         1e-12, None)).mean()),
+                "valid_ece_before": before["ece"], "valid_ece_after": ece(val_targets[:, t], scaled_val),
+                f"{split}_ece_before": metrics["tasks"][task.name]["ece"],
+            }
+            probs[t] = apply_temperature(probs[t], temp)
+            cal[task.name][f"{split}_ece_after"] = ece(targets[:, t], probs[t])
+        metrics["calibration"] = cal  # argmax is unchanged by a temperature: accuracies stay the same
+    baseline = majority_baseline(data, split)
+    metrics["majority_baseline"] = baseline
+
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_predictions(out_dir / "predictions.csv", ids, probs, targets)
+    plot_confusion(metrics, out_dir / "confusion_matrices.png")
+    plot_roc(probs, targets, out_dir / "roc_curves.png")
+    write_report(out_dir / "report.md", {f"sevenpoint {cfg.model.variant} ({split})": metrics}, baseline, split)
+    return metrics
+
+
+def write_predictions(path: Path, ids: list[str], probs: list[np.ndarray], targets: np.ndarray) -> None:
+    cols: dict[str, object] = {"case_id": ids}
+    for t, task in enumerate(TASKS):
+        for c, name in enumerate(task.classes):
+            cols[f"{task.name}_p_{name}"] = np.round(probs[t][:, c], 6)
+        cols[f"{task.name}_pred"] = probs[t].argmax(axis=1)
+        cols[f"{task.name}_true"] = targets[:, t]
+    pd.DataFrame(cols).to_csv(path, index=False)

@@ -1,0 +1,111 @@
+"""Metrics of DESIGN.md §4 from probabilities and targets (scikit-learn / torchmetrics underneath)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, roc_auc_score
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from ..schema import DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, TASKS, seven_point_score
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def per_class(y: np.ndarray, prob: np.ndarray, num_classes: int) -> dict[str, dict]:
+    pred = prob.argmax(axis=1)
+    cm = confusion_matrix(y, pred, labels=list(range(num_classes)))
+    out = {}
+    for c in range(num_classes):
+        tp = cm[c, c]
+        fn = cm[c].sum() - tp
+        fp = cm[:, c].sum() - tp
+        tn = cm.sum() - tp - fn - fp
+        pos = y == c
+        auc = roc_auc_score(pos, prob[:, c]) if 0 < pos.sum() < len(y) else float("nan")
+        out[str(c)] = {
+            "support": int(pos.sum()),
+            "sensitivity": _nan_to_none(tp / (tp + fn) if tp + fn else float("nan")),
+            "specificity": _nan_to_none(tn / (tn + fp) if tn + fp else float("nan")),
+            "precision": _nan_to_none(tp / (tp + fp) if tp + fp else float("nan")),
+            "auc": _nan_to_none(auc),
+        }
+    return out
+
+
+def ece(y: np.ndarray, prob: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error (top-label, L1) via torchmetrics."""
+    return float(multiclass_calibration_error(torch.from_numpy(prob).float(), torch.from_numpy(y).long(),
+                                              num_classes=prob.shape[1], n_bins=bins, norm="l1"))
+
+
+def compute_metrics(probs: list[np.ndarray], targets: np.ndarray) -> dict:
+    """All task metrics, the average accuracy and the melanoma decision; accuracies are fractions."""
+    tasks = {}
+    preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)  # (N, 8)
+    for t, task in enumerate(TASKS):
+        y, p = targets[:, t], probs[t]
+        classes = per_class(y, p, task.num_classes)
+        tasks[task.name] = {
+            "accuracy": float((preds[:, t] == y).mean()),
+            "confusion_matrix": confusion_matrix(y, preds[:, t], labels=list(range(task.num_classes))).tolist(),
+            "classes": {task.classes[int(k)]: v for k, v in classes.items()},
+            "ece": ece(y, p),
+            "nll": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()),
+        }
+    truth_mel = targets[:, DIAG_INDEX] == MEL_CLASS
+    score = seven_point_score(preds)
+    flag = score >= MELANOMA_THRESHOLD
+    mel = {
+        "rule": f"7-point score from predicted criteria >= {MELANOMA_THRESHOLD}",
+        "accuracy": float((flag == truth_mel).mean()),
+        "sensitivity": _nan_to_none(float(flag[truth_mel].mean()) if truth_mel.any() else float("nan")),
+        "specificity": _nan_to_none(float((~flag[~truth_mel]).mean()) if (~truth_mel).any() else float("nan")),
+        "score_auc": _nan_to_none(roc_auc_score(truth_mel, _expected_score(probs))
+                                  if 0 < truth_mel.sum() < len(truth_mel) else float("nan")),
+        "diag_head_auc": _nan_to_none(roc_auc_score(truth_mel, probs[DIAG_INDEX][:, MEL_CLASS])
+                                      if 0 < truth_mel.sum() < len(truth_mel) else float("nan")),
+    }
+    return {
+        "cases": int(len(targets)),
+        "average_accuracy": float(np.mean([tasks[t.name]["accuracy"] for t in TASKS])),
+        "tasks": tasks,
+        "melanoma": mel,
+    }
+
+
+def _expected_score(probs: list[np.ndarray]) -> np.ndarray:
+    """Expected 7-point score under the predicted criteria probabilities (a continuous rank for AUC)."""
+    total = np.zeros(len(probs[0]))
+    for t, task in enumerate(TASKS):
+        for cls, pts in task.points.items():
+            total += pts * probs[t][:, cls]
+    return total
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the NLL of softmax(log p / T); T=1 is in the grid, so NLL never rises."""
+    logp = np.log(np.clip(probs, 1e-12, None))
+    grid = np.unique(np.concatenate([np.exp(np.linspace(np.log(0.05), np.log(20.0), 241)), [1.0]]))
+    best_t, best_nll = 1.0, _nll(logp, y, 1.0)
+    for t in grid:
+        nll = _nll(logp, y, t)
+        if nll < best_nll - 1e-12:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.log(np.clip(probs, 1e-12, None)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(logp: np.ndarray, y: np.ndarray, t: float) -> float:
+    p = apply_temperature(np.exp(logp), t)
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())

@@ -1,0 +1,97 @@
+"""The Lightning module: loss, optimiser, validation average accuracy, resumable RNG state."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ..checkpoint import SCHEMA_FINGERPRINT
+from ..config import RunConfig
+from ..models import FusionModel, FusionOutput, multitask_loss
+from ..schema import TASK_NAMES
+
+
+def forward_batch(model: FusionModel, batch: dict, channels_last: bool = False,
+                  meta_dropout: float = 0.0) -> FusionOutput:
+    """Run the model on a dataset batch dict (the one place that unpacks batches)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    has_meta = batch["has_meta"]
+    if meta_dropout > 0 and model.training:
+        has_meta = has_meta & (torch.rand(has_meta.shape, device=has_meta.device) >= meta_dropout)
+    return model(batch["derm"].contiguous(memory_format=fmt), batch["clinic"].contiguous(memory_format=fmt),
+                 batch["meta"], batch["has_derm"], batch["has_clinic"], has_meta)
+
+
+class SevenPointModule(L.LightningModule):
+    def __init__(self, cfg: RunConfig, class_weights: list[torch.Tensor] | None = None,
+                 channels_last: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = FusionModel(cfg.model)
+        self.class_weights = class_weights
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._val_probs: list[list[torch.Tensor]] = []
+        self._val_targets: list[torch.Tensor] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = forward_batch(self.model, batch, self.channels_last, self.cfg.train.meta_dropout)
+        loss, parts = multitask_loss(out, batch["targets"], self.class_weights, self.cfg.train.label_smoothing)
+        n = batch["targets"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        for branch, value in parts.items():
+            self.log(f"train/loss_{branch}", value, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = forward_batch(self.model, batch, self.channels_last)
+        loss, _ = multitask_loss(out, batch["targets"])
+        self.log("val/loss", loss, on_epoch=True, batch_size=batch["targets"].shape[0], sync_dist=True)
+        self._val_probs.append([p.detach().float().cpu() for p in out.probs])
+        self._val_targets.append(batch["targets"].cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_targets:
+            return
+        targets = torch.cat(self._val_targets)
+        accs = []
+        for t, name in enumerate(TASK_NAMES):
+            pred = torch.cat([p[t] for p in self._val_probs]).argmax(dim=1)
+            acc = (pred == targets[:, t]).float().mean()
+            accs.append(acc)
+            self.log(f"val/acc_{name}", acc, sync_dist=True)
+        # The checkpoint-selection metric: validation average accuracy over the 8 tasks.
+        self.log("val/avg_acc", torch.stack(accs).mean(), prog_bar=True, sync_dist=True)
+        self._val_probs.clear()
+        self._val_targets.clear()
+
+    def configure_optimizers(self):
+        tc = self.cfg.train
+        backbone, rest = [], []
+        for name, p in self.model.named_parameters():
+            (backbone if ".backbone." in f".{name}" else rest).append(p)
+        groups = [{"params": rest, "lr": tc.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": tc.lr * tc.backbone_lr_scale})
+        opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        if tc.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, tc.epochs))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if tc.scheduler != "none":
+            raise ValueError(f"train.scheduler: {tc.scheduler!r} is not one of none, cosine")
+        return opt
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sevenpoint"] = {
+            "config": self.cfg.to_dict(),
+            "schema": SCHEMA_FINGERPRINT,
+            # Dropout and meta-dropout draw from torch's RNG; augmentation is seeded per item by
+            # EpochSampler. Saving this state makes a resumed run continue like an uninterrupted one.
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("sevenpoint", {}).get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])

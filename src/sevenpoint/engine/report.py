@@ -1,0 +1,113 @@
+"""Human-readable outputs: the paper-layout table (Markdown) beside published rows, and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and servers have no display
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from ..schema import PAPER_ORDER, TASKS
+
+# Published averages over the 8 labels on the official test split (DESIGN.md §2). Per-label
+# figures only where DESIGN.md lists them (Kawahara 2018 as commonly cited).
+PUBLISHED: dict[str, dict[str, float]] = {
+    "Kawahara et al. 2018": {"BWV": 87.1, "DaG": 60.0, "PIG": 66.1, "PN": 70.9, "RS": 77.2, "STR": 74.2,
+                             "VS": 79.7, "DIAG": 74.2, "AVG": 73.7},
+    "FusionM4Net": {"AVG": 77.0},
+    "TFormer": {"AVG": 77.99},
+    "Wang et al. 2021 (CC)": {"AVG": 81.3},
+    "Omeroglu et al. 2023": {"AVG": 83.04},
+}
+PAPER_ABLATIONS = {
+    "modality": {"DIM": 79.72, "CIM": 70.57, "DCIHMM": 83.04},
+    "attention": {"with soft attention": 83.04, "without soft attention": 79.68},
+}
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def table(rows: dict[str, dict[str, float | None]]) -> str:
+    cols = [*PAPER_ORDER, "AVG"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def metrics_row(metrics: dict) -> dict[str, float]:
+    row = {name: 100 * metrics["tasks"][name]["accuracy"] for name in PAPER_ORDER}
+    row["AVG"] = 100 * metrics["average_accuracy"]
+    return row
+
+
+def write_report(path: Path, ours: dict[str, dict], baseline: dict[str, float], split: str) -> None:
+    rows = {name: metrics_row(m) for name, m in ours.items()}
+    rows["majority class (train mode)"] = {k: 100 * v for k, v in baseline.items()}
+    first = next(iter(ours.values()))
+    published = table(PUBLISHED)
+    mel = first["melanoma"]
+    text = [
+        f"# sevenpoint evaluation — split `{split}` ({first['cases']} cases)",
+        "",
+        "Accuracy (%) per task in the paper's column order.",
+        "",
+        table(rows),
+        "",
+        "Published on the official Derm7pt test split (for reference; only comparable when this is the real test split):",
+        "",
+        published,
+        "",
+        "## Melanoma decision",
+        "",
+        f"- rule: {mel['rule']}: accuracy {_fmt(100 * mel['accuracy'])} %, sensitivity "
+        f"{_fmt(None if mel['sensitivity'] is None else 100 * mel['sensitivity'])} %, specificity "
+        f"{_fmt(None if mel['specificity'] is None else 100 * mel['specificity'])} %",
+        f"- DIAG head melanoma AUC: {_fmt(mel['diag_head_auc'])}; expected-score AUC: {_fmt(mel['score_auc'])}",
+        "",
+        "Plots: `confusion_matrices.png`, `roc_curves.png`. Per-case probabilities: `predictions.csv`.",
+    ]
+    path.write_text("\n".join(text) + "\n")
+
+
+def plot_confusion(metrics: dict, path: Path) -> None:
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8))
+    for ax, task in zip(axes.flat, TASKS):
+        cm = np.array(metrics["tasks"][task.name]["confusion_matrix"])
+        ax.imshow(cm, cmap="Blues")
+        ax.set_title(f"{task.name}  acc {100 * metrics['tasks'][task.name]['accuracy']:.1f}%")
+        ax.set_xticks(range(task.num_classes), task.classes)
+        ax.set_yticks(range(task.num_classes), task.classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_roc(probs: list[np.ndarray], targets: np.ndarray, path: Path) -> None:
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8))
+    for t, (ax, task) in enumerate(zip(axes.flat, TASKS)):
+        for c, name in enumerate(task.classes):
+            pos = targets[:, t] == c
+            if 0 < pos.sum() < len(pos):
+                fpr, tpr, _ = roc_curve(pos, probs[t][:, c])
+                ax.plot(fpr, tpr, label=name)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_title(task.name)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

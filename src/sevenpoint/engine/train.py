@@ -1,0 +1,185 @@
+"""`train()`: one run on Lightning, selecting checkpoints on validation average accuracy only.
+
+The run folder holds `config.yaml` (resolved), `run_info.json` (git commit, package versions,
+CPU, command), `checkpoints/{best,last}.ckpt` (written atomically), `logs/` (CSV) and
+`train_summary.json`. The test split is removed from the data the trainer sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+
+from ..checkpoint import atomic_torch_save
+from ..config import RunConfig, config_from_dict
+from ..data import Derm7pt, Derm7ptDataset, EpochSampler, ImageCache, balanced_weights
+from ..data.transforms import eval_transform, train_transform
+from ..schema import TASKS
+from .module import SevenPointModule
+from ..runtime import cpu_summary, use_bf16, use_channels_last
+
+TRAIN_SPLITS = ("train", "valid")  # the trainer never sees "test"
+
+
+class RunDirError(ValueError):
+    pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but temp file + fsync + rename: never a half-written file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SEVENPOINT_CACHE", Path.home() / ".cache" / "sevenpoint" / "images"))
+
+
+def make_cache(cfg: RunConfig) -> ImageCache:
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    return ImageCache(root, cfg.data.image_size, cfg.data.crop)
+
+
+def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig) -> Derm7pt:
+    """The dataset with the test split dropped, so nothing downstream can select on it."""
+    data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+    data.splits = {k: v for k, v in data.splits.items() if k in TRAIN_SPLITS}
+    return data
+
+
+def build_loaders(data: Derm7pt, cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
+    cache = make_cache(cfg)
+    train_ds = Derm7ptDataset(data, "train", cache, train_transform(cfg.data.augment))
+    valid_ds = Derm7ptDataset(data, "valid", cache, eval_transform())
+    weights = balanced_weights(data.targets("train")) if cfg.train.balanced_sampling else None
+    sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, weights=weights)
+    common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
+    train_dl = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=False, **common)
+    valid_dl = DataLoader(valid_ds, batch_size=cfg.train.batch_size, shuffle=False, **common)
+    return train_dl, valid_dl
+
+
+def class_weights_for(targets: np.ndarray) -> list[torch.Tensor]:
+    """Inverse-frequency weights per task, normalised to mean 1 over the classes present."""
+    out = []
+    for t, task in enumerate(TASKS):
+        counts = np.bincount(targets[:, t], minlength=task.num_classes).astype(np.float64)
+        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / task.num_classes, 0.0)
+        out.append(torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32))
+    return out
+
+
+def run_info(argv: list[str] | None = None) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    versions = {}
+    for pkg in ("sevenpoint", "torch", "lightning", "torchmetrics", "albumentations", "numpy", "efficientnet-lite-pytorch"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"git_commit": commit, "versions": versions, "python": platform.python_version(),
+            "cpu": cpu_summary(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "command": argv if argv is not None else sys.argv}
+
+
+def check_run_dir(run_dir: Path, need_mb: int = 200) -> None:
+    """Fail before training when the run folder cannot be written or the disk is nearly full."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from exc
+    free_mb = shutil.disk_usage(run_dir).free // 2**20
+    if free_mb < need_mb:
+        raise RunDirError(f"{run_dir}: only {free_mb} MB free on disk; need at least {need_mb} MB for checkpoints")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
+          progress: bool = True, argv: list[str] | None = None) -> dict:
+    """Train one model; returns the summary also written to `run_dir/train_summary.json`."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise RunDirError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = config_from_dict(saved)  # the run's own config wins over the command line
+    elif last.exists():
+        raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new --out")
+    check_run_dir(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _write_json(run_dir / "run_info.json", run_info(argv))
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = load_training_data(data_dir, cfg)
+    train_dl, valid_dl = build_loaders(data, cfg)
+    on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
+    bf16 = use_bf16(cfg.train.precision, cfg.model.backbone, on_gpu)
+    channels_last = use_channels_last(cfg.train.channels_last)
+    weights = class_weights_for(data.targets("train")) if cfg.train.class_weights else None
+    module = SevenPointModule(cfg, weights, channels_last=channels_last)
+
+    best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/avg_acc", mode="max",
+                              save_top_k=1, save_last=True, enable_version_counter=False,
+                              auto_insert_metric_name=False)
+    callbacks = [best_cb]
+    if cfg.train.early_stopping > 0:
+        callbacks.append(EarlyStopping(monitor="val/avg_acc", mode="max", patience=cfg.train.early_stopping))
+    trainer = L.Trainer(
+        default_root_dir=run_dir, max_epochs=cfg.train.epochs, accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices, strategy=cfg.train.strategy,
+        precision="bf16-mixed" if bf16 else "32-true", callbacks=callbacks,
+        logger=CSVLogger(run_dir, name="logs", version=""), plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        deterministic=cfg.train.deterministic, log_every_n_steps=1,
+        limit_train_batches=cfg.train.limit_train_batches,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
+    elapsed = time.perf_counter() - start
+    summary = {
+        "best_checkpoint": str(ckpt_dir / "best.ckpt"),
+        "last_checkpoint": str(last),
+        "best_val_avg_acc": float(best_cb.best_model_score) if best_cb.best_model_score is not None else None,
+        "epochs_run": int(trainer.current_epoch),
+        "train_seconds": round(elapsed, 1),
+        "precision": "bf16" if bf16 else "fp32",
+        "channels_last": channels_last,
+        "train_cases": len(train_dl.dataset),
+        "valid_cases": len(valid_dl.dataset),
+        "config": dataclasses.asdict(cfg),
+    }
+    if trainer.is_global_zero:
+        _write_json(run_dir / "train_summary.json", summary)
+    return summary

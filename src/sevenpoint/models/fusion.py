@@ -1,0 +1,206 @@
+"""Three-branch hybrid fusion with per-task heads and late fusion (Omeroglu et al. 2023, Sec. 3.4).
+
+Branches (DESIGN.md §3): dermoscopy and clinical (a backbone each -> pooled features -> 8 task
+heads) and hybrid-meta (the two exit feature maps concatenated -> [1x1 conv + BN + ReLU + soft
+attention] || [soft attention on the concat] -> pooled, + metadata -> 8 task heads).
+Every head has its own softmax; the final probability is the mean of the available branches'
+probabilities (late fusion). A branch runs only on the cases whose inputs it needs, so a
+missing clinical photo never trains the clinical branch and never enters BN statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..schema import NUM_CLASSES
+from .attention import SoftAttention
+from .backbones import build_backbone
+
+BRANCHES = ("derm", "clinic", "hybrid")
+VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}
+
+
+class TaskHeads(nn.Module):
+    """One linear layer per task (8 tasks, 24 classes); softmax is taken per task, never over all 24."""
+
+    def __init__(self, in_features: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(in_features, n) for n in NUM_CLASSES)
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        f = self.dropout(features)
+        return [head(f) for head in self.heads]  # 8 x (N, C_t)
+
+
+class ImageBranch(nn.Module):
+    """backbone(image) -> global average pool -> task heads. Instantiated per modality."""
+
+    def __init__(self, backbone: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = TaskHeads(backbone.num_features, dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        feat, maps = self.backbone.forward_features(x)  # (n, C, h, w)
+        return self.heads(feat.mean(dim=(2, 3))), feat, maps
+
+
+class HybridBranch(nn.Module):
+    """Concat of both exit maps -> (1x1 conv + BN + ReLU + SA) || (SA on the concat) -> pool + meta -> heads.
+
+    Missing metadata is replaced by a learned "unknown" vector (trained through
+    `TrainConfig.meta_dropout`), so the branch still runs without it.
+    """
+
+    def __init__(self, in_channels: int, hybrid_channels: int, meta_dim: int, attention: bool,
+                 heads: int, dropout: float) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(
+            nn.Conv2d(in_channels, hybrid_channels, 1, bias=False),
+            nn.BatchNorm2d(hybrid_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.reduce_attention = SoftAttention(hybrid_channels, heads) if attention else None
+        self.concat_attention = SoftAttention(in_channels, heads) if attention else None
+        self.unknown_meta = nn.Parameter(torch.zeros(meta_dim))
+        self.heads = TaskHeads(hybrid_channels + in_channels + meta_dim, dropout)
+
+    def forward(self, feat_derm: torch.Tensor, feat_clinic: torch.Tensor, meta: torch.Tensor,
+                has_meta: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        maps: dict[str, torch.Tensor] = {}
+        t = torch.cat([feat_derm, feat_clinic], dim=1)  # (n, Cd + Cc, h, w)
+        a = self.reduce(t)  # (n, hybrid_channels, h, w)
+        if self.reduce_attention is not None:
+            a, maps["reduce"] = self.reduce_attention(a)
+        b = t
+        if self.concat_attention is not None:
+            b, maps["concat"] = self.concat_attention(t)
+        meta = torch.where(has_meta[:, None], meta, self.unknown_meta.to(meta.dtype).expand_as(meta))
+        pooled = torch.cat([a.mean(dim=(2, 3)), b.mean(dim=(2, 3)), meta.to(a.dtype)], dim=1)
+        return self.heads(pooled), maps
+
+
+@dataclass
+class FusionOutput:
+    """Per-branch logits (rows of unavailable cases are zero), availability masks, fused probabilities."""
+
+    logits: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # branch -> 8 x (N, C_t)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> (N,) bool
+    probs: list[torch.Tensor] = field(default_factory=list)  # 8 x (N, C_t), late fusion
+    attention: dict[str, torch.Tensor] = field(default_factory=dict)  # "derm.exit" -> (N, K, h, w)
+
+    def branch_probs(self, branch: str) -> list[torch.Tensor]:
+        return [lg.float().softmax(dim=-1) for lg in self.logits[branch]]
+
+    def branches_used(self) -> torch.Tensor:
+        """(N, 3) bool: which of derm, clinic, hybrid ran for each case."""
+        n = self.probs[0].shape[0]
+        cols = [self.masks.get(b, torch.zeros(n, dtype=torch.bool, device=self.probs[0].device)) for b in BRANCHES]
+        return torch.stack(cols, dim=1)
+
+
+def _scatter(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Place `rows` (k, ...) at `index` in an (n, ...) zero tensor (differentiable)."""
+    out = rows.new_zeros((n, *rows.shape[1:]))
+    return out.index_copy(0, index, rows)
+
+
+class FusionModel(nn.Module):
+    """DIM / CIM / DCIHMM from one `ModelConfig`; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.variant not in VARIANT_BRANCHES:
+            raise ValueError(f"variant {cfg.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
+        self.cfg = cfg
+        self.branch_names = VARIANT_BRANCHES[cfg.variant]
+        derm_bb = build_backbone(cfg) if "derm" in self.branch_names else None
+        clinic_bb = None
+        if "clinic" in self.branch_names:
+            clinic_bb = derm_bb if (cfg.share_backbone and derm_bb is not None) else build_backbone(cfg)
+        self.derm = ImageBranch(derm_bb, cfg.dropout) if derm_bb is not None else None
+        self.clinic = ImageBranch(clinic_bb, cfg.dropout) if clinic_bb is not None else None
+        self.hybrid = None
+        if "hybrid" in self.branch_names:
+            self.hybrid = HybridBranch(derm_bb.num_features + clinic_bb.num_features, cfg.hybrid_channels,
+                                       cfg.meta_dim, cfg.attention, cfg.attention_heads, cfg.dropout)
+
+    def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
+                has_derm: torch.Tensor | None = None, has_clinic: torch.Tensor | None = None,
+                has_meta: torch.Tensor | None = None) -> FusionOutput:
+        n = derm.shape[0] if derm is not None else clinic.shape[0]
+        device = (derm if derm is not None else clinic).device
+        ones = torch.ones(n, dtype=torch.bool, device=device)
+        has_derm = ones if has_derm is None else has_derm.bool()
+        has_clinic = ones if has_clinic is None else has_clinic.bool()
+        has_meta = ones if has_meta is None else has_meta.bool()
+        if derm is None:
+            has_derm = ~ones
+        if clinic is None:
+            has_clinic = ~ones
+        out = FusionOutput()
+        feats: dict[str, torch.Tensor] = {}
+        for name, branch, images, avail in (("derm", self.derm, derm, has_derm),
+                                            ("clinic", self.clinic, clinic, has_clinic)):
+            if branch is None or not bool(avail.any()):
+                continue
+            idx = avail.nonzero().squeeze(1)
+            logits, feat, maps = branch(images.index_select(0, idx))
+            out.logits[name] = [_scatter(lg, idx, n) for lg in logits]
+            out.masks[name] = avail
+            feats[name] = _scatter(feat, idx, n)
+            for key, m in maps.items():
+                out.attention[f"{name}.{key}"] = _scatter(m, idx, n)
+        both = has_derm & has_clinic
+        if self.hybrid is not None and "derm" in feats and "clinic" in feats and bool(both.any()):
+            idx = both.nonzero().squeeze(1)
+            logits, maps = self.hybrid(feats["derm"].index_select(0, idx), feats["clinic"].index_select(0, idx),
+                                       meta.index_select(0, idx), has_meta.index_select(0, idx))
+            out.logits["hybrid"] = [_scatter(lg, idx, n) for lg in logits]
+            out.masks["hybrid"] = both
+            for key, m in maps.items():
+                out.attention[f"hybrid.{key}"] = _scatter(m, idx, n)
+        out.probs = late_fusion(out)
+        return out
+
+
+def late_fusion(out: FusionOutput) -> list[torch.Tensor]:
+    """Mean over the available branches of their per-task softmax probabilities.
+
+    A case with no available branch gets NaN probabilities (callers must refuse it).
+    """
+    probs = []
+    branches = list(out.logits)
+    if not branches:
+        raise ValueError("no branch could run: every input the model needs is missing")
+    weight = torch.stack([out.masks[b].float() for b in branches], dim=0)  # (B, N)
+    denom = weight.sum(dim=0)  # (N,)
+    for t in range(len(NUM_CLASSES)):
+        stacked = torch.stack([out.logits[b][t].float().softmax(dim=-1) for b in branches], dim=0)  # (B, N, C)
+        probs.append((stacked * weight[..., None]).sum(dim=0) / denom[:, None])
+    return probs
+
+
+def multitask_loss(out: FusionOutput, targets: torch.Tensor, class_weights: list[torch.Tensor] | None = None,
+                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum over branches and tasks of the cross-entropy, each branch on the cases it ran on."""
+    total = targets.new_zeros((), dtype=torch.float32)
+    parts: dict[str, float] = {}
+    for branch, logits in out.logits.items():
+        mask = out.masks[branch]
+        if not bool(mask.any()):
+            continue
+        branch_loss = total.new_zeros(())
+        for t, lg in enumerate(logits):
+            w = None if class_weights is None else class_weights[t].to(lg.device)
+            branch_loss = branch_loss + F.cross_entropy(lg[mask].float(), targets[mask, t], weight=w,
+                                                        label_smoothing=label_smoothing)
+        parts[branch] = float(branch_loss.detach())
+        total = total + branch_loss
+    return total, parts

@@ -1,0 +1,211 @@
+"""The inference API: `Predictor.from_checkpoint(path).predict(derm=..., clinic=..., meta={...})`.
+
+Composes models + schema only (no training code). Any of the three inputs may be missing;
+the result says which branches ran. Batched prediction runs one forward pass per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_model
+from .data.images import ImageError, crop_and_resize, open_rgb
+from .data.transforms import to_tensor
+from .runtime import use_bf16, use_channels_last
+from .models import BRANCHES
+from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta,
+                     seven_point_score)
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+class PredictError(ValueError):
+    """Input the predictor cannot use; the message names the input and the reason."""
+
+
+@dataclass
+class TaskResult:
+    task: str
+    probabilities: dict[str, float]
+    predicted: str
+    predicted_name: str
+    predicted_index: int
+
+
+@dataclass
+class Prediction:
+    """One case's result. `attention` holds aggregated maps (h, w) per `branch.stage`;
+    `attention_heads` the per-head maps (K, h, w)."""
+
+    tasks: dict[str, TaskResult]
+    diagnosis: str
+    diagnosis_name: str
+    seven_point_score: int
+    melanoma_flag: bool
+    melanoma_probability: float
+    branches_used: list[str]
+    inputs_used: dict[str, bool]
+    attention: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    attention_heads: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (attention maps left out; draw them with `sevenpoint.viz`)."""
+        d = asdict(self)
+        d.pop("attention")
+        d.pop("attention_heads")
+        d["score_rule"] = (f"7-point score = 2 x (atypical PN, blue-whitish veil, irregular vessels) + "
+                           f"1 x (irregular pigmentation, irregular streaks, irregular dots/globules, "
+                           f"regression); >= {MELANOMA_THRESHOLD} suggests melanoma")
+        return d
+
+
+def _image_array(value: ImageInput, name: str) -> Image.Image:
+    if isinstance(value, np.ndarray):
+        arr = value
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise PredictError(f"{name}: array of shape {arr.shape} is not an (H, W, 3) image")
+        if not np.isfinite(arr).all():
+            raise PredictError(f"{name}: array contains NaN or infinite values")
+        if arr.dtype != np.uint8:
+            scale = 255.0 if arr.max() <= 1.0 else 1.0
+            arr = np.clip(arr.astype(np.float64) * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.ascontiguousarray(arr[..., :3]))
+    try:
+        return open_rgb(value, name=name if not isinstance(value, (str, os.PathLike)) else None)
+    except ImageError as exc:
+        raise PredictError(str(exc)) from exc
+
+
+def validate_meta(meta: Mapping[str, object] | None) -> np.ndarray | None:
+    """One-hot metadata or None when absent; a partial or unknown value raises naming the field."""
+    if not meta or all(v in (None, "") for v in meta.values()):
+        return None
+    unknown = set(meta) - set(META_FIELDS)
+    if unknown:
+        raise PredictError(f"unknown metadata field(s) {sorted(unknown)}; known: {', '.join(META_FIELDS)}")
+    missing = [k for k in META_FIELDS if meta.get(k) in (None, "")]
+    if missing:
+        raise PredictError(f"metadata is partial: missing {', '.join(missing)} (give all of "
+                           f"{', '.join(META_FIELDS)}, or none)")
+    try:
+        return encode_meta(meta, row="input")
+    except ValueError as exc:
+        raise PredictError(str(exc).replace("row input, ", "")) from exc
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, cfg, precision: str = "auto") -> None:
+        self.model = model.eval()
+        self.cfg = cfg
+        self.size = cfg.data.image_size
+        self.crop = cfg.data.crop
+        self.bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
+        self.channels_last = use_channels_last(cfg.train.channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto") -> Predictor:
+        model, cfg, _ = load_model(path)
+        return cls(model, cfg, precision)
+
+    def preprocess(self, image: ImageInput | None, name: str) -> torch.Tensor | None:
+        if image is None:
+            return None
+        return to_tensor(crop_and_resize(_image_array(image, name), self.size, self.crop))
+
+    def predict(self, derm: ImageInput | None = None, clinic: ImageInput | None = None,
+                meta: Mapping[str, object] | None = None) -> Prediction:
+        return self.predict_batch([{"derm": derm, "clinic": clinic, "meta": meta}])[0]
+
+    @torch.no_grad()
+    def predict_batch(self, cases: Sequence[Mapping[str, object]], batch_size: int = 16) -> list[Prediction]:
+        results: list[Prediction] = []
+        for start in range(0, len(cases), batch_size):
+            results += self._predict_chunk(cases[start:start + batch_size], start)
+        return results
+
+    def _predict_chunk(self, cases: Sequence[Mapping[str, object]], offset: int) -> list[Prediction]:
+        n, s = len(cases), self.size
+        derm, clinic = torch.zeros(n, 3, s, s), torch.zeros(n, 3, s, s)
+        meta = torch.zeros(n, self.cfg.model.meta_dim)
+        has = {k: torch.zeros(n, dtype=torch.bool) for k in ("derm", "clinic", "meta")}
+        for i, case in enumerate(cases):
+            label = f"case {offset + i}" if n > 1 or offset else "input"
+            for key, target in (("derm", derm), ("clinic", clinic)):
+                t = self.preprocess(case.get(key), f"{label} {key}")
+                if t is not None:
+                    target[i], has[key][i] = t, True
+            m = validate_meta(case.get("meta"))
+            if m is not None:
+                meta[i], has["meta"][i] = torch.from_numpy(m), True
+            if not (has["derm"][i] or has["clinic"][i]):
+                raise PredictError(f"{label}: give a dermoscopy image, a clinical photo, or both")
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
+                             has["derm"], has["clinic"], has["meta"])
+        used = out.branches_used()
+        for i in range(n):
+            if not bool(used[i].any()):
+                need = {"DIM": "a dermoscopy image", "CIM": "a clinical photo"}.get(self.cfg.model.variant, "an image")
+                raise PredictError(f"case {offset + i}: this {self.cfg.model.variant} model needs {need}")
+        probs = [p.float().numpy() for p in out.probs]
+        preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
+        scores = seven_point_score(preds)
+        results = []
+        for i in range(n):
+            tasks = {}
+            for t, task in enumerate(TASKS):
+                k = int(preds[i, t])
+                tasks[task.name] = TaskResult(task.name, {c: float(probs[t][i, j]) for j, c in enumerate(task.classes)},
+                                              task.classes[k], task.long_names[k], k)
+            d = int(preds[i, DIAG_INDEX])
+            attention, heads = {}, {}
+            for key, maps in out.attention.items():
+                if bool(out.masks[key.split(".")[0]][i]):
+                    heads[key] = maps[i].float().numpy()
+                    attention[key] = heads[key].sum(axis=0)
+            results.append(Prediction(
+                tasks=tasks, diagnosis=TASKS[DIAG_INDEX].classes[d], diagnosis_name=TASKS[DIAG_INDEX].long_names[d],
+                seven_point_score=int(scores[i]), melanoma_flag=bool(scores[i] >= MELANOMA_THRESHOLD),
+                melanoma_probability=float(probs[DIAG_INDEX][i, MEL_CLASS]),
+                branches_used=[b for j, b in enumerate(BRANCHES) if bool(used[i, j])],
+                inputs_used={k: bool(v[i]) for k, v in has.items()},
+                attention=attention, attention_heads=heads,
+            ))
+        return results
+
+
+def save_heatmaps(prediction: Prediction, images: Mapping[str, ImageInput], out_dir: str | os.PathLike,
+                  prefix: str = "") -> list[Path]:
+    """Per input image: the image with its aggregated attention overlaid, and a grid of per-head maps."""
+    from .viz import overlay_attention, head_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, maps in prediction.attention.items():
+        branch, stage = key.split(".")
+        source = images.get(branch)
+        if source is None:  # hybrid maps are drawn on the dermoscopy image
+            source = images.get("derm")
+        if source is None:
+            continue
+        img = _image_array(source, branch)
+        path = out_dir / f"{prefix}{branch}_{stage}_overlay.png"
+        overlay_attention(img, maps).save(path)
+        written.append(path)
+        path = out_dir / f"{prefix}{branch}_{stage}_heads.png"
+        head_grid(prediction.attention_heads[key]).save(path)
+        written.append(path)
+    return written

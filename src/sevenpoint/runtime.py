@@ -1,0 +1,58 @@
+"""What this CPU can do, and the fast path chosen from it (measured, see docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16)."""
+    flags = cpu_flags()
+    if not ({"avx512_bf16", "amx_bf16"} & flags):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def cpu_summary() -> dict:
+    flags = cpu_flags()
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "threads": torch.get_num_threads(),
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "bf16_fast": cpu_supports_bf16(),
+    }
+
+
+def use_bf16(precision: str, backbone: str, on_gpu: bool) -> bool:
+    """`auto`: bf16 on GPUs and on bf16 CPUs for Xception; EfficientNet-Lite stays fp32 on CPU
+    (its depthwise convs were measured slower under bf16 autocast, DESIGN.md §5)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if on_gpu:
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_bf16() and backbone.startswith("xception")
+
+
+def use_channels_last(setting: str) -> bool:
+    return setting == "on" or setting == "auto"

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+# The real Derm7pt meta + splits (no images) shared beside the checkout; tests that need it
+# skip with a reason where it is absent. SEVENPOINT_REAL_META points elsewhere.
+REAL_META = Path(os.environ.get("SEVENPOINT_REAL_META", REPO.parent / "shared" / "data" / "derm7pt-meta"))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic Derm7pt (read-only for tests: copy it before modifying)."""
+    from sevenpoint.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synth"), cases=60, size=64, seed=3)
+
+
+@pytest.fixture()
+def synth_copy(synth_root, tmp_path) -> Path:
+    import shutil
+
+    dest = tmp_path / "release_v0"
+    shutil.copytree(synth_root, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_root, tmp_path_factory) -> dict:
+    """A tiny DCIHMM trained for 2 epochs on the synthetic data (shared by several tests)."""
+    from sevenpoint.config import load_config
+    from sevenpoint.engine.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("tiny", [f"data.cache_dir={out / 'cache'}"], seed=0)
+    summary = train(cfg, synth_root.parent, out / "run", progress=False)
+    summary["run_dir"] = out / "run"
+    summary["cache_dir"] = out / "cache"
+    return summary
