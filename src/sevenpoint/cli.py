@@ -20,7 +20,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Seven-point checklist criteria + diagnosis from dermoscopy, clinical photo and metadata.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 _STATE = {"debug": False}
 
 
@@ -29,17 +29,9 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show Python trace
     _STATE["debug"] = debug
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DatasetError, ImageError
-    from .engine.train import RunDirError
-    from .models.xception import CheckpointMismatch
-    from .predict import PredictError
-    from .schema import LabelError
-
-    return (CheckpointError, ConfigError, DatasetError, ImageError, RunDirError, CheckpointMismatch,
-            PredictError, LabelError, FileNotFoundError, PermissionError)
+def _is_known(exc: BaseException) -> bool:
+    """Our own error types (they name the file / row / field) and missing or unreadable files."""
+    return type(exc).__module__.startswith("sevenpoint.") or isinstance(exc, (FileNotFoundError, PermissionError))
 
 
 def main() -> None:
@@ -66,7 +58,7 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             err.print("aborted")
             raise SystemExit(130) from None
-        if _STATE["debug"] or not isinstance(exc, _known_errors()):
+        if _STATE["debug"] or not _is_known(exc):
             raise
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
         raise SystemExit(2) from None

@@ -124,8 +124,29 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+class StopAfterEpochs(L.Callback):
+    """Stop cleanly after `n` epochs (used to simulate an interrupted run in tests)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.n:
+            trainer.should_stop = True
+
+
+def _log_version(run_dir: Path, resume: bool) -> str:
+    """A fresh CSV log folder per (re)start: Lightning would otherwise overwrite the earlier epochs' log."""
+    if not resume:
+        return "run"
+    n = 1
+    while (run_dir / "logs" / f"resume{n}").exists():
+        n += 1
+    return f"resume{n}"
+
+
 def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True, argv: list[str] | None = None) -> dict:
+          progress: bool = True, argv: list[str] | None = None, stop_after_epochs: int | None = None) -> dict:
     """Train one model; returns the summary also written to `run_dir/train_summary.json`."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -156,11 +177,13 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     callbacks = [best_cb]
     if cfg.train.early_stopping > 0:
         callbacks.append(EarlyStopping(monitor="val/avg_acc", mode="max", patience=cfg.train.early_stopping))
+    if stop_after_epochs:
+        callbacks.append(StopAfterEpochs(stop_after_epochs))
     trainer = L.Trainer(
         default_root_dir=run_dir, max_epochs=cfg.train.epochs, accelerator=cfg.train.accelerator,
         devices=cfg.train.devices, strategy=cfg.train.strategy,
         precision="bf16-mixed" if bf16 else "32-true", callbacks=callbacks,
-        logger=CSVLogger(run_dir, name="logs", version=""), plugins=[AtomicCheckpointIO()],
+        logger=CSVLogger(run_dir, name="logs", version=_log_version(run_dir, resume)), plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=cfg.train.deterministic, log_every_n_steps=1,
         limit_train_batches=cfg.train.limit_train_batches,

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sevenpoint.data import Derm7pt
+from sevenpoint.predict import Predictor, PredictError
+from sevenpoint.schema import TASK_NAMES, seven_point_score
+
+CLI = [sys.executable, "-m", "sevenpoint.cli"]
+
+
+def run(*args, check=True):
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def test_synth_then_check_data(tmp_path):
+    out = run("synth", tmp_path / "d", "--cases", 40, "--size", 48, "--seed", 2).stdout
+    assert "wrote 40 synthetic cases" in out
+    report = run("check-data", tmp_path / "d").stdout
+    assert "usable" in report and "clinic photo missing" in report and "resolved case-insensitively" in report
+    summary = json.loads(run("check-data", tmp_path / "d", "--json").stdout)
+    assert sum(summary["splits"].values()) == 40
+
+
+def test_check_data_fails_clearly(tmp_path):
+    proc = run("check-data", tmp_path / "nothing", check=False)
+    assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_cli_json_score_and_heatmaps(tiny_run, synth_root, tmp_path):
+    case = Derm7pt.load(synth_root).split_cases("test")[0]
+    out = tmp_path / "result.json"
+    run("predict", "--checkpoint", tiny_run["best_checkpoint"], "--derm", case.derm, "--clinic", case.clinic or case.derm,
+        "--sex", "female", "--location", "back", "--elevation", "flat", "--out", out, "--heatmaps", tmp_path / "maps")
+    result = json.loads(out.read_text())
+    assert list(result["tasks"]) == list(TASK_NAMES)
+    for task in result["tasks"].values():
+        assert sum(task["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    predicted = {name: t["predicted_index"] for name, t in result["tasks"].items()}
+    assert result["seven_point_score"] == seven_point_score(predicted)
+    assert result["melanoma_flag"] == (result["seven_point_score"] >= 3)
+    assert result["branches_used"] == ["derm", "clinic", "hybrid"]
+    overlay = tmp_path / "maps" / "derm_exit_overlay.png"
+    assert overlay.is_file()
+    assert Image.open(overlay).size == Image.open(case.derm).size
+    assert (tmp_path / "maps" / "derm_exit_heads.png").is_file()
+
+
+def test_predict_cli_bad_metadata_lists_allowed_values(tiny_run, synth_root):
+    case = Derm7pt.load(synth_root).cases[0]
+    proc = run("predict", "--checkpoint", tiny_run["best_checkpoint"], "--derm", case.derm, "--sex", "x",
+               "--location", "back", "--elevation", "flat", check=False)
+    assert proc.returncode == 2 and "allowed: female, male" in proc.stderr
+
+
+def test_api_missing_inputs_and_branches(tiny_run, synth_root):
+    p = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
+    case = Derm7pt.load(synth_root).cases[1]
+    only_derm = p.predict(derm=case.derm)
+    assert only_derm.branches_used == ["derm"] and only_derm.inputs_used == {"derm": True, "clinic": False, "meta": False}
+    no_meta = p.predict(derm=case.derm, clinic=str(case.derm))
+    assert no_meta.branches_used == ["derm", "clinic", "hybrid"]
+    arr = np.asarray(Image.open(case.derm))
+    from_array = p.predict(derm=arr)
+    assert from_array.tasks["DIAG"].probabilities == pytest.approx(only_derm.tasks["DIAG"].probabilities, abs=1e-5)
+    with pytest.raises(PredictError, match="NaN"):
+        p.predict(derm=np.full((20, 20, 3), np.nan))
+    with pytest.raises(PredictError, match="give a dermoscopy image"):
+        p.predict(meta={"sex": "male", "location": "back", "elevation": "flat"})
+    with pytest.raises(PredictError, match="partial"):
+        p.predict(derm=arr, meta={"sex": "male"})
+
+
+def test_batch_prediction_equals_single(tiny_run, synth_root):
+    p = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
+    cases = Derm7pt.load(synth_root).split_cases("valid")[:5]
+    inputs = [{"derm": c.derm, "clinic": c.clinic, "meta": c.raw_meta} for c in cases]
+    batch = p.predict_batch(inputs, batch_size=4)
+    for inp, res in zip(inputs, batch):
+        single = p.predict(**inp)
+        assert res.tasks["PN"].probabilities == pytest.approx(single.tasks["PN"].probabilities, abs=1e-4)

@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sevenpoint.checkpoint import read_checkpoint
+from sevenpoint.config import ConfigError, load_config
+from sevenpoint.engine.evaluate import evaluate
+from sevenpoint.engine.metrics import apply_temperature, fit_temperature
+from sevenpoint.engine.train import RunDirError, train
+from sevenpoint.schema import TASKS
+
+
+def test_config_overrides_and_errors():
+    cfg = load_config("tiny", ["train.lr=0.5", "model.attention=false", "data.cache_dir=none"], seed=7)
+    assert cfg.train.lr == 0.5 and cfg.model.attention is False and cfg.seed == 7 and cfg.data.cache_dir is None
+    assert cfg.model.image_size == cfg.data.image_size
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config("tiny", ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="model.variant"):
+        load_config("tiny", ["model.variant=XYZ"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config("tiny", ["train.epochs=two"])
+    paper = load_config("paper")
+    assert (paper.train.lr, paper.train.batch_size, paper.train.epochs, paper.data.image_size) == (1e-4, 32, 150, 299)
+
+
+def test_tiny_training_writes_checkpoints_logs_and_config(tiny_run):
+    run = tiny_run["run_dir"]
+    for name in ("config.yaml", "run_info.json", "train_summary.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["versions"]["torch"] and "cpu" in info
+    metrics_csv = next(run.glob("logs/**/metrics.csv"))
+    log = pd.read_csv(metrics_csv)
+    assert "val/avg_acc" in log.columns and log["val/avg_acc"].notna().sum() == 2
+    ckpt = read_checkpoint(run / "checkpoints" / "best.ckpt")  # weights_only load works
+    assert ckpt["sevenpoint"]["config"]["model"]["variant"] == "DCIHMM"
+    assert not list(run.rglob("*.tmp"))  # atomic writes leave no temp files
+    # the best checkpoint is the epoch with the highest validation average accuracy
+    best = log["val/avg_acc"].max()
+    assert abs(tiny_run["best_val_avg_acc"] - best) < 1e-6
+
+
+def test_refuses_to_overwrite_a_run(tiny_run, synth_root):
+    cfg = load_config("tiny", seed=0)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(cfg, synth_root, tiny_run["run_dir"], progress=False)
+
+
+def test_evaluate_metrics_match_predictions_csv(tiny_run, synth_root, tmp_path):
+    m = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "eval", split="test", progress=False)
+    for name in ("metrics.json", "report.md", "predictions.csv", "confusion_matrices.png", "roc_curves.png"):
+        assert (tmp_path / "eval" / name).is_file()
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    pred = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    accs = []
+    for task in TASKS:
+        acc = float((pred[f"{task.name}_pred"] == pred[f"{task.name}_true"]).mean())
+        assert saved["tasks"][task.name]["accuracy"] == pytest.approx(acc)
+        probs = pred[[f"{task.name}_p_{c}" for c in task.classes]].to_numpy()
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+        accs.append(acc)
+    assert saved["average_accuracy"] == pytest.approx(np.mean(accs))
+    assert m["cases"] == len(pred)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| model | BWV | DaG | PIG | PN | RS | STR | VS | DIAG | AVG |" in report and "83.04" in report
+    for key in ("sensitivity", "specificity", "precision", "auc"):
+        assert key in saved["tasks"]["DIAG"]["classes"]["MEL"]
+    assert "diag_head_auc" in saved["melanoma"]
+
+
+def test_tta_probabilities_sum_to_one_and_calibration_lowers_valid_nll(tiny_run, synth_root, tmp_path):
+    m = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", split="test", tta="flip_rot",
+                 calibrate=True, progress=False)
+    pred = pd.read_csv(tmp_path / "e" / "predictions.csv")
+    for task in TASKS:
+        probs = pred[[f"{task.name}_p_{c}" for c in task.classes]].to_numpy()
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+        cal = m["calibration"][task.name]
+        assert cal["valid_nll_after"] <= cal["valid_nll_before"] + 1e-9
+
+
+def test_temperature_scaling_fixes_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 500)
+    logits = rng.normal(0, 1, (500, 3))
+    logits[np.arange(500), y] += 1.0
+    overconfident = apply_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 0.2)
+    t = fit_temperature(overconfident, y)
+    assert 3.0 < t < 8.0  # recovers roughly the 1 / 0.2 that was applied
+
+
+def test_trainer_never_sees_the_test_split(synth_root, tmp_path, monkeypatch):
+    import sevenpoint.engine.train as tr
+
+    seen = []
+    original = tr.Derm7ptDataset.__init__
+
+    def spy(self, data, split, *args, **kwargs):
+        seen.append(split)
+        assert "test" not in data.splits  # the split is not even in the trainer's data object
+        original(self, data, split, *args, **kwargs)
+
+    monkeypatch.setattr(tr.Derm7ptDataset, "__init__", spy)
+    cfg = load_config("tiny", ["train.epochs=1", f"data.cache_dir={tmp_path / 'c'}"], seed=0)
+    train(cfg, synth_root, tmp_path / "run", progress=False)
+    assert sorted(set(seen)) == ["train", "valid"]
+
+
+def test_resume_matches_an_uninterrupted_run(synth_root, tmp_path):
+    over = [f"data.cache_dir={tmp_path / 'c'}", "train.deterministic=true", "model.dropout=0.2"]
+    full = train(load_config("tiny", [*over, "train.epochs=3"], seed=1), synth_root, tmp_path / "full", progress=False)
+    part = train(load_config("tiny", [*over, "train.epochs=3"], seed=1), synth_root, tmp_path / "part",
+                 progress=False, stop_after_epochs=1)
+    assert part["epochs_run"] == 1
+    resumed = train(load_config("tiny", seed=1), synth_root, tmp_path / "part", resume=True, progress=False)
+    a = torch.load(full["last_checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_checkpoint"], weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    assert resumed["best_val_avg_acc"] == pytest.approx(full["best_val_avg_acc"])
