@@ -1,0 +1,267 @@
+"""Reader for the official Derm7pt `release_v0/` layout (DESIGN.md §2).
+
+`Derm7pt.load(path)` reads meta.csv and the three index files, maps every label through the
+schema, resolves image paths (case-insensitively when the exact path is missing), flags
+cases without a clinical photo, and validates the splits. Every problem raises
+`DatasetError` naming the file, row, column or value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from ..schema import TASKS, LabelError, encode_meta, encode_row, meta_dim, meta_fields, seven_point_score
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+META_COLUMNS: tuple[str, ...] = (
+    "case_num", "diagnosis", "seven_point_score", "pigment_network", "streaks", "pigmentation",
+    "regression_structures", "dots_and_globules", "blue_whitish_veil", "vascular_structures",
+    "level_of_diagnostic_difficulty", "elevation", "location", "sex", "management", "clinic",
+    "derm", "case_id", "notes",
+)
+
+
+class DatasetError(ValueError):
+    """A Derm7pt folder that cannot be used as it is; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One lesion: its meta.csv row, resolved image paths, class indices and metadata."""
+
+    row: int
+    case_num: int
+    case_id: str
+    derm: Path
+    clinic: Path | None  # None: no clinical photo (meta.csv repeats the derm path)
+    targets: tuple[int, ...]
+    meta: np.ndarray
+    raw_meta: dict[str, str]
+
+
+@dataclass
+class Derm7pt:
+    """A validated Derm7pt release: cases in meta.csv row order plus the official splits."""
+
+    root: Path
+    cases: list[Case]
+    splits: dict[str, np.ndarray]
+    quirks: list[str] = field(default_factory=list)
+    include_leaky_meta: bool = False
+
+    @property
+    def meta_dim(self) -> int:
+        return meta_dim(self.include_leaky_meta)
+
+    def split_cases(self, split: str) -> list[Case]:
+        if split not in self.splits:
+            raise DatasetError(f"unknown split {split!r} (have: {', '.join(self.splits)})")
+        return [self.cases[i] for i in self.splits[split]]
+
+    def targets(self, split: str) -> np.ndarray:
+        """(N, 8) class indices of a split."""
+        return np.array([c.targets for c in self.split_cases(split)], dtype=np.int64)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        include_leaky_meta: bool = False,
+        check_images: bool = True,
+    ) -> Derm7pt:
+        """Read and validate a Derm7pt folder (`release_v0` itself or its parent).
+
+        `include_leaky_meta` adds `management` and `level_of_diagnostic_difficulty` to the
+        metadata vector. They are decided after the diagnosis and leak it: research only.
+        """
+        root = find_release_root(Path(path))
+        meta_dir, image_dir = root / "meta", root / "images"
+        frame = _read_meta(meta_dir / "meta.csv")
+        resolver = _PathResolver(image_dir) if check_images else None
+        quirks: list[str] = []
+        cases, missing, errors = [], [], []
+        seen_case_nums: dict[int, int] = {}
+        for i, rec in enumerate(frame.to_dict("records")):
+            try:
+                case_num = int(rec["case_num"])
+            except (TypeError, ValueError):
+                raise DatasetError(f"meta.csv row {i}: case_num {rec['case_num']!r} is not an integer")
+            if case_num in seen_case_nums:
+                raise DatasetError(
+                    f"meta.csv row {i}: case_num {case_num} duplicates row {seen_case_nums[case_num]}"
+                )
+            seen_case_nums[case_num] = i
+            try:
+                targets = encode_row(rec, i)
+                raw_meta = {k: str(rec[k]) for k in meta_fields(include_leaky_meta)}
+                meta = encode_meta(raw_meta, include_leaky_meta, row=i)
+                score = int(rec["seven_point_score"])
+            except LabelError as exc:
+                errors.append(f"meta.csv {exc}")
+                continue
+            except (TypeError, ValueError):
+                errors.append(f"meta.csv row {i}: seven_point_score {rec['seven_point_score']!r} is not an integer")
+                continue
+            expected = seven_point_score(np.array(targets))
+            if score != expected:
+                errors.append(
+                    f"meta.csv row {i}: seven_point_score is {score} but the criteria give {expected}"
+                )
+            derm_rel, clinic_rel = str(rec["derm"]), str(rec["clinic"])
+            clinic_missing = clinic_rel == derm_rel
+            if clinic_missing:
+                quirks.append(f"row {i} (case {case_num}): clinic == derm -> clinic photo treated as missing")
+            derm_path = clinic_path = None
+            if resolver is not None:
+                for column, rel in (("derm", derm_rel), ("clinic", clinic_rel)):
+                    if column == "clinic" and clinic_missing:
+                        continue
+                    try:
+                        resolved, note = resolver.resolve(rel)
+                    except DatasetError as exc:
+                        errors.append(f"meta.csv row {i}, column {column!r}: {exc}")
+                        continue
+                    if resolved is None:
+                        missing.append(f"row {i}, column {column!r}: {image_dir / rel}")
+                    if note:
+                        quirks.append(f"row {i}, column {column!r}: {note}")
+                    if column == "derm":
+                        derm_path = resolved
+                    else:
+                        clinic_path = resolved
+            else:
+                derm_path = image_dir / derm_rel
+                clinic_path = None if clinic_missing else image_dir / clinic_rel
+            cases.append(Case(
+                row=i, case_num=case_num, case_id=str(rec.get("case_id") or f"case{case_num}"),
+                derm=derm_path, clinic=clinic_path, targets=targets, meta=meta, raw_meta=raw_meta,
+            ))
+        if errors:
+            shown = "\n  ".join(errors[:20])
+            more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+            raise DatasetError(f"{len(errors)} problem(s) in {meta_dir / 'meta.csv'}:\n  {shown}{more}")
+        if missing:
+            shown = "\n  ".join(missing[:50])
+            more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
+            raise DatasetError(f"{len(missing)} image file(s) not found:\n  {shown}{more}")
+        splits = {s: _read_index(meta_dir / f"{s}_indexes.csv", len(frame)) for s in SPLITS}
+        _check_disjoint(splits)
+        return cls(root, cases, splits, quirks, include_leaky_meta)
+
+    def summary(self) -> dict:
+        """Counts a human (or `check-data`) wants: cases per split and classes per task per split."""
+        out: dict = {"root": str(self.root), "cases": len(self.cases), "splits": {}, "classes": {}}
+        for split, idx in self.splits.items():
+            out["splits"][split] = int(len(idx))
+            targets = self.targets(split)
+            for t, task in enumerate(TASKS):
+                counts = np.bincount(targets[:, t], minlength=task.num_classes)
+                out["classes"].setdefault(task.name, {})[split] = dict(zip(task.classes, map(int, counts)))
+        out["clinic_missing"] = [c.case_num for c in self.cases if c.clinic is None]
+        out["quirks"] = list(self.quirks)
+        return out
+
+
+def find_release_root(path: Path) -> Path:
+    """Accept the `release_v0` folder itself or any parent that holds it."""
+    if not path.exists():
+        raise DatasetError(f"{path}: no such folder")
+    for candidate in (path, path / "release_v0"):
+        if (candidate / "meta" / "meta.csv").is_file():
+            return candidate
+    raise DatasetError(f"{path}: not a Derm7pt folder (expected meta/meta.csv or release_v0/meta/meta.csv)")
+
+
+def _read_meta(csv: Path) -> pd.DataFrame:
+    if not csv.is_file():
+        raise DatasetError(f"{csv}: file not found")
+    try:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{csv}: cannot parse as CSV ({exc})") from exc
+    absent = [c for c in META_COLUMNS if c not in frame.columns and c not in ("case_id", "notes")]
+    if absent:
+        raise DatasetError(f"{csv}: missing column(s) {', '.join(absent)}")
+    if frame.empty:
+        raise DatasetError(f"{csv}: no rows")
+    return frame
+
+
+def _read_index(csv: Path, n_rows: int) -> np.ndarray:
+    if not csv.is_file():
+        raise DatasetError(f"{csv}: file not found")
+    try:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"{csv}: cannot parse as CSV ({exc})") from exc
+    if "indexes" not in frame.columns:
+        raise DatasetError(f"{csv}: missing column 'indexes'")
+    values = []
+    for line, raw in enumerate(frame["indexes"], start=2):
+        try:
+            v = int(raw)
+        except ValueError:
+            raise DatasetError(f"{csv}, line {line}: index {raw!r} is not an integer") from None
+        if not 0 <= v < n_rows:
+            raise DatasetError(f"{csv}, line {line}: index {v} is outside meta.csv's rows 0..{n_rows - 1}")
+        values.append(v)
+    dupes = [v for v, n in Counter(values).items() if n > 1]
+    if dupes:
+        raise DatasetError(f"{csv}: duplicated index(es) {sorted(dupes)[:10]}")
+    if not values:
+        raise DatasetError(f"{csv}: no indexes")
+    return np.array(values, dtype=np.int64)
+
+
+def _check_disjoint(splits: dict[str, np.ndarray]) -> None:
+    names = list(splits)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            both = np.intersect1d(splits[names[a]], splits[names[b]])
+            if both.size:
+                raise DatasetError(
+                    f"splits {names[a]} and {names[b]} overlap in {both.size} row(s), e.g. {both[:10].tolist()}"
+                )
+
+
+class _PathResolver:
+    """Exact path first, then a case-insensitive match (real typo: row 816 `FCl/Fcl068.jpg`)."""
+
+    def __init__(self, image_dir: Path) -> None:
+        if not image_dir.is_dir():
+            raise DatasetError(f"{image_dir}: image folder not found")
+        self.image_dir = image_dir.resolve()
+        self._lower: dict[str, Path] | None = None
+
+    def _index(self) -> dict[str, Path]:
+        if self._lower is None:
+            self._lower = {}
+            for dirpath, _, files in os.walk(self.image_dir):
+                for f in files:
+                    full = Path(dirpath) / f
+                    self._lower[full.relative_to(self.image_dir).as_posix().lower()] = full
+        return self._lower
+
+    def resolve(self, rel: str) -> tuple[Path | None, str | None]:
+        pure = PurePosixPath(rel.replace("\\", "/"))
+        if not rel or pure.is_absolute() or ".." in pure.parts or Path(rel).is_absolute():
+            raise DatasetError(f"image path {rel!r} escapes the dataset's images/ folder; refused")
+        exact = self.image_dir / pure
+        if exact.is_file():
+            return exact, None
+        hit = self._index().get(pure.as_posix().lower())
+        if hit is not None:
+            return hit, f"{rel!r} resolved case-insensitively to {hit.relative_to(self.image_dir).as_posix()!r}"
+        return None, None
+
+
+def class_counts(targets: np.ndarray, tasks: Sequence = TASKS) -> list[np.ndarray]:
+    return [np.bincount(targets[:, i], minlength=t.num_classes) for i, t in enumerate(tasks)]
