@@ -48,16 +48,16 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
+        # typer vendors click (0.29+): recognise its exceptions by shape, not by import
+        kind = type(exc).__name__
+        if kind == "Exit":
+            raise SystemExit(getattr(exc, "exit_code", 0)) from None
+        if kind == "Abort":
             err.print("aborted")
             raise SystemExit(130) from None
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # usage / bad-parameter errors
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
         if _STATE["debug"] or not _is_known(exc):
             raise
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)

@@ -19,18 +19,22 @@ class Derm7ptDataset(Dataset):
     `has_derm`, `has_clinic`, `has_meta` (bool), `case_id`, `index`.
 
     A missing clinical photo is a zero tensor with `has_clinic=False`: the model must not see
-    a dermoscopy photo standing in for it. Keys may be an int or an `(index, seed)` pair from
+    a dermoscopy photo standing in for it. The one exception is `clinic_fallback=True`, for
+    *evaluating* a clinical-only model (CIM), which has no branch for such a case: it then
+    sees the dermoscopy photo, as the official meta.csv itself substitutes it, and the item is
+    marked `clinic_is_fallback`. Keys may be an int or an `(index, seed)` pair from
     `EpochSampler`, which makes augmentation a pure function of (seed, epoch, index) and so
     reproducible across `--resume` and worker counts.
     """
 
     def __init__(self, data: Derm7pt, split: str, cache: ImageCache,
-                 transform: A.Compose | None = None) -> None:
+                 transform: A.Compose | None = None, clinic_fallback: bool = False) -> None:
         self.data = data
         self.split = split
         self.cases = data.split_cases(split)
         self.cache = cache
         self.transform = transform or eval_transform()
+        self.clinic_fallback = clinic_fallback
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -47,15 +51,21 @@ class Derm7ptDataset(Dataset):
         size = self.cache.size
         derm = self._image(case.derm, seed)
         has_clinic = case.clinic is not None
-        clinic = (self._image(case.clinic, None if seed is None else seed + 1) if has_clinic
-                  else torch.zeros(3, size, size))
+        fallback = not has_clinic and self.clinic_fallback
+        if has_clinic:
+            clinic = self._image(case.clinic, None if seed is None else seed + 1)
+        elif fallback:
+            clinic = derm.clone()
+        else:
+            clinic = torch.zeros(3, size, size)
         return {
             "derm": derm,
             "clinic": clinic,
             "meta": torch.from_numpy(case.meta.copy()),
             "targets": torch.tensor(case.targets, dtype=torch.long),
             "has_derm": torch.tensor(True),
-            "has_clinic": torch.tensor(has_clinic),
+            "has_clinic": torch.tensor(has_clinic or fallback),
+            "clinic_is_fallback": torch.tensor(fallback),
             "has_meta": torch.tensor(True),
             "case_id": case.case_id,
             "index": index,

@@ -26,24 +26,27 @@ from .train import make_cache
 
 @torch.no_grad()
 def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf16: bool = False,
-                   channels_last: bool = False, progress: bool = True) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+                   channels_last: bool = False, progress: bool = True,
+                   device: str = "cpu") -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """Fused probabilities (8 x (N, C_t)), targets (N, 8) and case ids; TTA views are averaged."""
-    model.eval()
+    model.eval().to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    dev_type = torch.device(device).type
     probs: list[list[np.ndarray]] = [[] for _ in TASKS]
     targets, ids = [], []
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         views_d, views_c = tta_views(batch["derm"], tta), tta_views(batch["clinic"], tta)
         acc = None
         for vd, vc in zip(views_d, views_c):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
                 out = forward_batch(model, {**batch, "derm": vd, "clinic": vc}, channels_last)
-            ps = [p.float() for p in out.probs]
+            ps = [p.float().cpu() for p in out.probs]
             acc = ps if acc is None else [a + p for a, p in zip(acc, ps)]
         for t in range(len(TASKS)):
             probs[t].append((acc[t] / len(views_d)).numpy())
-        targets.append(batch["targets"].numpy())
+        targets.append(batch["targets"].cpu().numpy())
         ids += list(batch["case_id"])
     return [np.concatenate(p) for p in probs], np.concatenate(targets), ids
 
@@ -61,23 +64,26 @@ def majority_baseline(data: Derm7pt, split: str) -> dict[str, float]:
 
 def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
              split: str = "test", tta: str = "none", calibrate: bool = False, batch_size: int = 32,
-             precision: str = "auto", progress: bool = True) -> dict:
+             precision: str = "auto", progress: bool = True, device: str = "auto") -> dict:
     """Evaluate once on `split`. Temperatures (with `calibrate`) are fitted on the validation split."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, cfg, _ = load_model(checkpoint)
     data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
-    bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=device.startswith("cuda"))
     channels_last = use_channels_last(cfg.train.channels_last)
 
     def run(which: str):
-        ds = Derm7ptDataset(data, which, make_cache(cfg))
+        ds = Derm7ptDataset(data, which, make_cache(cfg), clinic_fallback=cfg.model.variant == "CIM")
         dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-        return predict_loader(model, dl, tta, bf16, channels_last, progress)
+        return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
 
     probs, targets, ids = run(split)
     metrics = compute_metrics(probs, targets)
-    metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta,
+    fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.variant == "CIM" else 0
+    metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "attention": cfg.model.attention})
     if calibrate:

@@ -35,7 +35,9 @@ class SevenPointModule(L.LightningModule):
         self._val_probs: list[list[torch.Tensor]] = []
         self._val_targets: list[torch.Tensor] = []
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if not self.model.can_run(batch["has_derm"], batch["has_clinic"]):
+            return None  # e.g. a clinical-only model and a batch with no clinical photo: skip the step
         out = forward_batch(self.model, batch, self.channels_last, self.cfg.train.meta_dropout)
         loss, parts = multitask_loss(out, batch["targets"], self.class_weights, self.cfg.train.label_smoothing)
         n = batch["targets"].shape[0]

@@ -68,7 +68,7 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig) -> Derm7pt:
 def build_loaders(data: Derm7pt, cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
     cache = make_cache(cfg)
     train_ds = Derm7ptDataset(data, "train", cache, train_transform(cfg.data.augment))
-    valid_ds = Derm7ptDataset(data, "valid", cache, eval_transform())
+    valid_ds = Derm7ptDataset(data, "valid", cache, eval_transform(), clinic_fallback=cfg.model.variant == "CIM")
     weights = balanced_weights(data.targets("train")) if cfg.train.balanced_sampling else None
     sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, weights=weights)
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}

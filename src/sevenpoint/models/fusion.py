@@ -131,6 +131,10 @@ class FusionModel(nn.Module):
             self.hybrid = HybridBranch(derm_bb.num_features + clinic_bb.num_features, cfg.hybrid_channels,
                                        cfg.meta_dim, cfg.attention, cfg.attention_heads, cfg.dropout)
 
+    def can_run(self, has_derm: torch.Tensor, has_clinic: torch.Tensor) -> bool:
+        """Whether at least one case of the batch has an input one of our branches needs."""
+        return bool((self.derm is not None and has_derm.any()) or (self.clinic is not None and has_clinic.any()))
+
     def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
                 has_derm: torch.Tensor | None = None, has_clinic: torch.Tensor | None = None,
                 has_meta: torch.Tensor | None = None) -> FusionOutput:
