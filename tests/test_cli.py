@@ -86,3 +86,22 @@ def test_batch_prediction_equals_single(tiny_run, synth_root):
     for inp, res in zip(inputs, batch):
         single = p.predict(**inp)
         assert res.tasks["PN"].probabilities == pytest.approx(single.tasks["PN"].probabilities, abs=1e-4)
+
+
+def test_onnx_export_parity_and_onnx_predictor(tiny_run, synth_root, tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    out = run("export", "--checkpoint", tiny_run["best_checkpoint"], "--onnx", onnx_path).stdout
+    diff = float(out.split("PyTorch fp32:")[1].split()[0])
+    assert diff < 1e-4
+    from sevenpoint.export import check_parity
+
+    assert check_parity(tiny_run["best_checkpoint"], onnx_path) < 1e-4
+    case = Derm7pt.load(synth_root).split_cases("test")[2]
+    torch_p = Predictor.from_checkpoint(tiny_run["best_checkpoint"], precision="fp32")
+    onnx_p = Predictor.from_onnx(onnx_path)
+    for kwargs in ({"derm": case.derm, "clinic": case.clinic, "meta": case.raw_meta}, {"derm": case.derm}):
+        a, b = torch_p.predict(**kwargs), onnx_p.predict(**kwargs)
+        assert a.branches_used == b.branches_used
+        for name in TASK_NAMES:
+            assert a.tasks[name].probabilities == pytest.approx(b.tasks[name].probabilities, abs=1e-4)
+        assert set(b.attention) == set(a.attention)

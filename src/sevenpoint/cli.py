@@ -208,11 +208,12 @@ def predict(
     heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for attention overlays (PNG).")] = None,
     batch: Annotated[Optional[Path], typer.Option(help="CSV with columns derm, clinic, sex, location, elevation.")] = None,
     precision: str = "auto",
+    backend: Annotated[str, typer.Option(help="torch | onnx (inferred from a .onnx file)")] = "torch",
 ) -> None:
     """Predict one case (or a CSV batch): criteria, diagnosis, 7-point score, attention maps."""
     from .predict import Predictor, PredictError, save_heatmaps
 
-    predictor = Predictor.from_checkpoint(checkpoint, precision=precision)
+    predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend)
     if batch is not None:
         import pandas as pd
 
@@ -245,6 +246,69 @@ def predict(
         written = save_heatmaps(result, {"derm": derm, "clinic": clinic}, heatmaps)
         console.print(f"{len(written)} attention images -> {heatmaps}")
     _print_prediction(result)
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint (.ckpt) or ONNX export (.onnx).")] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 10.0,
+    max_queue: int = 32,
+    backend: Annotated[str, typer.Option(help="torch | onnx (inferred from a .onnx file)")] = "torch",
+) -> None:
+    """Serve the web page and JSON API (research tool, not a medical device)."""
+    if checkpoint is None:
+        raise typer.BadParameter("give --checkpoint. No model yet? `sevenpoint demo` trains one on synthetic data "
+                                 "and writes demo-run/run/checkpoints/best.ckpt", param_hint="--checkpoint")
+    import uvicorn
+
+    from .predict import Predictor
+    from .web.app import create_app
+
+    predictor = Predictor.from_checkpoint(checkpoint, backend=backend)
+    console.print(f"serving {predictor.info} on http://{host}:{port}")
+    uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue), host=host, port=port,
+                log_level="warning")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file.")],
+    onnx: Annotated[Path, typer.Option(help="Output .onnx file.")],
+    check: Annotated[bool, typer.Option(help="Compare with PyTorch on synthetic inputs.")] = True,
+) -> None:
+    """Export to ONNX (dynamic batch; derm, clinic, meta + availability flags) and check it with onnxruntime."""
+    from .export import check_parity, export_onnx
+
+    info = export_onnx(checkpoint, onnx)
+    console.print(f"wrote {info['onnx']} ({onnx.stat().st_size / 2**20:.1f} MB)")
+    if check:
+        diff = check_parity(checkpoint, onnx)
+        console.print(f"max |prob difference| vs PyTorch fp32: {diff:.2e}")
+        if diff >= 1e-4:
+            raise SystemExit(f"error: ONNX output differs from PyTorch by {diff:.2e} (>= 1e-4)")
+
+
+@app.command()
+def bench(
+    variant: str = "DCIHMM",
+    size: int = 299,
+    backbone: str = "xception",
+    batch: int = 8,
+    repeats: int = 5,
+    out: Path = Path("bench"),
+    compile: Annotated[bool, typer.Option(help="Also time torch.compile (minutes of compilation).")] = False,
+    onnx: bool = True,
+    threads: Optional[int] = None,
+) -> None:
+    """Speed of every CPU path vs naive fp32 in one run: bench.json + bench.md in --out."""
+    from .engine.bench import bench_table, run_bench
+
+    r = run_bench(variant, size, backbone, batch=batch, repeats=repeats, compile=compile, onnx=onnx, out=out,
+                  threads=threads)
+    console.print(bench_table(r), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"-> {out / 'bench.json'}")
 
 
 def _print_prediction(result) -> None:

@@ -6,6 +6,7 @@ the result says which branches ran. Batched prediction runs one forward pass per
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_model
+from .config import config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor
 from .runtime import use_bf16, use_channels_last
@@ -102,21 +104,78 @@ def validate_meta(meta: Mapping[str, object] | None) -> np.ndarray | None:
         raise PredictError(str(exc).replace("row input, ", "")) from exc
 
 
-class Predictor:
-    def __init__(self, model: torch.nn.Module, cfg, precision: str = "auto") -> None:
+class _TorchBackend:
+    def __init__(self, model: torch.nn.Module, cfg, precision: str) -> None:
         self.model = model.eval()
-        self.cfg = cfg
-        self.size = cfg.data.image_size
-        self.crop = cfg.data.crop
         self.bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
         self.channels_last = use_channels_last(cfg.train.channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
+    @torch.no_grad()
+    def __call__(self, derm, clinic, meta, has):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
+                             has["derm"], has["clinic"], has["meta"])
+        heads = {k: v.float().numpy() for k, v in out.attention.items()}
+        return ([p.float().numpy() for p in out.probs], out.branches_used().numpy(),
+                {k: v.sum(axis=1) for k, v in heads.items()}, heads)
+
+
+class _OnnxBackend:
+    """ONNX Runtime on an exported model (`sevenpoint export`): the fast CPU path for serving."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "sevenpoint_config" not in meta:
+            raise PredictError(f"{path}: not a sevenpoint ONNX export (no sevenpoint_config metadata)")
+        self.cfg = config_from_dict(json.loads(meta["sevenpoint_config"]))
+        self.attention_names = json.loads(meta["sevenpoint_attention"])
+
+    def __call__(self, derm, clinic, meta, has):
+        feeds = {"derm": derm.numpy(), "clinic": clinic.numpy(), "meta": meta.numpy(),
+                 **{f"has_{k}": v.float().numpy() for k, v in has.items()}}
+        out = self.session.run(None, feeds)
+        n_tasks = len(TASKS)
+        used = out[n_tasks] > 0.5
+        attention = dict(zip(self.attention_names, out[n_tasks + 1:]))
+        return out[:n_tasks], used, attention, {}
+
+
+class Predictor:
+    """`Predictor.from_checkpoint(path)` (PyTorch) or `Predictor.from_onnx(path)` (ONNX Runtime)."""
+
+    def __init__(self, backend, cfg) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.size = cfg.data.image_size
+        self.crop = cfg.data.crop
+
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto") -> Predictor:
+    def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto", backend: str = "torch") -> Predictor:
+        if backend == "onnx" or str(path).endswith(".onnx"):
+            return cls.from_onnx(path)
+        if backend != "torch":
+            raise PredictError(f"backend {backend!r}: expected torch or onnx")
         model, cfg, _ = load_model(path)
-        return cls(model, cfg, precision)
+        return cls(_TorchBackend(model, cfg, precision), cfg)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike) -> Predictor:
+        backend = _OnnxBackend(path)
+        return cls(backend, backend.cfg)
+
+    @property
+    def info(self) -> dict:
+        m = self.cfg.model
+        return {"variant": m.variant, "backbone": m.backbone, "attention": m.attention,
+                "image_size": self.size, "backend": "onnx" if isinstance(self.backend, _OnnxBackend) else "torch"}
 
     def preprocess(self, image: ImageInput | None, name: str) -> torch.Tensor | None:
         if image is None:
@@ -127,8 +186,8 @@ class Predictor:
                 meta: Mapping[str, object] | None = None) -> Prediction:
         return self.predict_batch([{"derm": derm, "clinic": clinic, "meta": meta}])[0]
 
-    @torch.no_grad()
     def predict_batch(self, cases: Sequence[Mapping[str, object]], batch_size: int = 16) -> list[Prediction]:
+        """Many cases, one forward pass per `batch_size` of them."""
         results: list[Prediction] = []
         for start in range(0, len(cases), batch_size):
             results += self._predict_chunk(cases[start:start + batch_size], start)
@@ -150,16 +209,11 @@ class Predictor:
                 meta[i], has["meta"][i] = torch.from_numpy(m), True
             if not (has["derm"][i] or has["clinic"][i]):
                 raise PredictError(f"{label}: give a dermoscopy image, a clinical photo, or both")
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
-                             has["derm"], has["clinic"], has["meta"])
-        used = out.branches_used()
+        probs, used, attention, heads = self.backend(derm, clinic, meta, has)
         for i in range(n):
             if not bool(used[i].any()):
                 need = {"DIM": "a dermoscopy image", "CIM": "a clinical photo"}.get(self.cfg.model.variant, "an image")
                 raise PredictError(f"case {offset + i}: this {self.cfg.model.variant} model needs {need}")
-        probs = [p.float().numpy() for p in out.probs]
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)
         results = []
@@ -170,18 +224,16 @@ class Predictor:
                 tasks[task.name] = TaskResult(task.name, {c: float(probs[t][i, j]) for j, c in enumerate(task.classes)},
                                               task.classes[k], task.long_names[k], k)
             d = int(preds[i, DIAG_INDEX])
-            attention, heads = {}, {}
-            for key, maps in out.attention.items():
-                if bool(out.masks[key.split(".")[0]][i]):
-                    heads[key] = maps[i].float().numpy()
-                    attention[key] = heads[key].sum(axis=0)
+            branch_ok = dict(zip(BRANCHES, used[i].tolist()))
+            keep = [key for key in attention if branch_ok.get(key.split(".")[0])]
             results.append(Prediction(
                 tasks=tasks, diagnosis=TASKS[DIAG_INDEX].classes[d], diagnosis_name=TASKS[DIAG_INDEX].long_names[d],
                 seven_point_score=int(scores[i]), melanoma_flag=bool(scores[i] >= MELANOMA_THRESHOLD),
                 melanoma_probability=float(probs[DIAG_INDEX][i, MEL_CLASS]),
-                branches_used=[b for j, b in enumerate(BRANCHES) if bool(used[i, j])],
+                branches_used=[b for b in BRANCHES if branch_ok[b]],
                 inputs_used={k: bool(v[i]) for k, v in has.items()},
-                attention=attention, attention_heads=heads,
+                attention={k: np.asarray(attention[k][i]) for k in keep},
+                attention_heads={k: np.asarray(heads[k][i]) for k in keep if k in heads},
             ))
         return results
 
@@ -205,7 +257,8 @@ def save_heatmaps(prediction: Prediction, images: Mapping[str, ImageInput], out_
         path = out_dir / f"{prefix}{branch}_{stage}_overlay.png"
         overlay_attention(img, maps).save(path)
         written.append(path)
-        path = out_dir / f"{prefix}{branch}_{stage}_heads.png"
-        head_grid(prediction.attention_heads[key]).save(path)
-        written.append(path)
+        if key in prediction.attention_heads:  # per-head maps (PyTorch backend)
+            path = out_dir / f"{prefix}{branch}_{stage}_heads.png"
+            head_grid(prediction.attention_heads[key]).save(path)
+            written.append(path)
     return written

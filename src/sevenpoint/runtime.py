@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -31,11 +32,23 @@ def cpu_supports_bf16() -> bool:
         return True
 
 
+@functools.cache
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def cpu_summary() -> dict:
     flags = cpu_flags()
     return {
         "machine": platform.machine(),
-        "processor": platform.processor() or "unknown",
+        "processor": cpu_model(),
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,

@@ -163,6 +163,8 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     _write_json(run_dir / "run_info.json", run_info(argv))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts on tensor-core GPUs
     data = load_training_data(data_dir, cfg)
     train_dl, valid_dl = build_loaders(data, cfg)
     on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())

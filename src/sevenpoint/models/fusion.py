@@ -174,6 +174,47 @@ class FusionModel(nn.Module):
         return out
 
 
+class DenseFusion(nn.Module):
+    """Every branch on every case, availability applied as weights: a static graph for ONNX export.
+
+    In eval mode this equals `FusionModel.forward` for every case (BatchNorm uses running
+    statistics, so running a branch on a placeholder image changes nothing for the others).
+    Inputs: images (N, 3, S, S), meta (N, D), availability flags (N,) float 0/1.
+    Outputs: the 8 fused probability tensors, the (N, 3) branch-used flags, and the
+    aggregated attention maps of each branch stage.
+    """
+
+    def __init__(self, model: FusionModel) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.attention_names: list[str] = []
+
+    def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor, has_derm: torch.Tensor,
+                has_clinic: torch.Tensor, has_meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        logits, weights, maps, feats = {}, {}, {}, {}
+        for name, branch, images, avail in (("derm", m.derm, derm, has_derm), ("clinic", m.clinic, clinic, has_clinic)):
+            if branch is None:
+                continue
+            logits[name], feats[name], branch_maps = branch(images)
+            weights[name] = avail
+            maps.update({f"{name}.{k}": v.sum(dim=1) for k, v in branch_maps.items()})
+        if m.hybrid is not None:
+            logits["hybrid"], hybrid_maps = m.hybrid(feats["derm"], feats["clinic"], meta, has_meta > 0.5)
+            weights["hybrid"] = has_derm * has_clinic
+            maps.update({f"hybrid.{k}": v.sum(dim=1) for k, v in hybrid_maps.items()})
+        w = torch.stack([weights[b] for b in weights], dim=0)  # (B, N)
+        denom = w.sum(dim=0).clamp_min(1e-12)[:, None]
+        probs = []
+        for t in range(len(NUM_CLASSES)):
+            stacked = torch.stack([logits[b][t].float().softmax(dim=-1) for b in weights], dim=0)  # (B, N, C)
+            probs.append((stacked * w[..., None]).sum(dim=0) / denom)
+        n = derm.shape[0]
+        used = torch.stack([weights.get(b, torch.zeros(n, device=derm.device)) for b in BRANCHES], dim=1)
+        self.attention_names = list(maps)
+        return (*probs, used, *maps.values())
+
+
 def late_fusion(out: FusionOutput) -> list[torch.Tensor]:
     """Mean over the available branches of their per-task softmax probabilities.
 

@@ -1,0 +1,246 @@
+"""`run_bench()`: training / inference throughput of every CPU path against naive fp32, in one process.
+
+Naive = fp32, default memory layout, JPEG decoded (+ cropped, resized, augmented) every step.
+Fast paths = channels_last, bf16 autocast, both, optionally torch.compile; ONNX Runtime for
+inference; images from the decoded-image cache. Throughput counts data + compute per case
+(a single process, as with `num_workers=0`), so the ratios include the data pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import load_config
+from ..data.cache import ImageCache
+from ..data.images import load_image
+from ..data.transforms import to_tensor, train_transform
+from ..models import FusionModel, multitask_loss
+from ..runtime import cpu_summary, cpu_supports_bf16
+
+PATHS = {  # name -> (channels_last, bf16)
+    "fp32 (naive)": (False, False),
+    "channels_last": (True, False),
+    "bf16": (False, True),
+    "channels_last+bf16": (True, True),
+}
+
+
+def _timeit(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _inputs(n: int, size: int, meta_dim: int, channels_last: bool):
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    derm = (torch.rand(n, 3, size, size, generator=g) * 2 - 1).contiguous(memory_format=fmt)
+    clinic = (torch.rand(n, 3, size, size, generator=g) * 2 - 1).contiguous(memory_format=fmt)
+    meta = torch.zeros(n, meta_dim)
+    meta[:, [0, 2, 11]] = 1
+    return derm, clinic, meta
+
+
+def _data_costs(size: int, n_images: int, workdir: Path) -> dict:
+    """ms per image: JPEG decode + crop + resize + augment (uncached) vs cache read + augment."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n_images):  # real Derm7pt images are 768x512 JPEGs
+        arr = (rng.random((512, 768, 3)) * 60 + np.linspace(100, 180, 768)[None, :, None]).astype(np.uint8)
+        p = workdir / f"img{i}.jpg"
+        Image.fromarray(arr).save(p, quality=90)
+        paths.append(p)
+    aug = train_transform(1.0)
+    cache = ImageCache(workdir / "cache", size=size, crop=25)
+    for p in paths:
+        cache.load(p)  # warm the cache
+
+    def uncached():
+        for p in paths:
+            to_tensor(aug(image=load_image(p, size, 25))["image"])
+
+    def cached():
+        for p in paths:
+            to_tensor(aug(image=cache.load(p))["image"])
+
+    t_unc = statistics.median(_timeit(uncached, 1, 3)) / n_images * 1000
+    t_cac = statistics.median(_timeit(cached, 1, 3)) / n_images * 1000
+    return {"decode_augment_ms_per_image": round(t_unc, 3), "cached_augment_ms_per_image": round(t_cac, 3),
+            "cache_speedup": round(t_unc / t_cac, 2)}
+
+
+def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xception", batch: int = 8,
+              warmup: int = 2, repeats: int = 5, latency_runs: int = 20, compile: bool = False,
+              onnx: bool = True, out: str | Path | None = None, threads: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config(None, [f"model.variant={variant}", f"data.image_size={size}", f"model.backbone={backbone}",
+                             "model.pretrained=false"] + (["model.attention_heads=4", "model.hybrid_channels=32"]
+                                                          if backbone == "xception_tiny" else []))
+    torch.manual_seed(0)
+    base = FusionModel(cfg.model)
+    meta_dim = cfg.model.meta_dim
+    result: dict = {"cpu": cpu_summary(), "variant": variant, "backbone": backbone, "image_size": size,
+                    "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup}
+    paths = dict(PATHS)
+    if not cpu_supports_bf16():
+        result["note"] = "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 paths are emulated"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _data_costs(size, 8, Path(tmp))
+    result["data"] = data
+    images_per_case = 2 if variant == "DCIHMM" else 1
+    naive_data_s = images_per_case * data["decode_augment_ms_per_image"] / 1000
+    fast_data_s = images_per_case * data["cached_augment_ms_per_image"] / 1000
+
+    train, infer = {}, {}
+    targets = torch.zeros(batch, 8, dtype=torch.long)
+    variants = list(paths.items()) + ([("channels_last+bf16+compile", (True, True))] if compile else [])
+    for name, (cl, bf16) in variants:
+        model = copy.deepcopy(base)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        run_model = torch.compile(model) if "compile" in name else model
+        derm, clinic, meta = _inputs(batch, size, meta_dim, cl)
+        opt = torch.optim.Adam(model.parameters(), 1e-4)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = run_model(derm, clinic, meta)
+                loss, _ = multitask_loss(out, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        model.train()
+        step_s = statistics.median(_timeit(step, warmup, repeats))
+        data_s = naive_data_s if name == "fp32 (naive)" else fast_data_s
+        train[name] = {"compute_cases_per_s": round(batch / step_s, 3),
+                       "cases_per_s": round(1 / (step_s / batch + data_s), 3)}
+        model.eval()
+
+        @torch.no_grad()
+        def infer_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                run_model(derm, clinic, meta)
+
+        inf_s = statistics.median(_timeit(infer_step, warmup, repeats))
+        infer[name] = {"compute_cases_per_s": round(batch / inf_s, 3),
+                       "cases_per_s": round(1 / (inf_s / batch + (naive_data_s if name == "fp32 (naive)" else fast_data_s)), 3)}
+        del model, run_model, opt
+        gc.collect()
+
+    latency: dict = {}
+    best_torch = max((k for k in infer if k != "fp32 (naive)"), key=lambda k: infer[k]["compute_cases_per_s"])
+    cl, bf16 = paths.get(best_torch, (True, True))
+    model = copy.deepcopy(base).eval()
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    one = _inputs(1, size, meta_dim, cl)
+
+    @torch.no_grad()
+    def single():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(*one)
+
+    times = np.array(_timeit(single, warmup, latency_runs)) * 1000
+    latency[f"torch {best_torch}"] = {"p50": round(float(np.percentile(times, 50)), 2),
+                                      "p95": round(float(np.percentile(times, 95)), 2)}
+    if onnx:
+        onnx_res = _onnx_bench(base, size, meta_dim, batch, warmup, repeats, latency_runs)
+        infer["onnxruntime fp32"] = {"compute_cases_per_s": onnx_res["compute_cases_per_s"],
+                                     "cases_per_s": round(1 / (1 / onnx_res["compute_cases_per_s"] + fast_data_s), 3)}
+        latency["onnxruntime fp32"] = onnx_res["latency"]
+
+    naive = "fp32 (naive)"
+    best_train = max(train, key=lambda k: train[k]["cases_per_s"])
+    best_infer = max(infer, key=lambda k: infer[k]["cases_per_s"])
+    best_lat = min(latency, key=lambda k: latency[k]["p50"])
+    result.update({
+        "train": train, "infer": infer, "latency_ms": latency,
+        "train_best_path": best_train, "infer_best_path": best_infer, "latency_best_path": best_lat,
+        "train_speedup": round(train[best_train]["cases_per_s"] / train[naive]["cases_per_s"], 2),
+        "infer_speedup": round(infer[best_infer]["cases_per_s"] / infer[naive]["cases_per_s"], 2),
+        "latency_ms_p50": latency[best_lat]["p50"],
+        "latency_ms_p95": latency[best_lat]["p95"],
+        "data_fraction_of_epoch": round(fast_data_s / (1 / train[best_train]["compute_cases_per_s"]), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    })
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        (out / "bench.md").write_text(bench_table(result))
+    return result
+
+
+def _onnx_bench(model: FusionModel, size: int, meta_dim: int, batch: int, warmup: int, repeats: int,
+                latency_runs: int) -> dict:
+    import onnxruntime as ort
+
+    from ..models import DenseFusion
+
+    dense = DenseFusion(copy.deepcopy(model)).eval()
+    names = ["derm", "clinic", "meta", "has_derm", "has_clinic", "has_meta"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        derm, clinic, meta = _inputs(2, size, meta_dim, False)
+        flags = torch.ones(2)
+        with torch.no_grad():
+            n_out = len(dense(derm, clinic, meta, flags, flags, flags))
+        torch.onnx.export(dense, (derm, clinic, meta, flags, flags, flags), str(path), input_names=names,
+                          output_names=[f"o{i}" for i in range(n_out)], opset_version=17, dynamo=False,
+                          dynamic_axes={k: {0: "n"} for k in names})
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def feeds(n):
+        d, c, m = _inputs(n, size, meta_dim, False)
+        f = np.ones(n, np.float32)
+        return {"derm": d.numpy(), "clinic": c.numpy(), "meta": m.numpy(), "has_derm": f, "has_clinic": f, "has_meta": f}
+
+    fb, f1 = feeds(batch), feeds(1)
+    t = statistics.median(_timeit(lambda: sess.run(None, fb), warmup, repeats))
+    lat = np.array(_timeit(lambda: sess.run(None, f1), warmup, latency_runs)) * 1000
+    return {"compute_cases_per_s": round(batch / t, 3),
+            "latency": {"p50": round(float(np.percentile(lat, 50)), 2), "p95": round(float(np.percentile(lat, 95)), 2)}}
+
+
+def bench_table(r: dict) -> str:
+    lines = [f"CPU: {r['cpu']['processor']} ({r['cpu']['machine']}), {r['threads']} threads; "
+             f"AVX512-BF16 {r['cpu']['avx512_bf16']}, AMX-BF16 {r['cpu']['amx_bf16']}",
+             f"{r['variant']} / {r['backbone']} at {r['image_size']} px, batch {r['batch']}, medians of {r['repeats']}",
+             "", "| path | train cases/s (compute only) | infer cases/s (compute only) |", "|---|---:|---:|"]
+    for name in r["infer"]:
+        tr = r["train"].get(name)
+        tr_s = f"{tr['cases_per_s']:.2f} ({tr['compute_cases_per_s']:.2f})" if tr else "–"
+        inf = r["infer"][name]
+        lines.append(f"| {name} | {tr_s} | {inf['cases_per_s']:.2f} ({inf['compute_cases_per_s']:.2f}) |")
+    lines += ["", f"train speed-up (best: {r['train_best_path']}) **{r['train_speedup']}x**; "
+                  f"inference speed-up (best: {r['infer_best_path']}) **{r['infer_speedup']}x**",
+              "", "| latency, batch 1 | p50 ms | p95 ms |", "|---|---:|---:|"]
+    for name, v in r["latency_ms"].items():
+        lines.append(f"| {name} | {v['p50']} | {v['p95']} |")
+    d = r["data"]
+    lines += ["", f"data: decode+crop+resize+augment {d['decode_augment_ms_per_image']} ms/image; from the cache "
+                  f"{d['cached_augment_ms_per_image']} ms/image ({d['cache_speedup']}x); data pipeline = "
+                  f"{100 * r['data_fraction_of_epoch']:.1f} % of an epoch's compute on the best path; "
+                  f"peak RSS {r['peak_rss_mb']} MB"]
+    return "\n".join(lines) + "\n"

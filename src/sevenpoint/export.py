@@ -1,0 +1,71 @@
+"""ONNX export of a checkpoint (dynamic batch, all three inputs with availability flags) and its check."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .models import DenseFusion
+from .schema import TASK_NAMES
+
+INPUT_NAMES = ["derm", "clinic", "meta", "has_derm", "has_clinic", "has_meta"]
+
+
+def example_inputs(n: int, size: int, meta_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    meta = torch.zeros(n, meta_dim)
+    meta[:, 0] = 1
+    flags = torch.ones(n)
+    return (torch.rand(n, 3, size, size, generator=g) * 2 - 1, torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+            meta, flags, flags.clone(), flags.clone())
+
+
+def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, opset: int = 17) -> dict:
+    """Write the ONNX graph; the run config is stored in its metadata so `Predictor` can use it alone."""
+    model, cfg, _ = load_model(checkpoint)
+    dense = DenseFusion(model).eval()
+    inputs = example_inputs(2, cfg.data.image_size, cfg.model.meta_dim)
+    with torch.no_grad():
+        dense(*inputs)  # fills attention_names
+    outputs = [f"prob_{t}" for t in TASK_NAMES] + ["branches_used"] + [f"attention_{n}" for n in dense.attention_names]
+    dynamic = {name: {0: "batch"} for name in INPUT_NAMES + outputs}
+    onnx_path = Path(onnx_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = onnx_path.with_suffix(".onnx.tmp")
+    torch.onnx.export(dense, inputs, str(tmp), input_names=INPUT_NAMES, output_names=outputs,
+                      dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "sevenpoint_config", json.dumps(cfg.to_dict())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "sevenpoint_attention", json.dumps(dense.attention_names)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, onnx_path)
+    return {"onnx": str(onnx_path), "outputs": outputs}
+
+
+def check_parity(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, n: int = 4) -> float:
+    """Max |prob difference| between PyTorch (fp32) and ONNX Runtime on random cases with mixed availability."""
+    import onnxruntime as ort
+
+    model, cfg, _ = load_model(checkpoint)
+    inputs = list(example_inputs(n, cfg.data.image_size, cfg.model.meta_dim, seed=1))
+    inputs[4] = torch.tensor([1.0, 0.0] * (n // 2) + [1.0] * (n % 2))  # some cases without a clinical photo
+    inputs[5] = torch.tensor([1.0, 1.0, 0.0] * n)[:n]  # some without metadata
+    with torch.no_grad():
+        ref = model(inputs[0], inputs[1], inputs[2], inputs[3].bool(), inputs[4].bool(), inputs[5].bool())
+    if cfg.model.variant == "CIM":  # a CIM model has nothing to run without the clinical photo
+        keep = inputs[4].bool()
+        ref_probs = [p[keep] for p in ref.probs]
+    else:
+        keep, ref_probs = torch.ones(n, dtype=torch.bool), ref.probs
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, inputs)})
+    return float(max(np.abs(got[t][keep.numpy()] - ref_probs[t].numpy()).max() for t in range(len(TASK_NAMES))))

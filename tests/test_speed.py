@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sevenpoint.engine.bench import run_bench
+from sevenpoint.engine.evaluate import evaluate
+from sevenpoint.models import FusionModel
+from sevenpoint.config import load_config
+
+
+def test_bench_tiny_writes_all_fields(tmp_path):
+    r = run_bench("DCIHMM", size=32, backbone="xception_tiny", batch=2, warmup=1, repeats=1, latency_runs=2,
+                  onnx=True, out=tmp_path)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("train_speedup", "infer_speedup", "latency_ms_p50", "latency_ms_p95", "peak_rss_mb", "cpu",
+                "data", "train", "infer", "data_fraction_of_epoch"):
+        assert key in saved, key
+    assert set(saved["train"]) >= {"fp32 (naive)", "channels_last", "bf16", "channels_last+bf16"}
+    assert "onnxruntime fp32" in saved["infer"]
+    assert saved["train_speedup"] > 0 and saved["latency_ms_p50"] > 0
+    assert (tmp_path / "bench.md").read_text().startswith("CPU:")
+    assert r["data"]["decode_augment_ms_per_image"] > 0
+
+
+@pytest.mark.parametrize("channels_last, bf16, tol", [(True, False, 1e-4), (False, True, 0.05), (True, True, 0.05)])
+def test_fast_paths_match_fp32(channels_last, bf16, tol):
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = FusionModel(cfg.model).eval()
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    c = torch.rand(4, 3, 64, 64) * 2 - 1
+    meta = torch.zeros(4, 14)
+    with torch.no_grad():
+        ref = model(x, c, meta).probs
+        fast = model.to(memory_format=torch.channels_last) if channels_last else model
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            got = fast(x.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt), meta).probs
+    for a, b in zip(ref, got):
+        assert float((a - b.float()).abs().max()) < tol
+
+
+def test_bf16_and_fp32_evaluation_agree(tiny_run, synth_root, tmp_path):
+    fp32 = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "a", precision="fp32", progress=False)
+    bf16 = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "b", precision="bf16", progress=False)
+    import pandas as pd
+
+    a = pd.read_csv(tmp_path / "a" / "predictions.csv")
+    b = pd.read_csv(tmp_path / "b" / "predictions.csv")
+    cols = [c for c in a.columns if c.endswith("_pred")]
+    agree = float((a[cols].to_numpy() == b[cols].to_numpy()).mean())
+    assert agree >= 0.99, agree
+    assert abs(fp32["average_accuracy"] - bf16["average_accuracy"]) <= 0.02
+    assert np.isfinite(bf16["average_accuracy"])
