@@ -93,12 +93,15 @@ def synth(out_dir: Path, cases: int = 200, size: int = 128, seed: int = 0) -> No
 def check_data(data_dir: Path,
                include_leaky_meta: Annotated[bool, typer.Option(
                    help="Also encode management and diagnostic difficulty — these LEAK the diagnosis.")] = False,
-               as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
+               as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+               decode: Annotated[bool, typer.Option(help="Decode every image to find broken files.")] = True) -> None:
     """Validate a Derm7pt download and summarise it (exit 0 when usable)."""
     from .data import Derm7pt
 
     data = Derm7pt.load(data_dir, include_leaky_meta=include_leaky_meta)
+    decoded = data.verify_images(progress=not as_json) if decode else None
     s = data.summary()
+    s["images_decoded"] = decoded
     if as_json:
         console.print_json(json.dumps(s))
         return
@@ -117,6 +120,8 @@ def check_data(data_dir: Path,
     for q in path_quirks:
         console.print(f"  {q}", highlight=False)
     console.print(f"metadata: {data.meta_dim} dims" + (" (INCLUDES leaky fields)" if include_leaky_meta else ""))
+    if decoded is not None:
+        console.print(f"images decoded: {decoded}, all readable")
     console.print("[green]usable[/]")
 
 
@@ -254,7 +259,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_upload_mb: float = 10.0,
-    max_queue: int = 32,
+    max_queue: Annotated[int, typer.Option(help="Predictions waiting at once; more get 503.")] = 64,
     backend: Annotated[str, typer.Option(help="torch | onnx (inferred from a .onnx file)")] = "torch",
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
@@ -309,6 +314,20 @@ def bench(
                   threads=threads)
     console.print(bench_table(r), markup=False, highlight=False, soft_wrap=True)
     console.print(f"-> {out / 'bench.json'}")
+
+
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Option(help="Base URL of a running `sevenpoint serve`.")] = "http://127.0.0.1:8000",
+    derm: Annotated[Path, typer.Option(help="Dermoscopy image to send.")] = Path("derm.jpg"),
+    clinic: Optional[Path] = None,
+    requests: int = 50,
+    concurrency: int = 50,
+) -> None:
+    """Concurrent predictions against a running server: status counts and latency p50/p95."""
+    from .web.loadtest import run_load
+
+    console.print_json(json.dumps(run_load(url, derm, clinic, requests, concurrency)))
 
 
 def _print_prediction(result) -> None:

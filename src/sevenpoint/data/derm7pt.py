@@ -156,6 +156,24 @@ class Derm7pt:
         _check_disjoint(splits)
         return cls(root, cases, splits, quirks, include_leaky_meta)
 
+    def verify_images(self, progress: bool = False) -> int:
+        """Decode every image once; raise `DatasetError` naming every unusable file. Returns the count."""
+        from tqdm.auto import tqdm
+
+        from .images import ImageError, open_rgb
+
+        paths = sorted({p for c in self.cases for p in (c.derm, c.clinic) if p is not None})
+        bad = []
+        for path in tqdm(paths, desc="decoding images", disable=not progress, leave=False):
+            try:
+                open_rgb(path).close()
+            except ImageError as exc:
+                bad.append(str(exc))
+        if bad:
+            shown = "\n  ".join(bad[:50])
+            raise DatasetError(f"{len(bad)} unusable image file(s):\n  {shown}")
+        return len(paths)
+
     def summary(self) -> dict:
         """Counts a human (or `check-data`) wants: cases per split and classes per task per split."""
         out: dict = {"root": str(self.root), "cases": len(self.cases), "splits": {}, "classes": {}}

@@ -76,7 +76,7 @@ def result_json(result: Prediction, images: dict) -> dict:
 
 
 def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: int = 25_000_000,
-               max_queue: int = 32) -> FastAPI:
+               max_queue: int = 64) -> FastAPI:
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files over 1 MB to a temp file on disk; keep them in memory.
     MultiPartParser.spool_max_size = max_bytes + 1
