@@ -6,6 +6,7 @@ Known errors print one clear line and exit 2; `--debug` shows the traceback inst
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -147,6 +148,8 @@ def train(
         run_dir = out if len(seed_list) == 1 else out / f"seed{s}"
         summary = run_train(cfg, data, run_dir, resume=resume, progress=progress, argv=sys.argv)
         results.append(summary)
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # DDP worker processes stay quiet
+            continue
         console.print(f"seed {s}: best val avg acc {100 * (summary['best_val_avg_acc'] or 0):.2f} % "
                       f"({summary['epochs_run']} epochs, {summary['train_seconds']} s) -> {summary['best_checkpoint']}")
     if len(results) > 1:

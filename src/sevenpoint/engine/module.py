@@ -43,7 +43,7 @@ class SevenPointModule(L.LightningModule):
         n = batch["targets"].shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         for branch, value in parts.items():
-            self.log(f"train/loss_{branch}", value, on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"train/loss_{branch}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
