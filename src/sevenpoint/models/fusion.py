@@ -154,22 +154,32 @@ class FusionModel(nn.Module):
                                             ("clinic", self.clinic, clinic, has_clinic)):
             if branch is None or not bool(avail.any()):
                 continue
+            out.masks[name] = avail
+            if bool(avail.all()):  # the common case: no gather/scatter copies, memory format kept
+                logits, feats[name], maps = branch(images)
+                out.logits[name] = logits
+                out.attention.update({f"{name}.{key}": m for key, m in maps.items()})
+                continue
             idx = avail.nonzero().squeeze(1)
             logits, feat, maps = branch(images.index_select(0, idx))
             out.logits[name] = [_scatter(lg, idx, n) for lg in logits]
-            out.masks[name] = avail
             feats[name] = _scatter(feat, idx, n)
             for key, m in maps.items():
                 out.attention[f"{name}.{key}"] = _scatter(m, idx, n)
         both = has_derm & has_clinic
         if self.hybrid is not None and "derm" in feats and "clinic" in feats and bool(both.any()):
-            idx = both.nonzero().squeeze(1)
-            logits, maps = self.hybrid(feats["derm"].index_select(0, idx), feats["clinic"].index_select(0, idx),
-                                       meta.index_select(0, idx), has_meta.index_select(0, idx))
-            out.logits["hybrid"] = [_scatter(lg, idx, n) for lg in logits]
             out.masks["hybrid"] = both
-            for key, m in maps.items():
-                out.attention[f"hybrid.{key}"] = _scatter(m, idx, n)
+            if bool(both.all()):
+                logits, maps = self.hybrid(feats["derm"], feats["clinic"], meta, has_meta)
+                out.logits["hybrid"] = logits
+                out.attention.update({f"hybrid.{key}": m for key, m in maps.items()})
+            else:
+                idx = both.nonzero().squeeze(1)
+                logits, maps = self.hybrid(feats["derm"].index_select(0, idx), feats["clinic"].index_select(0, idx),
+                                           meta.index_select(0, idx), has_meta.index_select(0, idx))
+                out.logits["hybrid"] = [_scatter(lg, idx, n) for lg in logits]
+                for key, m in maps.items():
+                    out.attention[f"hybrid.{key}"] = _scatter(m, idx, n)
         out.probs = late_fusion(out)
         return out
 
