@@ -54,3 +54,21 @@ def test_bf16_and_fp32_evaluation_agree(tiny_run, synth_root, tmp_path):
     assert agree >= 0.99, agree
     assert abs(fp32["average_accuracy"] - bf16["average_accuracy"]) <= 0.02
     assert np.isfinite(bf16["average_accuracy"])
+
+
+def test_frozen_backend_matches_eager_and_handles_missing_inputs(tiny_run, synth_root):
+    from sevenpoint.data import Derm7pt
+    from sevenpoint.predict import Predictor
+
+    eager = Predictor.from_checkpoint(tiny_run["best_checkpoint"], precision="fp32")
+    frozen = Predictor.from_checkpoint(tiny_run["best_checkpoint"], precision="fp32", backend="frozen")
+    assert frozen.info["backend"] == "frozen"
+    cases = Derm7pt.load(synth_root).split_cases("test")[:3]
+    for case in cases:
+        for kwargs in ({"derm": case.derm, "clinic": case.clinic, "meta": case.raw_meta}, {"derm": case.derm}):
+            a, b = eager.predict(**kwargs), frozen.predict(**kwargs)
+            assert a.branches_used == b.branches_used
+            for name in a.tasks:
+                assert a.tasks[name].probabilities == pytest.approx(b.tasks[name].probabilities, abs=1e-4)
+    batch = frozen.predict_batch([{"derm": c.derm, "clinic": c.clinic, "meta": c.raw_meta} for c in cases])
+    assert len(batch) == 3  # a graph traced at batch 1 also runs larger batches

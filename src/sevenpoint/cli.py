@@ -216,7 +216,7 @@ def predict(
     heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for attention overlays (PNG).")] = None,
     batch: Annotated[Optional[Path], typer.Option(help="CSV with columns derm, clinic, sex, location, elevation.")] = None,
     precision: str = "auto",
-    backend: Annotated[str, typer.Option(help="torch | onnx (inferred from a .onnx file)")] = "torch",
+    backend: Annotated[str, typer.Option(help="torch (per-head maps) | frozen (fastest) | onnx (from .onnx)")] = "torch",
 ) -> None:
     """Predict one case (or a CSV batch): criteria, diagnosis, 7-point score, attention maps."""
     from .predict import Predictor, PredictError, save_heatmaps
@@ -263,7 +263,7 @@ def serve(
     port: int = 8000,
     max_upload_mb: float = 10.0,
     max_queue: Annotated[int, typer.Option(help="Predictions waiting at once; more get 503.")] = 64,
-    backend: Annotated[str, typer.Option(help="torch | onnx (inferred from a .onnx file)")] = "torch",
+    backend: Annotated[str, typer.Option(help="frozen (fastest on CPU) | torch | onnx (inferred from .onnx)")] = "frozen",
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
     if checkpoint is None:
@@ -308,13 +308,14 @@ def bench(
     out: Path = Path("bench"),
     compile: Annotated[bool, typer.Option(help="Also time torch.compile (minutes of compilation).")] = False,
     onnx: bool = True,
+    freeze: Annotated[bool, typer.Option(help="Also time the traced + frozen inference graph.")] = True,
     threads: Optional[int] = None,
 ) -> None:
     """Speed of every CPU path vs naive fp32 in one run: bench.json + bench.md in --out."""
     from .engine.bench import bench_table, run_bench
 
     r = run_bench(variant, size, backbone, batch=batch, repeats=repeats, compile=compile, onnx=onnx, out=out,
-                  threads=threads)
+                  threads=threads, freeze=freeze)
     console.print(bench_table(r), markup=False, highlight=False, soft_wrap=True)
     console.print(f"-> {out / 'bench.json'}")
 

@@ -21,7 +21,7 @@ from .config import config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor
 from .runtime import use_bf16, use_channels_last
-from .models import BRANCHES
+from .models import BRANCHES, freeze_for_inference
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta,
                      seven_point_score)
 
@@ -123,6 +123,26 @@ class _TorchBackend:
                 {k: v.sum(axis=1) for k, v in heads.items()}, heads)
 
 
+class _FrozenBackend:
+    """The traced + frozen graph (`freeze_for_inference`): the lowest-latency CPU path measured
+    (docs/PERFORMANCE.md). Gives aggregated attention maps only (no per-head maps)."""
+
+    def __init__(self, model: torch.nn.Module, cfg, precision: str) -> None:
+        self.bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
+        self.graph = freeze_for_inference(model, 1, cfg.data.image_size, cfg.model.meta_dim, self.bf16)
+        self.names = self.graph.attention_names
+
+    @torch.no_grad()
+    def __call__(self, derm, clinic, meta, has):
+        fmt = torch.channels_last
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            out = self.graph(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
+                             *(has[k].float() for k in ("derm", "clinic", "meta")))
+        n_tasks = len(TASKS)
+        attention = {k: v.float().numpy() for k, v in zip(self.names, out[n_tasks + 1:])}
+        return [p.float().numpy() for p in out[:n_tasks]], out[n_tasks].numpy() > 0.5, attention, {}
+
+
 class _OnnxBackend:
     """ONNX Runtime on an exported model (`sevenpoint export`): the fast CPU path for serving."""
 
@@ -159,12 +179,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto", backend: str = "torch") -> Predictor:
+        """`backend`: torch (eager, per-head attention maps), frozen (traced + frozen graph, fastest
+        at batch 1 on CPU, aggregated maps only) or onnx (an exported .onnx file)."""
         if backend == "onnx" or str(path).endswith(".onnx"):
             return cls.from_onnx(path)
-        if backend != "torch":
-            raise PredictError(f"backend {backend!r}: expected torch or onnx")
+        if backend not in ("torch", "frozen"):
+            raise PredictError(f"backend {backend!r}: expected torch, frozen or onnx")
         model, cfg, _ = load_model(path)
-        return cls(_TorchBackend(model, cfg, precision), cfg)
+        impl = _FrozenBackend(model, cfg, precision) if backend == "frozen" else _TorchBackend(model, cfg, precision)
+        return cls(impl, cfg)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike) -> Predictor:
@@ -175,7 +198,8 @@ class Predictor:
     def info(self) -> dict:
         m = self.cfg.model
         return {"variant": m.variant, "backbone": m.backbone, "attention": m.attention,
-                "image_size": self.size, "backend": "onnx" if isinstance(self.backend, _OnnxBackend) else "torch"}
+                "image_size": self.size,
+                "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch")}
 
     def preprocess(self, image: ImageInput | None, name: str) -> torch.Tensor | None:
         if image is None:

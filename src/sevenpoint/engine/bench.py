@@ -87,7 +87,8 @@ def _data_costs(size: int, n_images: int, workdir: Path) -> dict:
 
 def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xception", batch: int = 8,
               warmup: int = 2, repeats: int = 5, latency_runs: int = 20, compile: bool = False,
-              onnx: bool = True, out: str | Path | None = None, threads: int | None = None) -> dict:
+              onnx: bool = True, out: str | Path | None = None, threads: int | None = None,
+              freeze: bool = True) -> dict:
     if threads:
         torch.set_num_threads(threads)
     cfg = load_config(None, [f"model.variant={variant}", f"data.image_size={size}", f"model.backbone={backbone}",
@@ -164,6 +165,35 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         latency[f"torch {name}"] = {"p50": round(float(np.percentile(times, 50)), 2),
                                     "p95": round(float(np.percentile(times, 95)), 2)}
         del model
+    if freeze:  # traced + frozen DenseFusion under channels_last + bf16 (BN folded, oneDNN fusions)
+        from ..models import freeze_for_inference
+
+        use_bf16_freeze = paths[best_torch][1]
+        frozen_b = freeze_for_inference(copy.deepcopy(base), batch, size, meta_dim, use_bf16_freeze)
+        db, cb, mb = _inputs(batch, size, meta_dim, True)
+        flags = torch.ones(batch)
+
+        @torch.no_grad()
+        def frozen_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16_freeze, cache_enabled=False):
+                frozen_b(db, cb, mb, flags, flags, flags)
+
+        t = statistics.median(_timeit(frozen_step, warmup, repeats))
+        infer["frozen channels_last+bf16"] = {"compute_cases_per_s": round(batch / t, 3),
+                                              "cases_per_s": round(1 / (t / batch + fast_data_s), 3)}
+        frozen_1 = freeze_for_inference(copy.deepcopy(base), 1, size, meta_dim, use_bf16_freeze)
+        d1, c1, m1 = _inputs(1, size, meta_dim, True)
+        f1 = torch.ones(1)
+
+        @torch.no_grad()
+        def frozen_single():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16_freeze, cache_enabled=False):
+                frozen_1(d1, c1, m1, f1, f1, f1)
+
+        times = np.array(_timeit(frozen_single, warmup, latency_runs)) * 1000
+        latency["torch frozen channels_last+bf16"] = {"p50": round(float(np.percentile(times, 50)), 2),
+                                                      "p95": round(float(np.percentile(times, 95)), 2)}
+        del frozen_b, frozen_1
     if onnx:
         onnx_res = _onnx_bench(base, size, meta_dim, batch, warmup, repeats, latency_runs)
         infer["onnxruntime fp32"] = {"compute_cases_per_s": onnx_res["compute_cases_per_s"],
