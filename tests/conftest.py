@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +47,22 @@ def tiny_run(synth_root, tmp_path_factory) -> dict:
     summary["run_dir"] = out / "run"
     summary["cache_dir"] = out / "cache"
     return summary
+
+
+def start_server(checkpoint, *extra) -> tuple[subprocess.Popen, str]:
+    """`sevenpoint serve` on a free loopback port; returns (process, base URL) once /health answers."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sevenpoint.cli", "serve", "--checkpoint", str(checkpoint),
+                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(240):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}"
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("server did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])

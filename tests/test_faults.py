@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from sevenpoint.checkpoint import read_checkpoint
+from conftest import start_server
+
 from sevenpoint.data import Derm7pt, make_synthetic
 
 CLI = [sys.executable, "-m", "sevenpoint.cli"]
@@ -58,31 +60,11 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(slow_data, tmp_path):
     assert float(ba) == pytest.approx(float(bb))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(checkpoint, *extra):
-    port = _free_port()
-    proc = subprocess.Popen([*CLI, "serve", "--checkpoint", str(checkpoint), "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for _ in range(240):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}"
-        except httpx.HTTPError:
-            time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
 def test_server_holds_50_concurrent_requests(tiny_run, synth_root):
     from sevenpoint.web.loadtest import run_load
 
     case = Derm7pt.load(synth_root).split_cases("test")[0]
-    proc, url = _serve(tiny_run["best_checkpoint"])
+    proc, url = start_server(tiny_run["best_checkpoint"])
     try:
         stats = run_load(url, case.derm, case.clinic, requests=50, concurrency=50)
         print(f"\nload: {stats}")
@@ -98,7 +80,7 @@ def test_queue_limit_gives_503_not_a_crash(tiny_run, synth_root):
     from sevenpoint.web.loadtest import run_load
 
     case = Derm7pt.load(synth_root).split_cases("test")[0]
-    proc, url = _serve(tiny_run["best_checkpoint"], "--max-queue", "2")
+    proc, url = start_server(tiny_run["best_checkpoint"], "--max-queue", "2")
     try:
         stats = run_load(url, case.derm, case.clinic, requests=30, concurrency=30)
         assert stats["errors"] == 0 and stats["rejected_503"] > 0 and stats["status_counts"].get("200", 0) >= 2
@@ -109,7 +91,7 @@ def test_queue_limit_gives_503_not_a_crash(tiny_run, synth_root):
 
 
 def test_oversize_body_rejected_before_it_is_read(tiny_run):
-    proc, url = _serve(tiny_run["best_checkpoint"], "--max-upload-mb", "1")
+    proc, url = start_server(tiny_run["best_checkpoint"], "--max-upload-mb", "1")
     try:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:

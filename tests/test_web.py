@@ -1,16 +1,16 @@
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+
+from conftest import start_server
 
 from sevenpoint.data import Derm7pt
 from sevenpoint.predict import Predictor
@@ -103,12 +103,6 @@ def test_serve_without_checkpoint_says_how_to_get_one():
     assert proc.returncode != 0 and "sevenpoint demo" in (proc.stderr + proc.stdout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chromium() -> tuple[str, str] | None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver = shutil.which("chromedriver")
@@ -126,21 +120,8 @@ def test_browser_upload_and_result(tiny_run, synth_root):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sevenpoint.cli", "serve", "--checkpoint",
-                               str(tiny_run["best_checkpoint"]), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server, url = start_server(tiny_run["best_checkpoint"])
     try:
-        import httpx
-
-        for _ in range(120):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        else:
-            pytest.fail("server did not start: " + server.stdout.read1().decode(errors="replace"))
         options = webdriver.ChromeOptions()
         options.binary_location = found[0]
         for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -152,7 +133,7 @@ def test_browser_upload_and_result(tiny_run, synth_root):
             pytest.skip(f"Chromium could not start here: {exc}")
         try:
             case = Derm7pt.load(synth_root).split_cases("test")[0]
-            driver.get(f"http://127.0.0.1:{port}/")
+            driver.get(f"{url}/")
             assert "not a medical device" in driver.find_element(By.ID, "notice").text
             driver.find_element(By.ID, "derm").send_keys(str(case.derm))
             if case.clinic:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,12 +71,6 @@ def _seeds(seed: int, seeds: str | None) -> list[int]:
         return [int(s) for s in seeds.replace(",", " ").split()]
     except ValueError:
         raise typer.BadParameter(f"--seeds {seeds!r}: expected integers, e.g. --seeds 0 1 2") from None
-
-
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 @app.command()
@@ -154,7 +147,9 @@ def train(
                       f"({summary['epochs_run']} epochs, {summary['train_seconds']} s) -> {summary['best_checkpoint']}")
     if len(results) > 1:
         vals = [100 * r["best_val_avg_acc"] for r in results]
-        console.print(f"validation average accuracy over seeds {seed_list}: {_mean_sd(vals)} %")
+        from .engine.report import mean_sd
+
+        console.print(f"validation average accuracy over seeds {seed_list}: {mean_sd(vals)} %")
         (out / "seeds_summary.json").write_text(json.dumps({"seeds": seed_list, "best_val_avg_acc": vals}, indent=2))
 
 

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from pathlib import Path
 
 from ..config import load_config
 from .evaluate import evaluate
-from .report import PAPER_ABLATIONS
+from .report import PAPER_ABLATIONS, mean_sd
 from .train import train
 
 VARIANTS = ("DIM", "CIM", "DCIHMM")
-
-
-def _cell(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: str | None, overrides: list[str],
@@ -42,16 +35,16 @@ def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: st
     lines = [f"# Ablations (seeds {seeds}; test average accuracy %, mean ± sd over seeds)", "",
              "## Modality (with soft attention)", "", "| model | ours | paper |", "|---|---:|---:|"]
     for v in VARIANTS:
-        lines.append(f"| {v} | {_cell(results[v]['test_avg_acc'])} | {PAPER_ABLATIONS['modality'][v]:.2f} |")
+        lines.append(f"| {v} | {mean_sd(results[v]['test_avg_acc'])} | {PAPER_ABLATIONS['modality'][v]:.2f} |")
     lines += ["", "## Soft attention (DCIHMM)", "", "| model | ours | paper |", "|---|---:|---:|",
-              f"| with soft attention | {_cell(results['DCIHMM']['test_avg_acc'])} | "
+              f"| with soft attention | {mean_sd(results['DCIHMM']['test_avg_acc'])} | "
               f"{PAPER_ABLATIONS['attention']['with soft attention']:.2f} |",
-              f"| without soft attention | {_cell(results['DCIHMM-noSA']['test_avg_acc'])} | "
+              f"| without soft attention | {mean_sd(results['DCIHMM-noSA']['test_avg_acc'])} | "
               f"{PAPER_ABLATIONS['attention']['without soft attention']:.2f} |",
               "", "All variants, with and without attention:", "", "| run | val avg acc | test avg acc |",
               "|---|---:|---:|"]
     for key, r in results.items():
-        lines.append(f"| {key} | {_cell(r['val_avg_acc'])} | {_cell(r['test_avg_acc'])} |")
+        lines.append(f"| {key} | {mean_sd(r['val_avg_acc'])} | {mean_sd(r['test_avg_acc'])} |")
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
     (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "results": results}, indent=2))

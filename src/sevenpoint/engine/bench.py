@@ -144,8 +144,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         inf_s = statistics.median(_timeit(infer_step, warmup, repeats))
         infer[name] = {"compute_cases_per_s": round(batch / inf_s, 3),
                        "cases_per_s": round(1 / (inf_s / batch + (naive_data_s if name == "fp32 (naive)" else fast_data_s)), 3)}
-        del model, run_model, opt
-        gc.collect()
+        gc.collect()  # the previous path's model copy is released when the names are rebound
 
     latency: dict = {}
     best_torch = max((k for k in infer if k != "fp32 (naive)"), key=lambda k: infer[k]["compute_cases_per_s"])
@@ -164,7 +163,6 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         times = np.array(_timeit(single, warmup, latency_runs)) * 1000
         latency[f"torch {name}"] = {"p50": round(float(np.percentile(times, 50)), 2),
                                     "p95": round(float(np.percentile(times, 95)), 2)}
-        del model
     if freeze:  # traced + frozen DenseFusion under channels_last + bf16 (BN folded, oneDNN fusions)
         from ..models import freeze_for_inference
 

@@ -16,10 +16,10 @@ from ..checkpoint import load_model
 from ..data import Derm7pt, Derm7ptDataset
 from ..data.transforms import tta_views
 from ..models import FusionModel
-from ..schema import PAPER_ORDER, TASKS
+from ..schema import TASKS
 from .metrics import apply_temperature, compute_metrics, ece, fit_temperature
 from .module import forward_batch
-from .report import PUBLISHED, plot_confusion, plot_roc, write_report
+from .report import plot_confusion, plot_roc, write_report
 from ..runtime import use_bf16, use_channels_last
 from .train import make_cache
 

@@ -29,6 +29,15 @@ PAPER_ABLATIONS = {
 }
 
 
+def mean_sd(values: list[float]) -> str:
+    """'m' for one value, 'm ± sd' (sample sd) for several."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
