@@ -25,29 +25,37 @@ def example_inputs(n: int, size: int, meta_dim: int, seed: int = 0) -> tuple[tor
             meta, flags, flags.clone(), flags.clone())
 
 
-def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, opset: int = 17) -> dict:
-    """Write the ONNX graph; the run config is stored in its metadata so `Predictor` can use it alone."""
-    model, cfg, _ = load_model(checkpoint)
+def export_model(model: torch.nn.Module, path: str | os.PathLike, size: int, meta_dim: int, opset: int = 17,
+                 metadata: dict[str, str] | None = None) -> list[str]:
+    """Export `DenseFusion(model)` (dynamic batch) to `path` atomically; returns the output names."""
     dense = DenseFusion(model).eval()
-    inputs = example_inputs(2, cfg.data.image_size, cfg.model.meta_dim)
+    inputs = example_inputs(2, size, meta_dim)
     with torch.no_grad():
         dense(*inputs)  # fills attention_names
     outputs = [f"prob_{t}" for t in TASK_NAMES] + ["branches_used"] + [f"attention_{n}" for n in dense.attention_names]
     dynamic = {name: {0: "batch"} for name in INPUT_NAMES + outputs}
-    onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = onnx_path.with_suffix(".onnx.tmp")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".onnx.tmp")
     torch.onnx.export(dense, inputs, str(tmp), input_names=INPUT_NAMES, output_names=outputs,
                       dynamic_axes=dynamic, opset_version=opset, dynamo=False)
-    import onnx
+    if metadata:
+        import onnx
 
-    proto = onnx.load(str(tmp))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "sevenpoint_config", json.dumps(cfg.to_dict())
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "sevenpoint_attention", json.dumps(dense.attention_names)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, onnx_path)
+        proto = onnx.load(str(tmp))
+        for key, value in {**metadata, "sevenpoint_attention": json.dumps(dense.attention_names)}.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return outputs
+
+
+def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, opset: int = 17) -> dict:
+    """Write the ONNX graph; the run config is stored in its metadata so `Predictor` can use it alone."""
+    model, cfg, _ = load_model(checkpoint)
+    outputs = export_model(model, onnx_path, cfg.data.image_size, cfg.model.meta_dim, opset,
+                           metadata={"sevenpoint_config": json.dumps(cfg.to_dict())})
     return {"onnx": str(onnx_path), "outputs": outputs}
 
 

@@ -224,19 +224,11 @@ def _onnx_bench(model: FusionModel, size: int, meta_dim: int, batch: int, warmup
                 latency_runs: int) -> dict:
     import onnxruntime as ort
 
-    from ..models import DenseFusion
+    from ..export import export_model
 
-    dense = DenseFusion(copy.deepcopy(model)).eval()
-    names = ["derm", "clinic", "meta", "has_derm", "has_clinic", "has_meta"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
-        derm, clinic, meta = _inputs(2, size, meta_dim, False)
-        flags = torch.ones(2)
-        with torch.no_grad():
-            n_out = len(dense(derm, clinic, meta, flags, flags, flags))
-        torch.onnx.export(dense, (derm, clinic, meta, flags, flags, flags), str(path), input_names=names,
-                          output_names=[f"o{i}" for i in range(n_out)], opset_version=17, dynamo=False,
-                          dynamic_axes={k: {0: "n"} for k in names})
+        export_model(copy.deepcopy(model), path, size, meta_dim)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
