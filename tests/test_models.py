@@ -221,3 +221,26 @@ def test_mismatched_xception_checkpoint_names_the_tensors(tmp_path):
     torch.save({"something.else": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointMismatch, match="no tensor matches"):
         load_legacy_xception(net, tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("backbone", ["xception_tiny", "efficientnet_lite0"])
+def test_freeze_blocks_fixes_early_weights_and_bn_statistics(backbone):
+    cfg = tiny_cfg(backbone=backbone, image_size=64, pretrained=False, variant="DIM", freeze_blocks=2)
+    model = FusionModel(cfg).train()
+    net = model.derm.backbone
+    frozen = {id(p) for layer in net.early_layers(2) for p in layer.parameters()}
+    stats = {k: b for k, b in net.named_buffers() if k.endswith("running_mean")}
+    stats_before = {k: b.clone() for k, b in stats.items()}
+    derm, clinic, meta = batch(size=64)
+    loss, _ = multitask_loss(model(derm, clinic, meta), torch.zeros(4, 8, dtype=torch.long))
+    loss.backward()
+    changed = {k for k, b in stats.items() if not torch.equal(stats_before[k], b)}
+    frozen_buffers = {id(b) for layer in net.early_layers(2) for b in layer.buffers()}
+    frozen_bn = {k for k, b in stats.items() if id(b) in frozen_buffers}
+    assert frozen_bn and not (changed & frozen_bn)  # frozen BN layers kept their statistics
+    assert changed - frozen_bn  # later BN layers still learn theirs
+    for p in net.parameters():
+        assert (p.grad is None) == (id(p) in frozen)  # no gradient exactly for the frozen layers
+    assert model.training and all(not layer.training for layer in net.early_layers(2))
+    with pytest.raises(ValueError, match="freeze_blocks=99"):
+        FusionModel(dataclasses.replace(cfg, freeze_blocks=99))

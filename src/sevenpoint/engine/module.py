@@ -72,6 +72,8 @@ class SevenPointModule(L.LightningModule):
         tc = self.cfg.train
         backbone, rest = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue  # frozen early backbone layers (model.freeze_blocks)
             (backbone if ".backbone." in f".{name}" else rest).append(p)
         groups = [{"params": rest, "lr": tc.lr}]
         if backbone:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -190,6 +191,8 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         deterministic=cfg.train.deterministic, log_every_n_steps=1,
         limit_train_batches=cfg.train.limit_train_batches,
     )
+    if cfg.model.freeze_blocks:  # frozen early layers are in eval mode on purpose (BN statistics kept)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     start = time.perf_counter()
     trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
     elapsed = time.perf_counter() - start

@@ -14,6 +14,12 @@ BACKBONES = ("xception", "xception_tiny", *LITE_VARIANTS)
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
+    net = _build(cfg)
+    net.freeze_early(cfg.freeze_blocks)
+    return net
+
+
+def _build(cfg: ModelConfig) -> nn.Module:
     if cfg.backbone in ("xception", "xception_tiny"):
         spec = XCEPTION_PAPER if cfg.backbone == "xception" else XCEPTION_TINY
         if cfg.backbone == "xception" and cfg.attention_heads != spec.attention_heads:

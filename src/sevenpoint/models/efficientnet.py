@@ -15,6 +15,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
 from .attention import SoftAttention
+from .freeze import EarlyFreeze
 
 LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 NATIVE_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -38,7 +39,7 @@ def build_lite(name: str, image_size: int, pretrained: bool = True) -> Efficient
     return net
 
 
-class EfficientNetLiteBackbone(nn.Module):
+class EfficientNetLiteBackbone(EarlyFreeze, nn.Module):
     """Same interface as `ModifiedXception`: `num_features` and `forward_features`."""
 
     def __init__(self, name: str = "efficientnet_lite0", image_size: int = 224, pretrained: bool = True,
@@ -48,6 +49,10 @@ class EfficientNetLiteBackbone(nn.Module):
         self.net._fc = nn.Identity()  # the ImageNet classifier is not used
         self.num_features = self.net._bn1.num_features  # 1280
         self.exit_attention = SoftAttention(self.num_features, attention_heads) if attention else None
+
+    def early_layers(self, n_blocks: int) -> list[nn.Module]:
+        """The stem and the first `n_blocks` MBConv blocks, in forward order."""
+        return [self.net._conv_stem, self.net._bn0, *self.net._blocks[:n_blocks]]
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         maps: dict[str, torch.Tensor] = {}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .attention import SoftAttention
+from .freeze import EarlyFreeze
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class Block(nn.Module):
         return self.rep(x) + shortcut
 
 
-class ModifiedXception(nn.Module):
+class ModifiedXception(EarlyFreeze, nn.Module):
     """Backbone interface: `num_features`, `forward_features(x) -> (features, {name: maps})`.
 
     At 299 px: stem 147x147, entry flow 19x19 x 728, middle flow 19x19 (soft attention here),
@@ -133,6 +134,11 @@ class ModifiedXception(nn.Module):
         self._tail = tail
         self.exit_attention = SoftAttention(c, spec.attention_heads) if attention else None
         self.num_features = c
+
+    def early_layers(self, n_blocks: int) -> list[nn.Module]:
+        """The stem and the first `n_blocks` blocks (entry flow first), in forward order."""
+        blocks = [*self.flows["entry"], *self.flows["middle"], *self.flows["exit"]]
+        return [self.conv1, self.bn1, self.conv2, self.bn2, *blocks[:n_blocks]]
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         maps: dict[str, torch.Tensor] = {}
