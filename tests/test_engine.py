@@ -155,3 +155,18 @@ def test_ablate_writes_both_paper_tables(synth_root, tmp_path):
     assert set(saved["results"]) == {"DIM", "DIM-noSA", "CIM", "CIM-noSA", "DCIHMM", "DCIHMM-noSA"}
     # every run was evaluated on test from its own best-on-validation checkpoint
     assert (tmp_path / "abl" / "CIM-noSA" / "seed0" / "eval-test" / "metrics.json").is_file()
+
+
+def test_ablate_reuses_finished_runs_and_runs_a_subset(synth_root, tmp_path):
+    from sevenpoint.engine.ablate import run_ablation
+
+    args = (synth_root, tmp_path / "abl", "tiny", ["train.epochs=1", f"data.cache_dir={tmp_path / 'c'}"])
+    first = run_ablation(*args, seeds=[0], progress=False, runs=["DIM"])
+    run = tmp_path / "abl" / "DIM" / "seed0"
+    stamp = (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+    assert "| DIM |" in first and "| CIM | – |" in first  # only the requested run
+    again = run_ablation(*args, seeds=[0], progress=False, runs=["DIM"])
+    assert again == first  # same numbers, read back from the finished run
+    assert (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns == stamp  # not retrained
+    with pytest.raises(ValueError, match="DIMM"):
+        run_ablation(*args, seeds=[0], progress=False, runs=["DIMM"])

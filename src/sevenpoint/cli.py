@@ -182,12 +182,22 @@ def ablate(
     seed: int = 0,
     seeds: Optional[str] = None,
     tta: str = "none",
+    runs: Annotated[Optional[str], typer.Option(
+        help="Comma-separated subset of DIM,DIM-noSA,CIM,CIM-noSA,DCIHMM,DCIHMM-noSA (default: all).")] = None,
     progress: bool = True,
 ) -> None:
-    """Train + evaluate DIM, CIM, DCIHMM with and without soft attention; write the paper's two tables."""
-    from .engine.ablate import run_ablation
+    """Train + evaluate DIM, CIM, DCIHMM with and without soft attention; write the paper's two tables.
 
-    text = run_ablation(data, out, config, overrides or [], _seeds(seed, seeds), tta=tta, progress=progress)
+    Finished runs under --out are reused and interrupted ones resumed, so it can be re-run to continue.
+    """
+    from .engine.ablate import RUNS, run_ablation
+
+    picked = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+    unknown = sorted(set(picked or []) - set(RUNS))
+    if unknown:
+        raise typer.BadParameter(f"unknown run(s) {', '.join(unknown)} (have: {', '.join(RUNS)})", param_hint="--runs")
+    text = run_ablation(data, out, config, overrides or [], _seeds(seed, seeds), tta=tta, progress=progress,
+                        runs=picked)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -1,4 +1,8 @@
-"""`run_ablation()`: DIM / CIM / DCIHMM x soft attention on/off, trained and tested from one config."""
+"""`run_ablation()`: DIM / CIM / DCIHMM x soft attention on/off, trained and tested from one config.
+
+Resumable: a (variant, seed) folder that already holds a finished run is reused, one with only
+`checkpoints/last.ckpt` is resumed, so a long ablation can span several sessions.
+"""
 
 from __future__ import annotations
 
@@ -12,40 +16,65 @@ from .report import PAPER_ABLATIONS, mean_sd
 from .train import train
 
 VARIANTS = ("DIM", "CIM", "DCIHMM")
+RUNS = tuple(f"{v}{suffix}" for v in VARIANTS for suffix in ("", "-noSA"))
+
+
+def _train_and_test(cfg, data_dir, run_dir: Path, tta: str, progress: bool) -> tuple[float, float]:
+    """(best validation, test) average accuracy in %, reusing whatever `run_dir` already holds."""
+    summary_file, metrics_file = run_dir / "train_summary.json", run_dir / "eval-test" / "metrics.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+    else:
+        resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+        summary = train(cfg, data_dir, run_dir, resume=resume, progress=progress)
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+    else:
+        metrics = evaluate(summary["best_checkpoint"], data_dir, metrics_file.parent, split="test", tta=tta,
+                           progress=progress)
+    return 100 * summary["best_val_avg_acc"], 100 * metrics["average_accuracy"]
+
+
+def _cell(results: dict, key: str) -> str:
+    return mean_sd(results[key]["test_avg_acc"]) if key in results else "–"
 
 
 def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: str | None, overrides: list[str],
-                 seeds: list[int], tta: str = "none", progress: bool = True) -> str:
-    """Train and test-evaluate every (variant, attention, seed); write ablation.md and ablation.json."""
+                 seeds: list[int], tta: str = "none", progress: bool = True,
+                 runs: list[str] | None = None) -> str:
+    """Train and test-evaluate every (run, seed); write ablation.md and ablation.json.
+
+    `runs` picks among DIM, DIM-noSA, CIM, CIM-noSA, DCIHMM, DCIHMM-noSA (default: all).
+    """
     out = Path(out)
+    runs = list(runs or RUNS)
+    unknown = sorted(set(runs) - set(RUNS))
+    if unknown:
+        raise ValueError(f"unknown ablation run(s) {', '.join(unknown)} (have: {', '.join(RUNS)})")
     results: dict[str, dict[str, list[float]]] = {}
-    for variant in VARIANTS:
-        for attention in (True, False):
-            key = f"{variant}{'' if attention else '-noSA'}"
-            for seed in seeds:
-                cfg = load_config(config, [*overrides, f"model.variant={variant}", f"model.attention={attention}"],
-                                  seed=seed)
-                run_dir = out / key / f"seed{seed}"
-                summary = train(cfg, data_dir, run_dir, progress=progress)
-                metrics = evaluate(summary["best_checkpoint"], data_dir, run_dir / "eval-test", split="test",
-                                   tta=tta, progress=progress)
-                results.setdefault(key, {"test_avg_acc": [], "val_avg_acc": []})
-                results[key]["test_avg_acc"].append(100 * metrics["average_accuracy"])
-                results[key]["val_avg_acc"].append(100 * summary["best_val_avg_acc"])
+    for key in [k for k in RUNS if k in runs]:
+        variant, attention = key.removesuffix("-noSA"), not key.endswith("-noSA")
+        for seed in seeds:
+            cfg = load_config(config, [*overrides, f"model.variant={variant}", f"model.attention={attention}"],
+                              seed=seed)
+            val, test = _train_and_test(cfg, data_dir, out / key / f"seed{seed}", tta, progress)
+            results.setdefault(key, {"test_avg_acc": [], "val_avg_acc": []})
+            results[key]["val_avg_acc"].append(val)
+            results[key]["test_avg_acc"].append(test)
     lines = [f"# Ablations (seeds {seeds}; test average accuracy %, mean ± sd over seeds)", "",
              "## Modality (with soft attention)", "", "| model | ours | paper |", "|---|---:|---:|"]
     for v in VARIANTS:
-        lines.append(f"| {v} | {mean_sd(results[v]['test_avg_acc'])} | {PAPER_ABLATIONS['modality'][v]:.2f} |")
+        lines.append(f"| {v} | {_cell(results, v)} | {PAPER_ABLATIONS['modality'][v]:.2f} |")
     lines += ["", "## Soft attention (DCIHMM)", "", "| model | ours | paper |", "|---|---:|---:|",
-              f"| with soft attention | {mean_sd(results['DCIHMM']['test_avg_acc'])} | "
+              f"| with soft attention | {_cell(results, 'DCIHMM')} | "
               f"{PAPER_ABLATIONS['attention']['with soft attention']:.2f} |",
-              f"| without soft attention | {mean_sd(results['DCIHMM-noSA']['test_avg_acc'])} | "
+              f"| without soft attention | {_cell(results, 'DCIHMM-noSA')} | "
               f"{PAPER_ABLATIONS['attention']['without soft attention']:.2f} |",
-              "", "All variants, with and without attention:", "", "| run | val avg acc | test avg acc |",
-              "|---|---:|---:|"]
+              "", "Every run:", "", "| run | val avg acc | test avg acc |", "|---|---:|---:|"]
     for key, r in results.items():
         lines.append(f"| {key} | {mean_sd(r['val_avg_acc'])} | {mean_sd(r['test_avg_acc'])} |")
     text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
     (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "results": results}, indent=2))
     return text
