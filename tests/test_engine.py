@@ -161,11 +161,15 @@ def test_ablate_reuses_finished_runs_and_runs_a_subset(synth_root, tmp_path):
     from sevenpoint.engine.ablate import run_ablation
 
     args = (synth_root, tmp_path / "abl", "tiny", ["train.epochs=1", f"data.cache_dir={tmp_path / 'c'}"])
-    first = run_ablation(*args, seeds=[0], progress=False, runs=["DIM"])
+    first = run_ablation(*args, seeds=[0], progress=False, runs=["DIM"], tta="select")
     run = tmp_path / "abl" / "DIM" / "seed0"
+    valid = {m: json.loads((run / f"eval-valid-{m}" / "metrics.json").read_text())["average_accuracy"]
+             for m in ("none", "flip")}
+    chosen = json.loads((run / "eval-test" / "metrics.json").read_text())["tta"]
+    assert chosen == ("flip" if valid["flip"] > valid["none"] else "none")  # TTA picked on validation
     stamp = (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns
     assert "| DIM |" in first and "| CIM | – |" in first  # only the requested run
-    again = run_ablation(*args, seeds=[0], progress=False, runs=["DIM"])
+    again = run_ablation(*args, seeds=[0], progress=False, runs=["DIM"], tta="select")
     assert again == first  # same numbers, read back from the finished run
     assert (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns == stamp  # not retrained
     with pytest.raises(ValueError, match="DIMM"):

@@ -181,7 +181,7 @@ def ablate(
     config: Optional[str] = None,
     seed: int = 0,
     seeds: Optional[str] = None,
-    tta: str = "none",
+    tta: Annotated[str, typer.Option(help="none | flip | flip_rot | select (per run, on validation)")] = "none",
     runs: Annotated[Optional[str], typer.Option(
         help="Comma-separated subset of DIM,DIM-noSA,CIM,CIM-noSA,DCIHMM,DCIHMM-noSA (default: all).")] = None,
     progress: bool = True,
