@@ -105,3 +105,19 @@ def test_onnx_export_parity_and_onnx_predictor(tiny_run, synth_root, tmp_path):
         for name in TASK_NAMES:
             assert a.tasks[name].probabilities == pytest.approx(b.tasks[name].probabilities, abs=1e-4)
         assert set(b.attention) == set(a.attention)
+
+
+def test_demo_runs_end_to_end_and_resumes_into_the_same_folder(tmp_path):
+    out = tmp_path / "demo"
+    first = run("demo", "--out", out, "--cases", 60, "--epochs", 1, "--no-progress").stdout
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "test average accuracy"):
+        assert step in first
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and 0.0 <= metrics["average_accuracy"] <= 1.0
+    result = json.loads((out / "predict" / "result.json").read_text())
+    assert list(result["tasks"]) == list(TASK_NAMES)
+    predicted = {name: t["predicted_index"] for name, t in result["tasks"].items()}
+    assert result["seven_point_score"] == seven_point_score(predicted)
+    assert list((out / "predict").glob("*.png"))  # attention overlays
+    again = run("demo", "--out", out, "--cases", 60, "--epochs", 1, "--no-progress").stdout
+    assert "[4/4]" in again  # a second run reuses the finished training instead of failing on the folder
