@@ -172,5 +172,8 @@ def test_ablate_reuses_finished_runs_and_runs_a_subset(synth_root, tmp_path):
     again = run_ablation(*args, seeds=[0], progress=False, runs=["DIM"], tta="select")
     assert again == first  # same numbers, read back from the finished run
     assert (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns == stamp  # not retrained
+    report = run_ablation(*args, seeds=[0, 1], progress=False, runs=["DIM", "CIM"], report_only=True)
+    assert "| DIM | 0 |" in report and "| CIM | – |" in report  # finished runs only
+    assert not (tmp_path / "abl" / "DIM" / "seed1").exists() and not (tmp_path / "abl" / "CIM").exists()
     with pytest.raises(ValueError, match="DIMM"):
         run_ablation(*args, seeds=[0], progress=False, runs=["DIMM"])

@@ -184,6 +184,7 @@ def ablate(
     tta: Annotated[str, typer.Option(help="none | flip | flip_rot | select (per run, on validation)")] = "none",
     runs: Annotated[Optional[str], typer.Option(
         help="Comma-separated subset of DIM,DIM-noSA,CIM,CIM-noSA,DCIHMM,DCIHMM-noSA (default: all).")] = None,
+    report_only: Annotated[bool, typer.Option(help="Train nothing: tables from the runs already finished.")] = False,
     progress: bool = True,
 ) -> None:
     """Train + evaluate DIM, CIM, DCIHMM with and without soft attention; write the paper's two tables.
@@ -197,7 +198,7 @@ def ablate(
     if unknown:
         raise typer.BadParameter(f"unknown run(s) {', '.join(unknown)} (have: {', '.join(RUNS)})", param_hint="--runs")
     text = run_ablation(data, out, config, overrides or [], _seeds(seed, seeds), tta=tta, progress=progress,
-                        runs=picked)
+                        runs=picked, report_only=report_only)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

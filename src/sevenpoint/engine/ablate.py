@@ -20,6 +20,10 @@ SELECTABLE_TTA = ("none", "flip")  # tta="select" picks one of these per run, on
 RUNS = tuple(f"{v}{suffix}" for v in VARIANTS for suffix in ("", "-noSA"))
 
 
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "train_summary.json").is_file() and (run_dir / "eval-test" / "metrics.json").is_file()
+
+
 def _train_and_test(cfg, data_dir, run_dir: Path, tta: str, progress: bool) -> tuple[float, float]:
     """(best validation, test) average accuracy in %, reusing whatever `run_dir` already holds."""
     summary_file, metrics_file = run_dir / "train_summary.json", run_dir / "eval-test" / "metrics.json"
@@ -56,7 +60,7 @@ def _cell(results: dict, key: str) -> str:
 
 def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: str | None, overrides: list[str],
                  seeds: list[int], tta: str = "none", progress: bool = True,
-                 runs: list[str] | None = None) -> str:
+                 runs: list[str] | None = None, report_only: bool = False) -> str:
     """Train and test-evaluate every (run, seed); write ablation.md and ablation.json.
 
     `runs` picks among DIM, DIM-noSA, CIM, CIM-noSA, DCIHMM, DCIHMM-noSA (default: all). `tta` is a
@@ -71,10 +75,14 @@ def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: st
     for key in [k for k in RUNS if k in runs]:
         variant, attention = key.removesuffix("-noSA"), not key.endswith("-noSA")
         for seed in seeds:
+            run_dir = out / key / f"seed{seed}"
+            if report_only and not _finished(run_dir):
+                continue
             cfg = load_config(config, [*overrides, f"model.variant={variant}", f"model.attention={attention}"],
                               seed=seed)
-            val, test = _train_and_test(cfg, data_dir, out / key / f"seed{seed}", tta, progress)
-            results.setdefault(key, {"test_avg_acc": [], "val_avg_acc": []})
+            val, test = _train_and_test(cfg, data_dir, run_dir, tta, progress)
+            results.setdefault(key, {"seeds": [], "test_avg_acc": [], "val_avg_acc": []})
+            results[key]["seeds"].append(seed)
             results[key]["val_avg_acc"].append(val)
             results[key]["test_avg_acc"].append(test)
     lines = [f"# Ablations (seeds {seeds}; test average accuracy %, mean ± sd over seeds)", "",
@@ -86,9 +94,11 @@ def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: st
               f"{PAPER_ABLATIONS['attention']['with soft attention']:.2f} |",
               f"| without soft attention | {_cell(results, 'DCIHMM-noSA')} | "
               f"{PAPER_ABLATIONS['attention']['without soft attention']:.2f} |",
-              "", "Every run:", "", "| run | val avg acc | test avg acc |", "|---|---:|---:|"]
+              "", "Every run (best validation / test average accuracy, %):", "",
+              "| run | seeds | val avg acc | test avg acc |", "|---|---|---:|---:|"]
     for key, r in results.items():
-        lines.append(f"| {key} | {mean_sd(r['val_avg_acc'])} | {mean_sd(r['test_avg_acc'])} |")
+        seeds_done = " ".join(map(str, r["seeds"]))
+        lines.append(f"| {key} | {seeds_done} | {mean_sd(r['val_avg_acc'])} | {mean_sd(r['test_avg_acc'])} |")
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
