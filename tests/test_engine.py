@@ -177,3 +177,6 @@ def test_ablate_reuses_finished_runs_and_runs_a_subset(synth_root, tmp_path):
     assert not (tmp_path / "abl" / "DIM" / "seed1").exists() and not (tmp_path / "abl" / "CIM").exists()
     with pytest.raises(ValueError, match="DIMM"):
         run_ablation(*args, seeds=[0], progress=False, runs=["DIMM"])
+    changed = (*args[:3], [*args[3], "train.lr=0.5"])
+    with pytest.raises(ValueError, match=r"train\.lr: 0\.003 there, 0\.5 asked"):
+        run_ablation(*changed, seeds=[0], progress=False, runs=["DIM"])  # never mixes two configs in one table

@@ -6,11 +6,14 @@ Resumable: a (variant, seed) folder that already holds a finished run is reused,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
-from ..config import load_config
+import yaml
+
+from ..config import RunConfig, config_from_dict, load_config
 from .evaluate import evaluate
 from .report import PAPER_ABLATIONS, mean_sd
 from .train import train
@@ -24,8 +27,28 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "train_summary.json").is_file() and (run_dir / "eval-test" / "metrics.json").is_file()
 
 
+def _recipe(cfg: RunConfig) -> RunConfig:
+    """What decides a run's result: the config without where the cache lives or how many loader workers."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=None, num_workers=0))
+
+
+def _check_same_recipe(cfg: RunConfig, run_dir: Path) -> None:
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = config_from_dict(yaml.safe_load(saved_file.read_text()))
+    if _recipe(saved) != _recipe(cfg):
+        a, b = _recipe(saved).to_dict(), _recipe(cfg).to_dict()
+        diff = [f"{sec}.{k}: {a[sec][k]!r} there, {b[sec][k]!r} asked" for sec in ("data", "model", "train")
+                for k in a[sec] if a[sec][k] != b[sec][k]]
+        diff += [f"seed: {a['seed']} there, {b['seed']} asked"] if a["seed"] != b["seed"] else []
+        raise ValueError(f"{run_dir}: holds a run with another config ({'; '.join(diff)}); "
+                         "use another --out to compare configs")
+
+
 def _train_and_test(cfg, data_dir, run_dir: Path, tta: str, progress: bool) -> tuple[float, float]:
     """(best validation, test) average accuracy in %, reusing whatever `run_dir` already holds."""
+    _check_same_recipe(cfg, run_dir)
     summary_file, metrics_file = run_dir / "train_summary.json", run_dir / "eval-test" / "metrics.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
