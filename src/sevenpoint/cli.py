@@ -191,12 +191,13 @@ def ablate(
 
     Finished runs under --out are reused and interrupted ones resumed, so it can be re-run to continue.
     """
-    from .engine.ablate import RUNS, run_ablation
+    from .engine.ablate import check_runs, run_ablation
 
     picked = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
-    unknown = sorted(set(picked or []) - set(RUNS))
-    if unknown:
-        raise typer.BadParameter(f"unknown run(s) {', '.join(unknown)} (have: {', '.join(RUNS)})", param_hint="--runs")
+    try:
+        check_runs(picked or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--runs") from None
     text = run_ablation(data, out, config, overrides or [], _seeds(seed, seeds), tta=tta, progress=progress,
                         runs=picked, report_only=report_only)
     console.print(text, markup=False, highlight=False, soft_wrap=True)

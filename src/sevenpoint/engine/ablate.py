@@ -23,8 +23,19 @@ SELECTABLE_TTA = ("none", "flip")  # tta="select" picks one of these per run, on
 RUNS = tuple(f"{v}{suffix}" for v in VARIANTS for suffix in ("", "-noSA"))
 
 
+def check_runs(runs: list[str]) -> None:
+    unknown = sorted(set(runs) - set(RUNS))
+    if unknown:
+        raise ValueError(f"unknown ablation run(s) {', '.join(unknown)} (have: {', '.join(RUNS)})")
+
+
+def _run_files(run_dir: Path) -> tuple[Path, Path]:
+    """A finished run's training summary and its one test evaluation."""
+    return run_dir / "train_summary.json", run_dir / "eval-test" / "metrics.json"
+
+
 def _finished(run_dir: Path) -> bool:
-    return (run_dir / "train_summary.json").is_file() and (run_dir / "eval-test" / "metrics.json").is_file()
+    return all(f.is_file() for f in _run_files(run_dir))
 
 
 def _recipe(cfg: RunConfig) -> RunConfig:
@@ -49,7 +60,7 @@ def _check_same_recipe(cfg: RunConfig, run_dir: Path) -> None:
 def _train_and_test(cfg, data_dir, run_dir: Path, tta: str, progress: bool) -> tuple[float, float]:
     """(best validation, test) average accuracy in %, reusing whatever `run_dir` already holds."""
     _check_same_recipe(cfg, run_dir)
-    summary_file, metrics_file = run_dir / "train_summary.json", run_dir / "eval-test" / "metrics.json"
+    summary_file, metrics_file = _run_files(run_dir)
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
     else:
@@ -91,9 +102,7 @@ def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: st
     """
     out = Path(out)
     runs = list(runs or RUNS)
-    unknown = sorted(set(runs) - set(RUNS))
-    if unknown:
-        raise ValueError(f"unknown ablation run(s) {', '.join(unknown)} (have: {', '.join(RUNS)})")
+    check_runs(runs)
     results: dict[str, dict[str, list[float]]] = {}
     for key in [k for k in RUNS if k in runs]:
         variant, attention = key.removesuffix("-noSA"), not key.endswith("-noSA")

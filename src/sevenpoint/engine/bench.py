@@ -47,6 +47,28 @@ def _timeit(fn, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def _latency_ms(fn, warmup: int, runs: int) -> dict:
+    """p50 and p95 of `runs` timed calls of `fn`, in milliseconds."""
+    times = np.array(_timeit(fn, warmup, runs)) * 1000
+    return {"p50": round(float(np.percentile(times, 50)), 2), "p95": round(float(np.percentile(times, 95)), 2)}
+
+
+def _frozen_call(model: FusionModel, n: int, size: int, meta_dim: int, bf16: bool):
+    """A no-argument call of the traced + frozen graph (`freeze_for_inference`) on a batch of `n`."""
+    from ..models import freeze_for_inference
+
+    graph = freeze_for_inference(copy.deepcopy(model), n, size, meta_dim, bf16)
+    derm, clinic, meta = _inputs(n, size, meta_dim, True)
+    flags = torch.ones(n)
+
+    @torch.no_grad()
+    def call():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            graph(derm, clinic, meta, flags, flags, flags)
+
+    return call
+
+
 def _inputs(n: int, size: int, meta_dim: int, channels_last: bool):
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -160,38 +182,14 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 model(*one)
 
-        times = np.array(_timeit(single, warmup, latency_runs)) * 1000
-        latency[f"torch {name}"] = {"p50": round(float(np.percentile(times, 50)), 2),
-                                    "p95": round(float(np.percentile(times, 95)), 2)}
+        latency[f"torch {name}"] = _latency_ms(single, warmup, latency_runs)
     if freeze:  # traced + frozen DenseFusion under channels_last + bf16 (BN folded, oneDNN fusions)
-        from ..models import freeze_for_inference
-
         use_bf16_freeze = paths[best_torch][1]
-        frozen_b = freeze_for_inference(copy.deepcopy(base), batch, size, meta_dim, use_bf16_freeze)
-        db, cb, mb = _inputs(batch, size, meta_dim, True)
-        flags = torch.ones(batch)
-
-        @torch.no_grad()
-        def frozen_step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16_freeze, cache_enabled=False):
-                frozen_b(db, cb, mb, flags, flags, flags)
-
-        t = statistics.median(_timeit(frozen_step, warmup, repeats))
+        t = statistics.median(_timeit(_frozen_call(base, batch, size, meta_dim, use_bf16_freeze), warmup, repeats))
         infer["frozen channels_last+bf16"] = {"compute_cases_per_s": round(batch / t, 3),
                                               "cases_per_s": round(1 / (t / batch + fast_data_s), 3)}
-        frozen_1 = freeze_for_inference(copy.deepcopy(base), 1, size, meta_dim, use_bf16_freeze)
-        d1, c1, m1 = _inputs(1, size, meta_dim, True)
-        f1 = torch.ones(1)
-
-        @torch.no_grad()
-        def frozen_single():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16_freeze, cache_enabled=False):
-                frozen_1(d1, c1, m1, f1, f1, f1)
-
-        times = np.array(_timeit(frozen_single, warmup, latency_runs)) * 1000
-        latency["torch frozen channels_last+bf16"] = {"p50": round(float(np.percentile(times, 50)), 2),
-                                                      "p95": round(float(np.percentile(times, 95)), 2)}
-        del frozen_b, frozen_1
+        latency["torch frozen channels_last+bf16"] = _latency_ms(
+            _frozen_call(base, 1, size, meta_dim, use_bf16_freeze), warmup, latency_runs)
     if onnx:
         onnx_res = _onnx_bench(base, size, meta_dim, batch, warmup, repeats, latency_runs)
         infer["onnxruntime fp32"] = {"compute_cases_per_s": onnx_res["compute_cases_per_s"],
@@ -240,9 +238,8 @@ def _onnx_bench(model: FusionModel, size: int, meta_dim: int, batch: int, warmup
 
     fb, f1 = feeds(batch), feeds(1)
     t = statistics.median(_timeit(lambda: sess.run(None, fb), warmup, repeats))
-    lat = np.array(_timeit(lambda: sess.run(None, f1), warmup, latency_runs)) * 1000
     return {"compute_cases_per_s": round(batch / t, 3),
-            "latency": {"p50": round(float(np.percentile(lat, 50)), 2), "p95": round(float(np.percentile(lat, 95)), 2)}}
+            "latency": _latency_ms(lambda: sess.run(None, f1), warmup, latency_runs)}
 
 
 def bench_table(r: dict) -> str:
