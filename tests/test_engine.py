@@ -180,3 +180,35 @@ def test_ablate_reuses_finished_runs_and_runs_a_subset(synth_root, tmp_path):
     changed = (*args[:3], [*args[3], "train.lr=0.5"])
     with pytest.raises(ValueError, match=r"train\.lr: 0\.003 there, 0\.5 asked"):
         run_ablation(*changed, seeds=[0], progress=False, runs=["DIM"])  # never mixes two configs in one table
+
+
+def test_each_branch_alone_is_reported_and_averages_to_the_fused_result(tiny_run, synth_root, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from sevenpoint.checkpoint import load_model
+    from sevenpoint.data import Derm7pt, Derm7ptDataset
+    from sevenpoint.engine.evaluate import branch_accuracy, predict_loader
+    from sevenpoint.engine.train import make_cache
+
+    model, cfg, _ = load_model(tiny_run["best_checkpoint"])
+    data = Derm7pt.load(synth_root)
+    loader = DataLoader(Derm7ptDataset(data, "valid", make_cache(cfg)), batch_size=7)
+    pred = predict_loader(model, loader, tta="flip", progress=False)
+    assert set(pred.branch_probs) == {"derm", "clinic", "hybrid"}
+    cases = data.split_cases("valid")
+    assert pred.branch_masks["clinic"].sum() == sum(c.clinic is not None for c in cases)
+    all_ran = np.logical_and.reduce(list(pred.branch_masks.values()))
+    assert all_ran.any()
+    for t in range(len(TASKS)):  # late fusion is the plain mean where every branch ran, view by view
+        mean = np.mean([pred.branch_probs[b][t][all_ran] for b in pred.branch_probs], axis=0)
+        np.testing.assert_allclose(pred.probs[t][all_ran], mean, atol=1e-5)
+    acc = branch_accuracy(pred)
+    for b, probs in pred.branch_probs.items():
+        m = pred.branch_masks[b]
+        expect = [(probs[t][m].argmax(1) == pred.targets[m, t]).mean() for t in range(len(TASKS))]
+        assert acc[b]["cases"] == m.sum()
+        assert [acc[b]["tasks"][task.name]["accuracy"] for task in TASKS] == pytest.approx(expect)
+        assert acc[b]["average_accuracy"] == pytest.approx(np.mean(expect))
+    metrics = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", split="valid", progress=False)
+    assert metrics["branches"]["derm"]["average_accuracy"] == pytest.approx(acc["derm"]["average_accuracy"], abs=1e-6)
+    assert "## Each branch alone" in (tmp_path / "e" / "report.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,31 +25,64 @@ from ..runtime import use_bf16, use_channels_last
 from .train import make_cache
 
 
+@dataclass
+class Predictions:
+    """Fused probabilities (8 x (N, C_t)), targets (N, 8), case ids, and each branch's own
+    probabilities with the (N,) mask of the cases it ran on (TTA views averaged throughout)."""
+
+    probs: list[np.ndarray]
+    targets: np.ndarray
+    ids: list[str]
+    branch_probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    branch_masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 @torch.no_grad()
 def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf16: bool = False,
-                   channels_last: bool = False, progress: bool = True,
-                   device: str = "cpu") -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """Fused probabilities (8 x (N, C_t)), targets (N, 8) and case ids; TTA views are averaged."""
+                   channels_last: bool = False, progress: bool = True, device: str = "cpu") -> Predictions:
     model.eval().to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     dev_type = torch.device(device).type
-    probs: list[list[np.ndarray]] = [[] for _ in TASKS]
+    names = ["fused", *model.branch_names]
+    chunks: dict[str, list[list[np.ndarray]]] = {b: [[] for _ in TASKS] for b in names}
+    masks: dict[str, list[np.ndarray]] = {b: [] for b in model.branch_names}
     targets, ids = [], []
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         views_d, views_c = tta_views(batch["derm"], tta), tta_views(batch["clinic"], tta)
-        acc = None
+        acc: dict[str, list[torch.Tensor]] = {}
         for vd, vc in zip(views_d, views_c):
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
                 out = forward_batch(model, {**batch, "derm": vd, "clinic": vc}, channels_last)
-            ps = [p.float().cpu() for p in out.probs]
-            acc = ps if acc is None else [a + p for a, p in zip(acc, ps)]
-        for t in range(len(TASKS)):
-            probs[t].append((acc[t] / len(views_d)).numpy())
+            view = {"fused": out.probs, **{b: out.branch_probs(b) for b in model.branch_names}}
+            for b, ps in view.items():
+                ps = [p.float().cpu() for p in ps]
+                acc[b] = ps if b not in acc else [a + p for a, p in zip(acc[b], ps)]
+        for b in names:
+            for t in range(len(TASKS)):
+                chunks[b][t].append((acc[b][t] / len(views_d)).numpy())
+        for b in model.branch_names:
+            masks[b].append(out.masks[b].cpu().numpy())
         targets.append(batch["targets"].cpu().numpy())
         ids += list(batch["case_id"])
-    return [np.concatenate(p) for p in probs], np.concatenate(targets), ids
+    probs = {b: [np.concatenate(p) for p in chunks[b]] for b in names}
+    return Predictions(probs.pop("fused"), np.concatenate(targets), ids, probs,
+                       {b: np.concatenate(m) for b, m in masks.items()})
+
+
+def branch_accuracy(pred: Predictions) -> dict[str, dict]:
+    """Each branch on its own (on the cases it ran on): how much it contributes to the fused result."""
+    out = {}
+    for b, probs in pred.branch_probs.items():
+        m = pred.branch_masks[b]
+        if not m.any():
+            out[b] = {"cases": 0, "average_accuracy": None, "tasks": {}}
+            continue
+        accs = [float((probs[t][m].argmax(axis=1) == pred.targets[m, t]).mean()) for t in range(len(TASKS))]
+        out[b] = {"cases": int(m.sum()), "average_accuracy": float(np.mean(accs)),
+                  "tasks": {task.name: {"accuracy": a} for task, a in zip(TASKS, accs)}}
+    return out
 
 
 def majority_baseline(data: Derm7pt, split: str) -> dict[str, float]:
@@ -80,14 +114,17 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
         dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
         return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
 
-    probs, targets, ids = run(split)
+    pred = run(split)
+    probs, targets, ids = pred.probs, pred.targets, pred.ids
     metrics = compute_metrics(probs, targets)
+    metrics["branches"] = branch_accuracy(pred)
     fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.variant == "CIM" else 0
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "attention": cfg.model.attention})
     if calibrate:
-        val_probs, val_targets, _ = run("valid")
+        val = run("valid")
+        val_probs, val_targets = val.probs, val.targets
         cal = {}
         for t, task in enumerate(TASKS):
             temp = fit_temperature(val_probs[t], val_targets[:, t])

@@ -82,6 +82,10 @@ def write_report(path: Path, ours: dict[str, dict], baseline: dict[str, float], 
         "",
         "Plots: `confusion_matrices.png`, `roc_curves.png`. Per-case probabilities: `predictions.csv`.",
     ]
+    branches = {b: m for b, m in first.get("branches", {}).items() if m["cases"]}
+    if len(branches) > 1:  # one branch alone is the fused result
+        text += ["", "## Each branch alone (before late fusion)", "",
+                 table({f"{b} ({m['cases']} cases)": metrics_row(m) for b, m in branches.items()})]
     path.write_text("\n".join(text) + "\n")
 
 
