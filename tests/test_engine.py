@@ -197,6 +197,13 @@ def test_each_branch_alone_is_reported_and_averages_to_the_fused_result(tiny_run
     assert set(pred.branch_probs) == {"derm", "clinic", "hybrid"}
     cases = data.split_cases("valid")
     assert pred.branch_masks["clinic"].sum() == sum(c.clinic is not None for c in cases)
+    assert any(c.clinic is None for c in cases)  # so one-case batches below include one with no clinic branch
+    single = predict_loader(model, DataLoader(loader.dataset, batch_size=1), tta="flip", progress=False)
+    for b in pred.branch_probs:
+        np.testing.assert_array_equal(single.branch_masks[b], pred.branch_masks[b])
+        for t in range(len(TASKS)):
+            np.testing.assert_allclose(single.branch_probs[b][t][pred.branch_masks[b]],
+                                       pred.branch_probs[b][t][pred.branch_masks[b]], atol=1e-4)
     all_ran = np.logical_and.reduce(list(pred.branch_masks.values()))
     assert all_ran.any()
     for t in range(len(TASKS)):  # late fusion is the plain mean where every branch ran, view by view
