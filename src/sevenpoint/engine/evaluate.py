@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_model
 from ..data import Derm7pt, Derm7ptDataset
 from ..data.transforms import tta_views
-from ..models import FusionModel
+from ..models import BRANCHES, FusionModel
 from ..schema import TASKS
 from .metrics import apply_temperature, compute_metrics, ece, fit_temperature
 from .module import forward_batch
@@ -55,17 +55,16 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
         for vd, vc in zip(views_d, views_c):
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
                 out = forward_batch(model, {**batch, "derm": vd, "clinic": vc}, channels_last)
-            view = {"fused": out.probs}  # a branch none of the batch's cases could run on is all-masked
-            view.update({b: out.branch_probs(b) if b in out.logits else [torch.zeros_like(p) for p in out.probs]
-                         for b in model.branch_names})
+            view = {"fused": out.probs, **{b: out.branch_probs(b) for b in model.branch_names}}
             for b, ps in view.items():
                 ps = [p.float().cpu() for p in ps]
                 acc[b] = ps if b not in acc else [a + p for a, p in zip(acc[b], ps)]
         for b in names:
             for t in range(len(TASKS)):
                 chunks[b][t].append((acc[b][t] / len(views_d)).numpy())
+        used = out.branches_used().cpu().numpy()  # (N, 3) over BRANCHES; the same for every view
         for b in model.branch_names:
-            masks[b].append(out.masks[b].cpu().numpy() if b in out.masks else np.zeros(len(batch["case_id"]), bool))
+            masks[b].append(used[:, BRANCHES.index(b)])
         targets.append(batch["targets"].cpu().numpy())
         ids += list(batch["case_id"])
     probs = {b: [np.concatenate(p) for p in chunks[b]] for b in names}

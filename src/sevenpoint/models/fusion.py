@@ -96,6 +96,10 @@ class FusionOutput:
     attention: dict[str, torch.Tensor] = field(default_factory=dict)  # "derm.exit" -> (N, K, h, w)
 
     def branch_probs(self, branch: str) -> list[torch.Tensor]:
+        """One branch's own probabilities; rows it did not run on are uniform (zero logits), including
+        every row when it ran on none of the batch (see `masks` / `branches_used`)."""
+        if branch not in self.logits:
+            return [torch.full_like(p, 1.0 / p.shape[-1]) for p in self.probs]
         return [lg.float().softmax(dim=-1) for lg in self.logits[branch]]
 
     def branches_used(self) -> torch.Tensor:
