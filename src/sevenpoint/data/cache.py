@@ -34,11 +34,13 @@ class CacheStats:
 
 @dataclass
 class ImageCache:
-    """Load `path` as uint8 (size, size, 3), from `root` when a valid entry exists."""
+    """Load `path` as uint8 (size, size, 3) — or with its short side at `short_side`, aspect
+    kept, when that is set — from `root` when a valid entry exists."""
 
     root: Path | None
     size: int
     crop: int = DEFAULT_CROP
+    short_side: int = 0
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
@@ -48,7 +50,8 @@ class ImageCache:
 
     def key(self, path: Path) -> str:
         st = path.stat()
-        ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.size}|{self.crop}"
+        geometry = f"{self.size}|{self.crop}" + (f"|short{self.short_side}" if self.short_side else "")
+        ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{geometry}"
         return hashlib.sha1(ident.encode()).hexdigest()
 
     def entry_path(self, path: Path) -> Path:
@@ -59,21 +62,21 @@ class ImageCache:
     def load(self, path: str | os.PathLike) -> np.ndarray:
         path = Path(path)
         if self.root is None:
-            return load_image(path, self.size, self.crop)
+            return load_image(path, self.size, self.crop, self.short_side)
         entry = self.entry_path(path)
         if entry.exists():
-            arr = _read_entry(entry, self.size)
+            arr = _read_entry(entry, self.size, self.short_side)
             if arr is not None:
                 self.stats.hits += 1
                 return arr
             self.stats.rebuilt += 1
         self.stats.misses += 1
-        arr = load_image(path, self.size, self.crop)
+        arr = load_image(path, self.size, self.crop, self.short_side)
         _write_entry(entry, arr)
         return arr
 
 
-def _read_entry(entry: Path, size: int) -> np.ndarray | None:
+def _read_entry(entry: Path, size: int, short_side: int = 0) -> np.ndarray | None:
     try:
         data = entry.read_bytes()
     except OSError:
@@ -82,7 +85,8 @@ def _read_entry(entry: Path, size: int) -> np.ndarray | None:
         return None
     magic, h, w, c, crc = _HEADER.unpack_from(data)
     body = data[_HEADER.size:]
-    if magic != _MAGIC or (h, w, c) != (size, size, 3) or len(body) != h * w * c:
+    shape_ok = min(h, w) == short_side if short_side else (h, w) == (size, size)
+    if magic != _MAGIC or not shape_ok or c != 3 or len(body) != h * w * c:
         return None
     if zlib.crc32(body) != crc:
         return None

@@ -48,7 +48,6 @@ class Derm7ptDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
         case = self.cases[index]
-        size = self.cache.size
         derm = self._image(case.derm, seed)
         has_clinic = case.clinic is not None
         fallback = not has_clinic and self.clinic_fallback
@@ -57,7 +56,7 @@ class Derm7ptDataset(Dataset):
         elif fallback:
             clinic = derm.clone()
         else:
-            clinic = torch.zeros(3, size, size)
+            clinic = torch.zeros_like(derm)
         return {
             "derm": derm,
             "clinic": clinic,

@@ -60,18 +60,35 @@ def open_rgb(source: str | os.PathLike | bytes | Image.Image, name: str | None =
         raise ImageError(f"{label}: cannot decode ({exc})") from exc
 
 
-def crop_and_resize(img: Image.Image, size: int, crop: int = DEFAULT_CROP) -> np.ndarray:
-    """Crop `crop` px from each border (when the image is large enough), resize to size x size.
+def crop_and_resize(img: Image.Image, size: int, crop: int = DEFAULT_CROP, short_side: int = 0) -> np.ndarray:
+    """Crop `crop` px from each border (when the image is large enough), then resize.
 
-    Returns uint8 (size, size, 3). The lesion images are 3:2; squashing to a square keeps the
-    whole lesion in view, and train and test see the same geometry.
+    `short_side=0` squashes to (size, size, 3): the whole lesion stays in view at the price of
+    a distortion (Derm7pt is 3:2). `short_side>0` keeps the aspect ratio and scales the short
+    side to `short_side` (bicubic); the transforms then cut the `size` x `size` square
+    (`center_square`). Returns uint8 (H, W, 3).
     """
     w, h = img.size
     if crop > 0 and min(w, h) > 8 * crop:  # tiny (synthetic) images have no scope border to lose
         img = img.crop((crop, crop, w - crop, h - crop))
-    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        w, h = img.size
+    if short_side > 0:
+        scale = short_side / min(w, h)
+        target = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
+        img = img.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    else:
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str | os.PathLike, size: int, crop: int = DEFAULT_CROP) -> np.ndarray:
-    return crop_and_resize(open_rgb(path), size, crop)
+def center_square(arr: np.ndarray, size: int) -> np.ndarray:
+    """The centred `size` x `size` window of an (H, W, 3) array with H, W >= size."""
+    h, w = arr.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image {w}x{h} is smaller than the {size} px crop")
+    top, left = (h - size) // 2, (w - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def load_image(path: str | os.PathLike, size: int, crop: int = DEFAULT_CROP, short_side: int = 0) -> np.ndarray:
+    return crop_and_resize(open_rgb(path), size, crop, short_side)

@@ -11,12 +11,35 @@ import cv2
 import numpy as np
 import torch
 
+from ..config import DataConfig
+from .images import center_square
 
-def train_transform(strength: float = 1.0) -> A.Compose:
-    """Random flips, rot90, mild affine and colour jitter; `strength=0` turns them all off."""
+
+def train_transform(strength: float = 1.0, preset: str = "affine", size: int | None = None) -> A.Compose:
+    """Training augmentation; `strength=0` turns it off (then as `eval_transform`).
+
+    `affine`: flips, rot90, mild affine and colour jitter on the (squashed) square image.
+    `crop`: for aspect-kept images (`data.short_side`): a random `size` crop inside the
+    centred square, flips, rot90, and only contrast/brightness changes (no geometry warp,
+    no hue). `size=None` leaves the image size alone (squashed images already have it).
+    """
     if strength <= 0:
-        return eval_transform()
+        return eval_transform(size)
+    if preset == "crop":
+        if size is None:
+            raise ValueError("the crop preset needs the crop size")
+        return A.Compose([
+            CenterSquare(),
+            A.RandomCrop(size, size),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=1.0),
+            A.RandomBrightnessContrast(brightness_limit=0.08 * strength, contrast_limit=0.15 * strength, p=1.0),
+        ], seed=0)
+    if preset != "affine":
+        raise ValueError(f"unknown augmentation preset {preset!r} (affine, crop)")
     return A.Compose([
+        *_center(size),
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         A.RandomRotate90(p=1.0),
@@ -28,8 +51,31 @@ def train_transform(strength: float = 1.0) -> A.Compose:
     ], seed=0)
 
 
-def eval_transform() -> A.Compose:
-    return A.Compose([], seed=0)
+class CenterSquare(A.ImageOnlyTransform):
+    """The centred `size` square, or the largest centred square (side min(H, W)) when `size` is None:
+    the window a random crop may move within, whatever the image's orientation."""
+
+    def __init__(self, size: int | None = None) -> None:
+        super().__init__(p=1.0)
+        self.size = size
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        return center_square(img, self.size or min(img.shape[:2]))
+
+
+def _center(size: int | None) -> list[A.BasicTransform]:
+    return [] if size is None else [CenterSquare(size)]
+
+
+def eval_transform(size: int | None = None) -> A.Compose:
+    """Deterministic: the centred `size` x `size` window (none when `size` is None)."""
+    return A.Compose(_center(size), seed=0)
+
+
+def transforms_for(data: DataConfig) -> tuple[A.Compose, A.Compose]:
+    """(train, eval) transforms for a data config: the one place that reads its geometry."""
+    size = data.image_size if data.short_side else None
+    return train_transform(data.augment, data.augmentation, size), eval_transform(size)
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:

@@ -57,7 +57,7 @@ def _check_same_recipe(cfg: RunConfig, run_dir: Path) -> None:
                          "use another --out to compare configs")
 
 
-def _train_and_test(cfg, data_dir, run_dir: Path, tta: str, progress: bool) -> tuple[float, float]:
+def _train_and_test(cfg, data_dir, run_dir: Path, tta: str | None, progress: bool) -> tuple[float, float]:
     """(best validation, test) average accuracy in %, reusing whatever `run_dir` already holds."""
     _check_same_recipe(cfg, run_dir)
     summary_file, metrics_file = _run_files(run_dir)
@@ -93,12 +93,13 @@ def _cell(results: dict, key: str) -> str:
 
 
 def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: str | None, overrides: list[str],
-                 seeds: list[int], tta: str = "none", progress: bool = True,
+                 seeds: list[int], tta: str | None = None, progress: bool = True,
                  runs: list[str] | None = None, report_only: bool = False) -> str:
     """Train and test-evaluate every (run, seed); write ablation.md and ablation.json.
 
     `runs` picks among DIM, DIM-noSA, CIM, CIM-noSA, DCIHMM, DCIHMM-noSA (default: all). `tta` is a
-    mode for every run, or "select": per run, the better of none/flip on validation, then test once.
+    mode for every run, None for each checkpoint's own `infer.tta`, or "select": per run, the better
+    of none/flip on validation, then test once.
     """
     out = Path(out)
     runs = list(runs or RUNS)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_model
 from ..data import Derm7pt, Derm7ptDataset
-from ..data.transforms import tta_views
+from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
 from ..schema import TASKS
 from .metrics import apply_temperature, compute_metrics, ece, fit_temperature
@@ -98,12 +98,16 @@ def majority_baseline(data: Derm7pt, split: str) -> dict[str, float]:
 
 
 def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
-             split: str = "test", tta: str = "none", calibrate: bool = False, batch_size: int = 32,
+             split: str = "test", tta: str | None = None, calibrate: bool = False, batch_size: int = 32,
              precision: str = "auto", progress: bool = True, device: str = "auto") -> dict:
-    """Evaluate once on `split`. Temperatures (with `calibrate`) are fitted on the validation split."""
+    """Evaluate once on `split`. Temperatures (with `calibrate`) are fitted on the validation split.
+
+    `tta=None` applies the checkpoint's own inference setting (`infer.tta`).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, cfg, _ = load_model(checkpoint)
+    tta = cfg.infer.tta if tta is None else tta
     data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,7 +115,8 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     channels_last = use_channels_last(cfg.train.channels_last)
 
     def run(which: str):
-        ds = Derm7ptDataset(data, which, make_cache(cfg), clinic_fallback=cfg.model.variant == "CIM")
+        ds = Derm7ptDataset(data, which, make_cache(cfg), transforms_for(cfg.data)[1],
+                            clinic_fallback=cfg.model.variant == "CIM")
         dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
         return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import lightning as L
 import torch
 
@@ -20,6 +23,14 @@ def forward_batch(model: FusionModel, batch: dict, channels_last: bool = False,
         has_meta = has_meta & (torch.rand(has_meta.shape, device=has_meta.device) >= meta_dropout)
     return model(batch["derm"].contiguous(memory_format=fmt), batch["clinic"].contiguous(memory_format=fmt),
                  batch["meta"], batch["has_derm"], batch["has_clinic"], has_meta)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """lr multiplier: linear from ~0 to 1 over `warmup` steps, then cosine from 1 to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class SevenPointModule(L.LightningModule):
@@ -78,12 +89,16 @@ class SevenPointModule(L.LightningModule):
         groups = [{"params": rest, "lr": tc.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": tc.lr * tc.backbone_lr_scale})
-        opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        opt = opt_cls(groups, lr=tc.lr, weight_decay=tc.weight_decay)
         if tc.scheduler == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, tc.epochs))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if tc.scheduler != "none":
-            raise ValueError(f"train.scheduler: {tc.scheduler!r} is not one of none, cosine")
+        if tc.scheduler == "warmup_cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warmup = min(total - 1, round(tc.warmup_epochs * total / max(1, tc.epochs)))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(warmup_cosine, warmup=warmup, total=total))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

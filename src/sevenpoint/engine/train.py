@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import atomic_torch_save
 from ..config import RunConfig, config_from_dict
 from ..data import Derm7pt, Derm7ptDataset, EpochSampler, ImageCache, balanced_weights
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import transforms_for
 from ..schema import TASKS
 from .module import SevenPointModule
 from ..runtime import cpu_summary, use_bf16, use_channels_last
@@ -56,7 +56,7 @@ def default_cache_dir() -> Path:
 
 def make_cache(cfg: RunConfig) -> ImageCache:
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-    return ImageCache(root, cfg.data.image_size, cfg.data.crop)
+    return ImageCache(root, cfg.data.image_size, cfg.data.crop, cfg.data.short_side)
 
 
 def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig) -> Derm7pt:
@@ -68,8 +68,9 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig) -> Derm7pt:
 
 def build_loaders(data: Derm7pt, cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
     cache = make_cache(cfg)
-    train_ds = Derm7ptDataset(data, "train", cache, train_transform(cfg.data.augment))
-    valid_ds = Derm7ptDataset(data, "valid", cache, eval_transform(), clinic_fallback=cfg.model.variant == "CIM")
+    train_tf, eval_tf = transforms_for(cfg.data)
+    train_ds = Derm7ptDataset(data, "train", cache, train_tf)
+    valid_ds = Derm7ptDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.variant == "CIM")
     weights = balanced_weights(data.targets("train")) if cfg.train.balanced_sampling else None
     sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, weights=weights)
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
@@ -175,11 +176,17 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     module = SevenPointModule(cfg, weights, channels_last=channels_last)
 
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/avg_acc", mode="max",
-                              save_top_k=1, save_last=True, enable_version_counter=False,
-                              auto_insert_metric_name=False)
-    callbacks = [best_cb]
+                              save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
+    # Lightning's save_last writes last.ckpt only on epochs that also improved best.ckpt; a second
+    # callback without a monitor rewrites it after every epoch, so --resume continues from the last one.
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                              enable_version_counter=False, auto_insert_metric_name=False)
+    callbacks = [best_cb, last_cb]
     if cfg.train.early_stopping > 0:
         callbacks.append(EarlyStopping(monitor="val/avg_acc", mode="max", patience=cfg.train.early_stopping))
+    if cfg.train.ema_decay > 0:
+        # Validation, best.ckpt and the final weights are the average; last.ckpt also keeps the raw weights.
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
     if stop_after_epochs:
         callbacks.append(StopAfterEpochs(stop_after_epochs))
     trainer = L.Trainer(

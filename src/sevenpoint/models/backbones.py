@@ -15,8 +15,23 @@ BACKBONES = ("xception", "xception_tiny", *LITE_VARIANTS)
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     net = _build(cfg)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(net, cfg.bn_momentum)
     net.freeze_early(cfg.freeze_blocks)
     return net
+
+
+def set_bn_momentum(net: nn.Module, momentum: float) -> int:
+    """Set every BatchNorm's running-statistics momentum; returns how many layers changed.
+
+    The EfficientNet-Lite ports build BN with momentum 0.01 (TensorFlow's 0.99 converted): while
+    fine-tuning, the running statistics then trail the weights by ~100 steps, several epochs on
+    Derm7pt, so validation sees stale statistics. 0.1 follows the weights within ~10 steps.
+    """
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.momentum = momentum
+    return len(layers)
 
 
 def _build(cfg: ModelConfig) -> nn.Module:

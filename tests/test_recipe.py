@@ -1,0 +1,161 @@
+"""The CPU recipe's knobs: aspect-kept geometry, crop augmentation, BN momentum, AdamW + warm-up
+cosine, EMA weights and the inference settings a checkpoint carries (infer.tta)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from sevenpoint.checkpoint import load_model, read_checkpoint
+from sevenpoint.config import ConfigError, load_config
+from sevenpoint.data.cache import ImageCache
+from sevenpoint.data.images import center_square, crop_and_resize
+from sevenpoint.data.transforms import transforms_for
+from sevenpoint.engine.evaluate import evaluate
+from sevenpoint.engine.module import warmup_cosine
+from sevenpoint.engine.train import train
+from sevenpoint.models import build_backbone
+from sevenpoint.predict import Predictor
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.augmentation=mixup", "data.augmentation"),
+    ("data.short_side=50", "data.short_side"),
+    ("model.bn_momentum=0", "model.bn_momentum"),
+    ("train.optimizer=sgd", "train.optimizer"),
+    ("train.scheduler=linear", "train.scheduler"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
+    ("infer.tta=rot", "infer.tta"),
+])
+def test_recipe_options_are_validated_when_loaded(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [override])
+
+
+def test_packaged_recipes_load():
+    new, old = load_config("cpu-recipe"), load_config("cpu-recipe-v1")
+    assert new.data.short_side == 256 and new.model.bn_momentum == 0.1 and new.infer.tta == "flip_rot"
+    assert old.data.short_side == 0 and old.model.bn_momentum is None and old.infer.tta == "none"
+
+
+def test_short_side_keeps_the_aspect_ratio_and_the_centre():
+    arr = np.zeros((512, 768, 3), np.uint8)
+    arr[200:312, 330:438] = 255  # a bright square in the middle
+    out = crop_and_resize(Image.fromarray(arr), 224, crop=25, short_side=256)
+    assert out.shape == (256, 398, 3)  # 718 x 462 after the border crop, short side -> 256
+    squashed = crop_and_resize(Image.fromarray(arr), 224, crop=25)
+    assert squashed.shape == (224, 224, 3)
+    window = center_square(out, 224)
+    assert window.shape == (224, 224, 3) and window[112, 112].min() > 200
+    with pytest.raises(ValueError, match="smaller"):
+        center_square(out, 300)
+
+
+def test_crop_preset_crops_randomly_in_training_and_centrally_in_evaluation():
+    cfg = load_config("tiny", ["data.image_size=32", "data.short_side=40", "data.augmentation=crop"])
+    train_tf, eval_tf = transforms_for(cfg.data)
+    img = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    assert np.array_equal(eval_tf(image=img)["image"], img[4:36, 14:46])
+    outs = set()
+    for seed in range(6):
+        train_tf.set_random_seed(seed)
+        out = train_tf(image=img)["image"]
+        assert out.shape == (32, 32, 3)
+        outs.add(out.tobytes())
+    assert len(outs) > 1
+    squash = load_config("tiny")  # short_side 0: images arrive square, nothing is cropped
+    assert np.array_equal(transforms_for(squash.data)[1](image=img[:32, :32])["image"], img[:32, :32])
+
+
+def test_cache_keeps_aspect_entries_apart_from_square_ones(tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(np.full((60, 90, 3), 128, np.uint8)).save(src)
+    square = ImageCache(tmp_path / "c", 32)
+    kept = ImageCache(tmp_path / "c", 32, short_side=40)
+    assert square.load(src).shape == (32, 32, 3)
+    assert kept.load(src).shape == (40, 60, 3)
+    assert kept.load(src).shape == (40, 60, 3) and kept.stats.hits == 1 and square.stats.hits == 0
+    assert square.entry_path(src) != kept.entry_path(src)
+
+
+@pytest.mark.parametrize("backbone, default", [("xception_tiny", 0.1), ("efficientnet_lite0", 0.01)])
+def test_bn_momentum_reaches_every_backbone_batchnorm(backbone, default):
+    def momenta(overrides):
+        cfg = load_config("tiny", [f"model.backbone={backbone}", "model.pretrained=false", *overrides])
+        net = build_backbone(cfg.model)
+        return {round(m.momentum, 6) for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
+
+    assert momenta([]) == {default}
+    assert momenta(["model.bn_momentum=0.3"]) == {0.3}
+
+
+def test_warmup_cosine_schedule():
+    values = [warmup_cosine(s, warmup=10, total=110) for s in range(111)]
+    assert values[0] < 0.1 and values[9] == pytest.approx(10 / 11)
+    assert values[10] == pytest.approx(1.0) and values[60] == pytest.approx(0.5) and values[110] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+@pytest.fixture(scope="module")
+def ema_run(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ema")
+    cfg = load_config("tiny", [f"data.cache_dir={out / 'cache'}", "train.epochs=3", "train.optimizer=adamw",
+                               "train.weight_decay=0.01", "train.scheduler=warmup_cosine", "train.ema_decay=0.5", "train.lr=0.01",
+                               "data.image_size=48", "data.short_side=56", "data.augmentation=crop",
+                               "model.bn_momentum=0.2", "infer.tta=flip"], seed=0)
+    summary = train(cfg, synth_root, out / "run", progress=False)
+    return summary, out
+
+
+def test_ema_weights_are_what_is_validated_and_saved(ema_run, synth_root, tmp_path):
+    summary, _ = ema_run
+    last = read_checkpoint(summary["last_checkpoint"])
+    raw, averaged = last["current_model_state"], last["state_dict"]
+    differs = [k for k in averaged if averaged[k].is_floating_point() and not torch.equal(averaged[k], raw[k])]
+    assert differs  # the saved weights are the average, not the last step's
+    # AdamW, and the schedule stepped once per optimiser step down to ~0 at the end
+    assert last["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01
+    sched = last["lr_schedulers"][0]
+    assert last["epoch"] == 2  # last.ckpt is the final epoch's, even where that epoch did not improve
+    assert sched["last_epoch"] == last["global_step"] > 3
+    assert max(sched["_last_lr"]) < 1e-3 * max(g["initial_lr"] for g in last["optimizer_states"][0]["param_groups"])
+    # evaluating best.ckpt (no TTA) on validation reproduces the accuracy the trainer selected it by
+    m = evaluate(summary["best_checkpoint"], synth_root, tmp_path / "v", split="valid", tta="none", progress=False)
+    assert m["average_accuracy"] == pytest.approx(summary["best_val_avg_acc"], abs=1e-6)
+
+
+def test_checkpoint_carries_its_tta_to_evaluate_and_predict(ema_run, synth_root, tmp_path):
+    summary, _ = ema_run
+    ckpt = summary["best_checkpoint"]
+    default = evaluate(ckpt, synth_root, tmp_path / "d", split="test", progress=False)
+    assert default["tta"] == "flip"
+    explicit = evaluate(ckpt, synth_root, tmp_path / "f", split="test", tta="flip", progress=False)
+    none = evaluate(ckpt, synth_root, tmp_path / "n", split="test", tta="none", progress=False)
+    p_default = pd.read_csv(tmp_path / "d" / "predictions.csv")
+    assert np.allclose(p_default.filter(like="_p_").to_numpy(),
+                       pd.read_csv(tmp_path / "f" / "predictions.csv").filter(like="_p_").to_numpy())
+    assert not np.allclose(p_default.filter(like="_p_").to_numpy(),
+                           pd.read_csv(tmp_path / "n" / "predictions.csv").filter(like="_p_").to_numpy())
+    assert explicit["tta"] == "flip" and none["tta"] == "none"
+
+    # Predictor: the checkpoint's TTA by default = the mean over the 4 flipped views' probabilities
+    case = json.loads(json.dumps({"derm": str(next((synth_root / "images").rglob("*.jpg")))}))
+    with_tta = Predictor.from_checkpoint(ckpt, precision="fp32")
+    assert with_tta.tta == "flip" and with_tta.info["tta"] == "flip"
+    plain = Predictor.from_checkpoint(ckpt, precision="fp32", tta="none")
+    x = plain.preprocess(case["derm"], "derm")[None]
+    model, _, _ = load_model(ckpt)
+    views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
+    with torch.no_grad():
+        per_view = [model(v, None, torch.zeros(1, 14), has_meta=torch.zeros(1, dtype=torch.bool)).probs[0][0].numpy()
+                    for v in views]
+    expected = np.mean(per_view, axis=0)
+    assert np.abs(expected - per_view[0]).max() > 1e-5  # the views disagree, so the check below can tell
+    got = with_tta.predict(derm=case["derm"]).tasks["DIAG"].probabilities
+    np.testing.assert_allclose(list(got.values()), expected, atol=1e-6)
+    got_plain = plain.predict(derm=case["derm"]).tasks["DIAG"].probabilities
+    np.testing.assert_allclose(list(got_plain.values()), per_view[0], atol=1e-6)
