@@ -111,6 +111,11 @@ def truncated_jpeg(root):
     p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3])
 
 
+def header_truncated_jpeg(root):
+    p = _image_of_row(root, 8)
+    p.write_bytes(p.read_bytes()[:300])  # cut inside the JPEG header: Image.open itself fails
+
+
 def text_as_jpeg(root):
     _image_of_row(root, 8).write_text("this is not a picture\n")
 
@@ -148,6 +153,7 @@ DATASET_CASES = [
     ("image missing", missing_image, r"1 image file\(s\) not found:\n.*row 8, column 'derm'"),
     ("0-byte image", zero_byte_image, r"unusable image.*\n.*S\d+d\.jpg"),
     ("truncated JPEG", truncated_jpeg, r"unusable image.*\n.*S\d+d\.jpg: cannot decode"),
+    ("JPEG truncated inside its header", header_truncated_jpeg, r"unusable image.*\n.*S\d+d\.jpg: cannot decode"),
     ("text file named .jpg", text_as_jpeg, r"S\d+d\.jpg: not a readable image"),
     ("path escaping the dataset (../..)", escaping_path("../../etc/passwd"), r"row 9, column 'derm'.*escapes"),
     ("absolute image path", escaping_path("/etc/hostname"), r"row 9, column 'derm'.*escapes"),

@@ -48,6 +48,8 @@ def open_rgb(source: str | os.PathLike | bytes | Image.Image, name: str | None =
             raise ImageError(f"{label}: not a readable image (unknown or corrupt format)") from exc
         except Image.DecompressionBombError as exc:
             raise ImageError(f"{label}: image too large ({exc})") from exc
+        except (OSError, ValueError, SyntaxError) as exc:  # e.g. a JPEG cut inside its header
+            raise ImageError(f"{label}: cannot decode ({exc})") from exc
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(f"{label}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")

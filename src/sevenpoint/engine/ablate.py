@@ -50,7 +50,7 @@ def _check_same_recipe(cfg: RunConfig, run_dir: Path) -> None:
     saved = config_from_dict(yaml.safe_load(saved_file.read_text()))
     if _recipe(saved) != _recipe(cfg):
         a, b = _recipe(saved).to_dict(), _recipe(cfg).to_dict()
-        diff = [f"{sec}.{k}: {a[sec][k]!r} there, {b[sec][k]!r} asked" for sec in ("data", "model", "train")
+        diff = [f"{sec}.{k}: {a[sec][k]!r} there, {b[sec][k]!r} asked" for sec in ("data", "model", "train", "infer")
                 for k in a[sec] if a[sec][k] != b[sec][k]]
         diff += [f"seed: {a['seed']} there, {b['seed']} asked"] if a["seed"] != b["seed"] else []
         raise ValueError(f"{run_dir}: holds a run with another config ({'; '.join(diff)}); "
