@@ -159,3 +159,41 @@ def test_checkpoint_carries_its_tta_to_evaluate_and_predict(ema_run, synth_root,
     np.testing.assert_allclose(list(got.values()), expected, atol=1e-6)
     got_plain = plain.predict(derm=case["derm"]).tasks["DIAG"].probabilities
     np.testing.assert_allclose(list(got_plain.values()), per_view[0], atol=1e-6)
+
+
+def test_cv_folds_cover_train_and_valid_once_and_never_test(synth_root, tmp_path, monkeypatch):
+    import sevenpoint.engine.cv as cv
+    from sevenpoint.data import Derm7pt
+    from sevenpoint.engine.train import load_training_data
+
+    data = Derm7pt.load(synth_root)
+    folds = cv.make_folds(data, 3)
+    held_out = np.concatenate([f["valid"] for f in folds])
+    pool = np.concatenate([data.splits["train"], data.splits["valid"]])
+    assert sorted(held_out.tolist()) == sorted(pool.tolist())  # every train+valid case held out exactly once
+    assert not set(held_out) & set(data.splits["test"].tolist())
+    for f in folds:
+        assert not set(f["train"].tolist()) & set(f["valid"].tolist())
+    assert all(np.array_equal(a["valid"], b["valid"]) for a, b in zip(folds, cv.make_folds(data, 3)))  # paired
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match="not in the official train/valid"):
+        load_training_data(synth_root, cfg, {"train": data.splits["test"], "valid": folds[0]["valid"]})
+
+    seen = []
+    real_train = cv.train
+
+    def spy(cfg, data_dir, run_dir, **kw):
+        seen.append(kw["splits"]["valid"])
+        return real_train(cfg, data_dir, run_dir, **kw)
+
+    monkeypatch.setattr(cv, "train", spy)
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1"])
+    result = cv.run_cv(cfg, synth_root, tmp_path / "cv", folds=2, progress=False)
+    assert len(seen) == 2 and sum(len(v) for v in seen) == len(pool)
+    summaries = [json.loads((tmp_path / "cv" / f"fold{i}" / "train_summary.json").read_text()) for i in range(2)]
+    assert summaries[0]["valid_cases"] == len(seen[0])  # the fold's held-out cases were the validation set
+    assert result["fold_val_avg_acc"] == pytest.approx([100 * s["best_val_avg_acc"] for s in summaries])
+    assert "mean ± sd over folds" in (tmp_path / "cv" / "cv.md").read_text()
+    seen.clear()
+    assert cv.run_cv(cfg, synth_root, tmp_path / "cv", folds=2, progress=False)["mean"] == pytest.approx(result["mean"])
+    assert seen == []  # finished folds are reused, nothing retrained

@@ -153,6 +153,29 @@ def train(
         (out / "seeds_summary.json").write_text(json.dumps({"seeds": seed_list, "best_val_avg_acc": vals}, indent=2))
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def cv(
+    data: Annotated[Path, typer.Option(help="Derm7pt folder (release_v0 or its parent).")],
+    out: Annotated[Path, typer.Option(help="Folder for the fold runs and cv.md / cv.json.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides")] = None,
+    config: Annotated[Optional[str], typer.Option(help="YAML file or packaged name.")] = None,
+    seed: int = 0,
+    folds: Annotated[int, typer.Option(help="Number of folds over the train + valid cases.")] = 5,
+    fold_seed: Annotated[int, typer.Option(help="Which folds; keep it fixed to compare configs on the same folds.")] = 0,
+    progress: bool = True,
+) -> None:
+    """K-fold cross-validation over train + valid (test never read): compare configurations on 616 cases."""
+    from .config import load_config
+    from .engine.cv import run_cv
+
+    cfg = load_config(config, overrides or [], seed=seed)
+    if folds < 2:
+        raise typer.BadParameter(f"need at least 2 folds, got {folds}", param_hint="--folds")
+    result = run_cv(cfg, data, out, folds=folds, fold_seed=fold_seed, progress=progress)
+    console.print((out / "cv.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{folds}-fold validation average accuracy {result['mean']:.2f} ± {result['sd']:.2f} % -> {out}")
+
+
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="A best.ckpt / last.ckpt file.")],

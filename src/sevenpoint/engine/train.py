@@ -59,9 +59,22 @@ def make_cache(cfg: RunConfig) -> ImageCache:
     return ImageCache(root, cfg.data.image_size, cfg.data.crop, cfg.data.short_side)
 
 
-def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig) -> Derm7pt:
-    """The dataset with the test split dropped, so nothing downstream can select on it."""
+def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
+                       splits: dict[str, np.ndarray] | None = None) -> Derm7pt:
+    """The dataset with the test split dropped, so nothing downstream can select on it.
+
+    `splits` replaces the official train / valid rows (cross-validation folds); it may only
+    use rows of the official train and valid splits.
+    """
     data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+    if splits is not None:
+        allowed = np.concatenate([data.splits[k] for k in TRAIN_SPLITS])
+        for name in TRAIN_SPLITS:
+            outside = np.setdiff1d(splits[name], allowed)
+            if outside.size:
+                raise ValueError(f"split {name!r}: rows {outside[:5].tolist()} are not in the official train/valid "
+                                 "splits (the test split is never trained or selected on)")
+        data.splits = {k: np.asarray(splits[k]) for k in TRAIN_SPLITS}
     data.splits = {k: v for k, v in data.splits.items() if k in TRAIN_SPLITS}
     return data
 
@@ -148,8 +161,12 @@ def _log_version(run_dir: Path, resume: bool) -> str:
 
 
 def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True, argv: list[str] | None = None, stop_after_epochs: int | None = None) -> dict:
-    """Train one model; returns the summary also written to `run_dir/train_summary.json`."""
+          progress: bool = True, argv: list[str] | None = None, stop_after_epochs: int | None = None,
+          splits: dict[str, np.ndarray] | None = None) -> dict:
+    """Train one model; returns the summary also written to `run_dir/train_summary.json`.
+
+    `splits` (train / valid row indices) replaces the official ones, e.g. for a cross-validation fold.
+    """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -167,7 +184,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts on tensor-core GPUs
-    data = load_training_data(data_dir, cfg)
+    data = load_training_data(data_dir, cfg, splits)
     train_dl, valid_dl = build_loaders(data, cfg)
     on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
     bf16 = use_bf16(cfg.train.precision, cfg.model.backbone, on_gpu)
