@@ -37,9 +37,9 @@ def test_recipe_options_are_validated_when_loaded(override, match):
 
 
 def test_packaged_recipes_load():
-    new, old = load_config("cpu-recipe"), load_config("cpu-recipe-v1")
-    assert new.data.short_side == 256 and new.model.bn_momentum == 0.1 and new.infer.tta == "flip_rot"
-    assert old.data.short_side == 0 and old.model.bn_momentum is None and old.infer.tta == "none"
+    recipe, candidate = load_config("cpu-recipe"), load_config("cpu-recipe-v2")
+    assert candidate.data.short_side == 256 and candidate.model.bn_momentum == 0.1 and candidate.infer.tta == "flip_rot"
+    assert recipe.data.short_side == 0 and recipe.model.bn_momentum is None and recipe.infer.tta == "none"
 
 
 def test_short_side_keeps_the_aspect_ratio_and_the_centre():
