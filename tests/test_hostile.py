@@ -4,6 +4,7 @@ row, field or value, a non-zero exit without a traceback, and harms nothing alre
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import shutil
 import sys
@@ -348,6 +349,12 @@ def test_predict_unsupported_and_oversize_images(tiny_run, tmp_path, capsys):
     assert code == 2 and "exceeds the limit" in out
     code, out = cli(capsys, "predict", "--checkpoint", tiny_run["best_checkpoint"], "--derm", tmp_path / "absent.jpg")
     assert code == 2 and "absent.jpg" in out
+    cut = tmp_path / "cut.jpg"  # a JPEG cut inside its header: Image.open itself fails
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 60, 40)).save(buf, "JPEG")
+    cut.write_bytes(buf.getvalue()[:300])
+    code, out = cli(capsys, "predict", "--checkpoint", tiny_run["best_checkpoint"], "--derm", cut)
+    assert code == 2 and "cut.jpg: cannot decode" in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -57,6 +57,7 @@ def test_derm_only_and_no_metadata(client, case_files):
 
 
 OK = "ok"  # stands for a valid dermoscopy upload
+CUT = "cut"  # stands for a valid dermoscopy JPEG cut inside its header (its first 300 bytes)
 
 
 @pytest.mark.parametrize("files, data, status, message", [
@@ -66,10 +67,11 @@ OK = "ok"  # stands for a valid dermoscopy upload
     (OK, {"sex": "robot", "location": "back", "elevation": "flat"}, 422, "allowed: female, male"),
     (OK, {"sex": "male"}, 422, "partial"),
     (OK, {"age": "40"}, 400, "unknown field"),
+    (CUT, {}, 400, "cannot decode"),
 ])
 def test_bad_requests_get_clear_4xx(client, case_files, files, data, status, message):
-    if files == OK:
-        files = {"derm": ("d.jpg", case_files[0], "image/jpeg")}
+    if files in (OK, CUT):
+        files = {"derm": ("d.jpg", case_files[0] if files == OK else case_files[0][:300], "image/jpeg")}
     # text fields as multipart parts (None filename), so the request is multipart even without files
     parts = {**files, **{k: (None, v) for k, v in data.items()}}
     r = client.post("/api/predict", files=parts)

@@ -51,6 +51,8 @@ def _check_image(name: str, data: bytes, max_pixels: int):
         raise UploadError(415, f"{name}: not an image (allowed: {', '.join(sorted(ALLOWED_TYPES))})") from None
     except Image.DecompressionBombError:
         raise UploadError(413, f"{name}: too many pixels (limit {max_pixels})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # e.g. a JPEG cut inside its header
+        raise UploadError(400, f"{name}: cannot decode ({exc})") from None
     if fmt not in ALLOWED_TYPES:
         raise UploadError(415, f"{name}: {fmt} images are not accepted (allowed: {', '.join(sorted(ALLOWED_TYPES))})")
     if w * h > max_pixels:
