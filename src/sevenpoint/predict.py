@@ -18,8 +18,8 @@ from PIL import Image
 
 from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
-from .data.images import ImageError, center_square, crop_and_resize, open_rgb
-from .data.transforms import to_tensor, tta_views
+from .data.images import ImageError, crop_and_resize, open_rgb
+from .data.transforms import to_tensor, transforms_for, tta_views
 from .runtime import use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta,
@@ -176,6 +176,7 @@ class Predictor:
         self.cfg = cfg
         self.size = cfg.data.image_size
         self.crop = cfg.data.crop
+        self.eval_transform = transforms_for(cfg.data)[1]  # the same centred window as `evaluate`
         self.tta = cfg.infer.tta if tta is None else tta  # the checkpoint's own setting by default
         if self.tta not in TTA_MODES:
             raise PredictError(f"tta {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
@@ -210,7 +211,7 @@ class Predictor:
         if image is None:
             return None
         arr = crop_and_resize(_image_array(image, name), self.size, self.crop, self.cfg.data.short_side)
-        return to_tensor(center_square(arr, self.size))
+        return to_tensor(self.eval_transform(image=arr)["image"])
 
     def predict(self, derm: ImageInput | None = None, clinic: ImageInput | None = None,
                 meta: Mapping[str, object] | None = None) -> Prediction:
