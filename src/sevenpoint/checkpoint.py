@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, config_from_dict
-from .models import FusionModel
+from .models import FusionEnsemble, FusionModel
 from .schema import TASKS
 
 SCHEMA_FINGERPRINT = [[t.name, list(t.classes)] for t in TASKS]
@@ -58,19 +58,62 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def load_model(path: str | os.PathLike, expect_variant: str | None = None) -> tuple[FusionModel, RunConfig, dict]:
+def build_model(cfg: RunConfig) -> FusionModel | FusionEnsemble:
+    """The inference model a config describes, without weights: one model, or `train.ensemble` members,
+    with the checkpoint's late-fusion weights (`infer.clinic_weight`)."""
+    # The packaged ImageNet weights are overwritten by the checkpoint anyway.
+    cfg_build = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint=None)
+    model = FusionEnsemble(cfg_build, cfg.train.ensemble) if cfg.train.ensemble > 1 else FusionModel(cfg_build)
+    model.fusion_weights = {"clinic": cfg.infer.clinic_weight}
+    return model
+
+
+def load_model(path: str | os.PathLike, expect_variant: str | None = None
+               ) -> tuple[FusionModel | FusionEnsemble, RunConfig, dict]:
     """Rebuild the model from a checkpoint's own config and load its weights (eval mode)."""
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["sevenpoint"]["config"])
     if expect_variant is not None and cfg.model.variant != expect_variant:
         raise CheckpointError(f"{path}: checkpoint is variant {cfg.model.variant}, expected {expect_variant}")
-    # The packaged ImageNet weights are overwritten by the checkpoint anyway.
-    cfg_build = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint=None)
-    model = FusionModel(cfg_build)
+    model = build_model(cfg)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone} model: "
-                              f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone} model "
+                              f"of {cfg.train.ensemble} member(s): missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
     model.eval()
     return model, cfg, ckpt["sevenpoint"]
+
+
+def _shape(cfg: RunConfig) -> tuple:
+    """What ensemble members must share: the model and the image pipeline (not where images are cached)."""
+    return cfg.model, dataclasses.replace(cfg.data, cache_dir=None, num_workers=0)
+
+
+def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
+                      infer: dict | None = None) -> RunConfig:
+    """Write one checkpoint holding the trained models `members` (same model and data config) as a
+    `train.ensemble` model; `infer` overrides inference settings (e.g. {"clinic_weight": 0.5})."""
+    if len(members) < 2:
+        raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(members)}")
+    state, configs = {}, []
+    for i, path in enumerate(members):
+        ckpt = read_checkpoint(path)
+        cfg = config_from_dict(ckpt["sevenpoint"]["config"])
+        if cfg.train.ensemble > 1:
+            raise CheckpointError(f"{path}: is already an ensemble; give its members instead")
+        if configs and _shape(cfg) != _shape(configs[0]):
+            raise CheckpointError(f"{path}: model or data config differs from {members[0]}'s; "
+                                  "members must share both")
+        configs.append(cfg)
+        state.update({f"model.members.{i}.{k.removeprefix('model.')}": v
+                      for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    values = configs[0].to_dict()
+    values["train"]["ensemble"] = len(members)
+    values["infer"].update(infer or {})
+    cfg = config_from_dict(values)
+    atomic_torch_save({"state_dict": state, "sevenpoint": {
+        "config": cfg.to_dict(), "schema": SCHEMA_FINGERPRINT,
+        "members": [{"checkpoint": str(p), "seed": c.seed} for p, c in zip(members, configs)]}}, out)
+    return cfg

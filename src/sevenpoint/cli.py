@@ -177,6 +177,23 @@ def cv(
 
 
 @app.command()
+def ensemble(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints with the same model and data config.")],
+    out: Annotated[Path, typer.Option(help="Ensemble checkpoint to write (must not exist).")],
+    tta: Annotated[Optional[str], typer.Option(help="Inference TTA to store: none, flip or flip_rot (default: the first member's).")] = None,
+    clinic_weight: Annotated[Optional[float], typer.Option(help="Clinical branch's late-fusion weight to store, in (0, 1].")] = None,
+) -> None:
+    """Average trained models into one checkpoint that evaluate, predict, serve and export use like any other."""
+    from .checkpoint import CheckpointError, assemble_ensemble
+
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists; pick a new --out (nothing was overwritten)")
+    infer = {k: v for k, v in (("tta", tta), ("clinic_weight", clinic_weight)) if v is not None}
+    cfg = assemble_ensemble(checkpoints, out, infer)
+    console.print(f"{len(checkpoints)} members -> {out} (tta {cfg.infer.tta}, clinic weight {cfg.infer.clinic_weight})")
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="A best.ckpt / last.ckpt file.")],
     data: Annotated[Path, typer.Option(help="Derm7pt folder.")],

@@ -71,6 +71,8 @@ class TrainConfig:
     accelerator: str = "auto"
     strategy: str = "auto"
     limit_train_batches: float = 1.0
+    ensemble: int = 1  # >1: train this many members one after another (member i gets seed seed*ensemble + i)
+    #                    and save their average as best.ckpt (one model for evaluate, predict, serve, export)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class InferConfig:
     """Inference settings that travel in the checkpoint: evaluate, predict and serve apply them by default."""
 
     tta: str = "none"  # none | flip (4 views) | flip_rot (8 dihedral views); probabilities averaged per branch
+    clinic_weight: float = 1.0  # the clinical branch's weight in late fusion (derm and hybrid weigh 1);
+    #                             validation during training always weighs the branches equally
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,10 @@ def finalize(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {cfg.train.ema_decay}")
     if cfg.infer.tta not in TTA_MODES:
         raise ConfigError(f"infer.tta: {cfg.infer.tta!r} is not one of {', '.join(TTA_MODES)}")
+    if cfg.train.ensemble < 1:
+        raise ConfigError(f"train.ensemble: expected >= 1 members, got {cfg.train.ensemble}")
+    if not 0.0 < cfg.infer.clinic_weight <= 1.0:
+        raise ConfigError(f"infer.clinic_weight: expected a value in (0, 1], got {cfg.infer.clinic_weight}")
     if cfg.train.channels_last not in ("auto", "on", "off"):
         raise ConfigError(f"train.channels_last: {cfg.train.channels_last!r} is not one of auto, on, off")
     return dataclasses.replace(cfg, model=model)

@@ -163,10 +163,13 @@ def _log_version(run_dir: Path, resume: bool) -> str:
 def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
           progress: bool = True, argv: list[str] | None = None, stop_after_epochs: int | None = None,
           splits: dict[str, np.ndarray] | None = None) -> dict:
-    """Train one model; returns the summary also written to `run_dir/train_summary.json`.
+    """Train one model (or `train.ensemble` members); returns the summary also written to
+    `run_dir/train_summary.json`.
 
     `splits` (train / valid row indices) replaces the official ones, e.g. for a cross-validation fold.
     """
+    if cfg.train.ensemble > 1 or (resume and _saved_ensemble(Path(run_dir))):
+        return train_ensemble(cfg, data_dir, run_dir, resume, progress, argv, stop_after_epochs, splits)
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -175,7 +178,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
             raise RunDirError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         cfg = config_from_dict(saved)  # the run's own config wins over the command line
-    elif last.exists():
+    elif last.exists() or (run_dir / "members").exists():
         raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new --out")
     check_run_dir(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -234,4 +237,74 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     }
     if trainer.is_global_zero:
         _write_json(run_dir / "train_summary.json", summary)
+    return summary
+
+
+def _saved_ensemble(run_dir: Path) -> bool:
+    saved = run_dir / "config.yaml"
+    return saved.is_file() and (yaml.safe_load(saved.read_text()) or {}).get("train", {}).get("ensemble", 1) > 1
+
+
+def member_config(cfg: RunConfig, i: int) -> RunConfig:
+    """Member `i` of an ensemble: the same recipe as one model, with seed `seed * ensemble + i`."""
+    k = cfg.train.ensemble
+    return dataclasses.replace(cfg, seed=cfg.seed * k + i, train=dataclasses.replace(cfg.train, ensemble=1))
+
+
+def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
+                   progress: bool = True, argv: list[str] | None = None, stop_after_epochs: int | None = None,
+                   splits: dict[str, np.ndarray] | None = None) -> dict:
+    """Train the members one after another in `run_dir/members/m<i>/` (each a normal, resumable run),
+    then write their average as `run_dir/checkpoints/best.ckpt` and score it on validation."""
+    from ..checkpoint import assemble_ensemble, load_model
+    from .evaluate import predict_loader
+
+    run_dir = Path(run_dir)
+    done_file = run_dir / "members" / "finished.json"
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml)")
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    elif (run_dir / "members").exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
+        raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new --out")
+    check_run_dir(run_dir)
+    if not resume:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_json(run_dir / "run_info.json", run_info(argv))
+    finished: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    for i in range(cfg.train.ensemble):
+        name = f"m{i}"
+        if name in finished:
+            continue
+        member_dir = run_dir / "members" / name
+        print(f"ensemble member {i + 1}/{cfg.train.ensemble} (seed {member_config(cfg, i).seed}) -> {member_dir}",
+              flush=True)
+        summary = train(member_config(cfg, i), data_dir, member_dir,
+                        resume=(member_dir / "checkpoints" / "last.ckpt").is_file(), progress=progress, argv=argv,
+                        stop_after_epochs=stop_after_epochs, splits=splits)
+        if stop_after_epochs:  # an interrupted run (tests): this member is not finished
+            return summary
+        finished[name] = {k: summary[k] for k in ("best_checkpoint", "best_val_avg_acc", "epochs_run", "train_seconds")}
+        _write_json(done_file, finished)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    members = [finished[f"m{i}"]["best_checkpoint"] for i in range(cfg.train.ensemble)]
+    assemble_ensemble(members, best, infer=dataclasses.asdict(cfg.infer))
+    model, ens_cfg, _ = load_model(best)
+    data = load_training_data(data_dir, cfg, splits)
+    valid = Derm7ptDataset(data, "valid", make_cache(cfg), transforms_for(cfg.data)[1],
+                           clinic_fallback=cfg.model.variant == "CIM")
+    pred = predict_loader(model, DataLoader(valid, batch_size=cfg.train.batch_size), ens_cfg.infer.tta,
+                          progress=progress, channels_last=use_channels_last(cfg.train.channels_last))
+    val_acc = float(np.mean([(p.argmax(axis=1) == pred.targets[:, t]).mean() for t, p in enumerate(pred.probs)]))
+    summary = {
+        "best_checkpoint": str(best),
+        "best_val_avg_acc": val_acc,
+        "members": finished,
+        "epochs_run": sum(m["epochs_run"] for m in finished.values()),
+        "train_seconds": round(sum(m["train_seconds"] for m in finished.values()), 1),
+        "train_cases": len(data.splits["train"]),
+        "valid_cases": len(valid),
+        "config": dataclasses.asdict(cfg),
+    }
+    _write_json(run_dir / "train_summary.json", summary)
     return summary

@@ -3,8 +3,8 @@
 Branches (DESIGN.md §3): dermoscopy and clinical (a backbone each -> pooled features -> 8 task
 heads) and hybrid-meta (the two exit feature maps concatenated -> [1x1 conv + BN + ReLU + soft
 attention] || [soft attention on the concat] -> pooled, + metadata -> 8 task heads).
-Every head has its own softmax; the final probability is the mean of the available branches'
-probabilities (late fusion). A branch runs only on the cases whose inputs it needs, so a
+Every head has its own softmax; the final probability is the (weighted) mean of the available
+branches' probabilities (late fusion). `FusionEnsemble` averages several trained models. A branch runs only on the cases whose inputs it needs, so a
 missing clinical photo never trains the clinical branch and never enters BN statistics.
 """
 
@@ -124,6 +124,7 @@ class FusionModel(nn.Module):
             raise ValueError(f"variant {cfg.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
         self.cfg = cfg
         self.branch_names = VARIANT_BRANCHES[cfg.variant]
+        self.fusion_weights: dict[str, float] = {}  # branch -> late-fusion weight (missing = 1); `infer.clinic_weight`
         derm_bb = build_backbone(cfg) if "derm" in self.branch_names else None
         clinic_bb = None
         if "clinic" in self.branch_names:
@@ -184,8 +185,58 @@ class FusionModel(nn.Module):
                 out.logits["hybrid"] = [_scatter(lg, idx, n) for lg in logits]
                 for key, m in maps.items():
                     out.attention[f"hybrid.{key}"] = _scatter(m, idx, n)
-        out.probs = late_fusion(out)
+        out.probs = late_fusion(out, self.fusion_weights)
         return out
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors, dim=0).mean(dim=0)
+
+
+class FusionEnsemble(nn.Module):
+    """Several `FusionModel`s of one config (`train.ensemble`), used like one: each branch's
+    probabilities are the members' mean, then the usual late fusion; attention maps are averaged."""
+
+    def __init__(self, cfg: ModelConfig, members: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(FusionModel(cfg) for _ in range(members))
+        self.branch_names = self.members[0].branch_names
+        self.fusion_weights: dict[str, float] = {}
+
+    def can_run(self, has_derm: torch.Tensor, has_clinic: torch.Tensor) -> bool:
+        return self.members[0].can_run(has_derm, has_clinic)
+
+    def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
+                has_derm: torch.Tensor | None = None, has_clinic: torch.Tensor | None = None,
+                has_meta: torch.Tensor | None = None) -> FusionOutput:
+        outs = [m(derm, clinic, meta, has_derm, has_clinic, has_meta) for m in self.members]
+        out = FusionOutput(masks=outs[0].masks)
+        for b in outs[0].logits:  # log of the mean probability, so `branch_probs` and late fusion see the mean
+            out.logits[b] = [_mean([o.logits[b][t].float().softmax(dim=-1) for o in outs]).log()
+                             for t in range(len(NUM_CLASSES))]
+        out.attention = {k: _mean([o.attention[k].float() for o in outs]) for k in outs[0].attention}
+        out.probs = late_fusion(out, self.fusion_weights)
+        return out
+
+
+def _dense_branches(m: FusionModel, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
+                    has_derm: torch.Tensor, has_clinic: torch.Tensor, has_meta: torch.Tensor):
+    """Every branch of one model on every case: its probabilities, availability weights and summed maps."""
+    probs, weights, maps, feats = {}, {}, {}, {}
+    for name, branch, images, avail in (("derm", m.derm, derm, has_derm), ("clinic", m.clinic, clinic, has_clinic)):
+        if branch is None:
+            continue
+        logits, feats[name], branch_maps = branch(images)
+        probs[name] = [lg.float().softmax(dim=-1) for lg in logits]
+        weights[name] = avail
+        maps.update({f"{name}.{k}": v.sum(dim=1) for k, v in branch_maps.items()})
+    if m.hybrid is not None:
+        logits, hybrid_maps = m.hybrid(feats["derm"], feats["clinic"], meta, has_meta > 0.5)
+        probs["hybrid"] = [lg.float().softmax(dim=-1) for lg in logits]
+        weights["hybrid"] = has_derm * has_clinic
+        maps.update({f"hybrid.{k}": v.sum(dim=1) for k, v in hybrid_maps.items()})
+    return probs, weights, maps
 
 
 class DenseFusion(nn.Module):
@@ -198,30 +249,23 @@ class DenseFusion(nn.Module):
     aggregated attention maps of each branch stage.
     """
 
-    def __init__(self, model: FusionModel) -> None:
+    def __init__(self, model: FusionModel | FusionEnsemble) -> None:
         super().__init__()
         self.model = model.eval()
         self.attention_names: list[str] = []
 
     def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor, has_derm: torch.Tensor,
                 has_clinic: torch.Tensor, has_meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        m = self.model
-        logits, weights, maps, feats = {}, {}, {}, {}
-        for name, branch, images, avail in (("derm", m.derm, derm, has_derm), ("clinic", m.clinic, clinic, has_clinic)):
-            if branch is None:
-                continue
-            logits[name], feats[name], branch_maps = branch(images)
-            weights[name] = avail
-            maps.update({f"{name}.{k}": v.sum(dim=1) for k, v in branch_maps.items()})
-        if m.hybrid is not None:
-            logits["hybrid"], hybrid_maps = m.hybrid(feats["derm"], feats["clinic"], meta, has_meta > 0.5)
-            weights["hybrid"] = has_derm * has_clinic
-            maps.update({f"hybrid.{k}": v.sum(dim=1) for k, v in hybrid_maps.items()})
-        w = torch.stack([weights[b] for b in weights], dim=0)  # (B, N)
+        members = list(self.model.members) if isinstance(self.model, FusionEnsemble) else [self.model]
+        parts = [_dense_branches(m, derm, clinic, meta, has_derm, has_clinic, has_meta) for m in members]
+        weights = parts[0][1]
+        maps = {k: _mean([p[2][k] for p in parts]) for k in parts[0][2]}
+        fusion_weights = self.model.fusion_weights
+        w = torch.stack([weights[b] * fusion_weights.get(b, 1.0) for b in weights], dim=0)  # (B, N)
         denom = w.sum(dim=0).clamp_min(1e-12)[:, None]
         probs = []
         for t in range(len(NUM_CLASSES)):
-            stacked = torch.stack([logits[b][t].float().softmax(dim=-1) for b in weights], dim=0)  # (B, N, C)
+            stacked = torch.stack([_mean([p[0][b][t] for p in parts]) for b in weights], dim=0)  # (B, N, C)
             probs.append((stacked * w[..., None]).sum(dim=0) / denom)
         n = derm.shape[0]
         used = torch.stack([weights.get(b, torch.zeros(n, device=derm.device)) for b in BRANCHES], dim=1)
@@ -251,8 +295,9 @@ def freeze_for_inference(model: FusionModel, batch: int, size: int, meta_dim: in
     return frozen
 
 
-def late_fusion(out: FusionOutput) -> list[torch.Tensor]:
-    """Mean over the available branches of their per-task softmax probabilities.
+def late_fusion(out: FusionOutput, weights: dict[str, float] | None = None) -> list[torch.Tensor]:
+    """Mean over the available branches of their per-task softmax probabilities, each branch
+    weighted by `weights` (a branch not named there weighs 1).
 
     A case with no available branch gets NaN probabilities (callers must refuse it).
     """
@@ -260,7 +305,8 @@ def late_fusion(out: FusionOutput) -> list[torch.Tensor]:
     branches = list(out.logits)
     if not branches:
         raise ValueError("no branch could run: every input the model needs is missing")
-    weight = torch.stack([out.masks[b].float() for b in branches], dim=0)  # (B, N)
+    weights = weights or {}
+    weight = torch.stack([out.masks[b].float() * weights.get(b, 1.0) for b in branches], dim=0)  # (B, N)
     denom = weight.sum(dim=0)  # (N,)
     for t in range(len(NUM_CLASSES)):
         stacked = torch.stack([out.logits[b][t].float().softmax(dim=-1) for b in branches], dim=0)  # (B, N, C)
