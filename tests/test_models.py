@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sevenpoint.config import load_config
-from sevenpoint.models import (XCEPTION_TINY, FusionModel, ModifiedXception, SoftAttention, load_legacy_xception, multitask_loss)
+from sevenpoint.models import (XCEPTION_TINY, FusionModel, ModifiedXception, SoftAttention, load_legacy_xception)
+from sevenpoint.engine.loss import multitask_loss
 from sevenpoint.models.xception import CheckpointMismatch
 from sevenpoint.schema import NUM_CLASSES
 

@@ -25,7 +25,8 @@ from ..config import load_config
 from ..data.cache import ImageCache
 from ..data.images import load_image
 from ..data.transforms import to_tensor, train_transform
-from ..models import FusionModel, multitask_loss
+from ..models import FusionModel
+from .loss import multitask_loss
 from ..runtime import cpu_summary, cpu_supports_bf16
 
 PATHS = {  # name -> (channels_last, bf16)

@@ -10,7 +10,8 @@ import torch
 
 from ..checkpoint import SCHEMA_FINGERPRINT
 from ..config import RunConfig
-from ..models import FusionModel, FusionOutput, multitask_loss
+from ..models import FusionModel, FusionOutput
+from .loss import multitask_loss
 from ..schema import TASK_NAMES
 
 

@@ -2,11 +2,12 @@
 
 from .attention import SoftAttention
 from .backbones import BACKBONES, build_backbone
-from .fusion import BRANCHES, VARIANT_BRANCHES, DenseFusion, FusionEnsemble, FusionModel, freeze_for_inference, FusionOutput, late_fusion, multitask_loss
+from .fusion import BRANCHES, VARIANT_BRANCHES, FusionEnsemble, FusionModel, FusionOutput, late_fusion
+from .static_graph import DenseFusion, freeze_for_inference
 from .xception import XCEPTION_PAPER, XCEPTION_TINY, BlockSpec, ModifiedXception, XceptionSpec, load_legacy_xception
 
 __all__ = [
     "BACKBONES", "BRANCHES", "DenseFusion", "VARIANT_BRANCHES", "BlockSpec", "FusionEnsemble", "FusionModel", "FusionOutput", "ModifiedXception",
     "SoftAttention", "freeze_for_inference", "XCEPTION_PAPER", "XCEPTION_TINY", "XceptionSpec", "build_backbone", "late_fusion",
-    "load_legacy_xception", "multitask_loss",
+    "load_legacy_xception",
 ]

@@ -4,8 +4,9 @@ Branches (DESIGN.md §3): dermoscopy and clinical (a backbone each -> pooled fea
 heads) and hybrid-meta (the two exit feature maps concatenated -> [1x1 conv + BN + ReLU + soft
 attention] || [soft attention on the concat] -> pooled, + metadata -> 8 task heads).
 Every head has its own softmax; the final probability is the (weighted) mean of the available
-branches' probabilities (late fusion). `FusionEnsemble` averages several trained models. A branch runs only on the cases whose inputs it needs, so a
-missing clinical photo never trains the clinical branch and never enters BN statistics.
+branches' probabilities (late fusion). A branch runs only on the cases whose inputs it needs, so
+a missing clinical photo never trains the clinical branch and never enters BN statistics.
+`FusionEnsemble` averages several trained models; the static export graph is in `static_graph`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -109,10 +109,23 @@ class FusionOutput:
         return torch.stack(cols, dim=1)
 
 
-def _scatter(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-    """Place `rows` (k, ...) at `index` in an (n, ...) zero tensor (differentiable)."""
-    out = rows.new_zeros((n, *rows.shape[1:]))
-    return out.index_copy(0, index, rows)
+def _scatter(rows, index: torch.Tensor, n: int):
+    """Place `rows` (k, ...) at `index` in an (n, ...) zero tensor (differentiable); lists, tuples
+    and dicts of such tensors likewise."""
+    if isinstance(rows, (list, tuple)):
+        return type(rows)(_scatter(r, index, n) for r in rows)
+    if isinstance(rows, dict):
+        return {k: _scatter(v, index, n) for k, v in rows.items()}
+    return rows.new_zeros((n, *rows.shape[1:])).index_copy(0, index, rows)
+
+
+def _on_rows(avail: torch.Tensor, fn, *inputs: torch.Tensor):
+    """`fn(*inputs)` on the rows where `avail` is true only; its outputs come back with zero rows for
+    the others. When every row is available nothing is copied (memory format kept)."""
+    if bool(avail.all()):
+        return fn(*inputs)
+    idx = avail.nonzero().squeeze(1)
+    return _scatter(fn(*(x.index_select(0, idx) for x in inputs)), idx, avail.shape[0])
 
 
 class FusionModel(nn.Module):
@@ -160,36 +173,19 @@ class FusionModel(nn.Module):
             if branch is None or not bool(avail.any()):
                 continue
             out.masks[name] = avail
-            if bool(avail.all()):  # the common case: no gather/scatter copies, memory format kept
-                logits, feats[name], maps = branch(images)
-                out.logits[name] = logits
-                out.attention.update({f"{name}.{key}": m for key, m in maps.items()})
-                continue
-            idx = avail.nonzero().squeeze(1)
-            logits, feat, maps = branch(images.index_select(0, idx))
-            out.logits[name] = [_scatter(lg, idx, n) for lg in logits]
-            feats[name] = _scatter(feat, idx, n)
-            for key, m in maps.items():
-                out.attention[f"{name}.{key}"] = _scatter(m, idx, n)
+            out.logits[name], feats[name], maps = _on_rows(avail, branch, images)
+            out.attention.update({f"{name}.{key}": m for key, m in maps.items()})
         both = has_derm & has_clinic
         if self.hybrid is not None and "derm" in feats and "clinic" in feats and bool(both.any()):
             out.masks["hybrid"] = both
-            if bool(both.all()):
-                logits, maps = self.hybrid(feats["derm"], feats["clinic"], meta, has_meta)
-                out.logits["hybrid"] = logits
-                out.attention.update({f"hybrid.{key}": m for key, m in maps.items()})
-            else:
-                idx = both.nonzero().squeeze(1)
-                logits, maps = self.hybrid(feats["derm"].index_select(0, idx), feats["clinic"].index_select(0, idx),
-                                           meta.index_select(0, idx), has_meta.index_select(0, idx))
-                out.logits["hybrid"] = [_scatter(lg, idx, n) for lg in logits]
-                for key, m in maps.items():
-                    out.attention[f"hybrid.{key}"] = _scatter(m, idx, n)
+            out.logits["hybrid"], maps = _on_rows(both, self.hybrid, feats["derm"], feats["clinic"], meta, has_meta)
+            out.attention.update({f"hybrid.{key}": m for key, m in maps.items()})
         out.probs = late_fusion(out, self.fusion_weights)
         return out
 
 
-def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise mean of same-shaped tensors (the tensor itself when there is one)."""
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors, dim=0).mean(dim=0)
 
 
@@ -213,121 +209,34 @@ class FusionEnsemble(nn.Module):
         outs = [m(derm, clinic, meta, has_derm, has_clinic, has_meta) for m in self.members]
         out = FusionOutput(masks=outs[0].masks)
         for b in outs[0].logits:  # log of the mean probability, so `branch_probs` and late fusion see the mean
-            out.logits[b] = [_mean([o.logits[b][t].float().softmax(dim=-1) for o in outs]).log()
+            out.logits[b] = [mean_of([o.logits[b][t].float().softmax(dim=-1) for o in outs]).log()
                              for t in range(len(NUM_CLASSES))]
-        out.attention = {k: _mean([o.attention[k].float() for o in outs]) for k in outs[0].attention}
+        out.attention = {k: mean_of([o.attention[k].float() for o in outs]) for k in outs[0].attention}
         out.probs = late_fusion(out, self.fusion_weights)
         return out
 
 
-def _dense_branches(m: FusionModel, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
-                    has_derm: torch.Tensor, has_clinic: torch.Tensor, has_meta: torch.Tensor):
-    """Every branch of one model on every case: its probabilities, availability weights and summed maps."""
-    probs, weights, maps, feats = {}, {}, {}, {}
-    for name, branch, images, avail in (("derm", m.derm, derm, has_derm), ("clinic", m.clinic, clinic, has_clinic)):
-        if branch is None:
-            continue
-        logits, feats[name], branch_maps = branch(images)
-        probs[name] = [lg.float().softmax(dim=-1) for lg in logits]
-        weights[name] = avail
-        maps.update({f"{name}.{k}": v.sum(dim=1) for k, v in branch_maps.items()})
-    if m.hybrid is not None:
-        logits, hybrid_maps = m.hybrid(feats["derm"], feats["clinic"], meta, has_meta > 0.5)
-        probs["hybrid"] = [lg.float().softmax(dim=-1) for lg in logits]
-        weights["hybrid"] = has_derm * has_clinic
-        maps.update({f"hybrid.{k}": v.sum(dim=1) for k, v in hybrid_maps.items()})
-    return probs, weights, maps
-
-
-class DenseFusion(nn.Module):
-    """Every branch on every case, availability applied as weights: a static graph for ONNX export.
-
-    In eval mode this equals `FusionModel.forward` for every case (BatchNorm uses running
-    statistics, so running a branch on a placeholder image changes nothing for the others).
-    Inputs: images (N, 3, S, S), meta (N, D), availability flags (N,) float 0/1.
-    Outputs: the 8 fused probability tensors, the (N, 3) branch-used flags, and the
-    aggregated attention maps of each branch stage.
-    """
-
-    def __init__(self, model: FusionModel | FusionEnsemble) -> None:
-        super().__init__()
-        self.model = model.eval()
-        self.attention_names: list[str] = []
-
-    def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor, has_derm: torch.Tensor,
-                has_clinic: torch.Tensor, has_meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        members = list(self.model.members) if isinstance(self.model, FusionEnsemble) else [self.model]
-        parts = [_dense_branches(m, derm, clinic, meta, has_derm, has_clinic, has_meta) for m in members]
-        weights = parts[0][1]
-        maps = {k: _mean([p[2][k] for p in parts]) for k in parts[0][2]}
-        fusion_weights = self.model.fusion_weights
-        w = torch.stack([weights[b] * fusion_weights.get(b, 1.0) for b in weights], dim=0)  # (B, N)
-        denom = w.sum(dim=0).clamp_min(1e-12)[:, None]
-        probs = []
-        for t in range(len(NUM_CLASSES)):
-            stacked = torch.stack([_mean([p[0][b][t] for p in parts]) for b in weights], dim=0)  # (B, N, C)
-            probs.append((stacked * w[..., None]).sum(dim=0) / denom)
-        n = derm.shape[0]
-        used = torch.stack([weights.get(b, torch.zeros(n, device=derm.device)) for b in BRANCHES], dim=1)
-        self.attention_names = list(maps)
-        return (*probs, used, *maps.values())
-
-
-def freeze_for_inference(model: FusionModel, batch: int, size: int, meta_dim: int, bf16: bool,
-                         channels_last: bool = True) -> torch.jit.ScriptModule:
-    """`DenseFusion` traced and frozen (BatchNorm folded into the convs, oneDNN fusions).
-
-    Measured faster than eager at batch 1 on this CPU (docs/PERFORMANCE.md); outputs as
-    `DenseFusion` (aggregated attention maps only). Traced under autocast when `bf16`.
-    """
-    dense = DenseFusion(model.eval()).eval()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        dense.to(memory_format=torch.channels_last)
-    x = torch.zeros(batch, 3, size, size).contiguous(memory_format=fmt)
-    flags = torch.ones(batch)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-        dense(x, x, torch.zeros(batch, meta_dim), flags, flags, flags)
-        traced = torch.jit.trace(dense, (x, x, torch.zeros(batch, meta_dim), flags, flags, flags), check_trace=False)
-        frozen = torch.jit.freeze(traced)
-        frozen(x, x, torch.zeros(batch, meta_dim), flags, flags, flags)  # first call optimises the graph
-    frozen.attention_names = list(dense.attention_names)
-    return frozen
+def weighted_branch_mean(probs: dict[str, list[torch.Tensor]], availability: dict[str, torch.Tensor],
+                         weights: dict[str, float] | None = None, eps: float = 0.0) -> list[torch.Tensor]:
+    """Per task, the mean of the branches' probabilities (8 x (N, C_t) each), case by case over the
+    branches available for it (`availability`: (N,) 0/1), each branch weighted by `weights`
+    (missing = 1). With `eps` = 0 a case with no available branch gets NaN."""
+    weights = weights or {}
+    branches = list(probs)
+    w = torch.stack([availability[b].float() * weights.get(b, 1.0) for b in branches], dim=0)  # (B, N)
+    denom = w.sum(dim=0).clamp_min(eps)[:, None] if eps else w.sum(dim=0)[:, None]
+    out = []
+    for t in range(len(NUM_CLASSES)):
+        stacked = torch.stack([probs[b][t] for b in branches], dim=0)  # (B, N, C)
+        out.append((stacked * w[..., None]).sum(dim=0) / denom)
+    return out
 
 
 def late_fusion(out: FusionOutput, weights: dict[str, float] | None = None) -> list[torch.Tensor]:
-    """Mean over the available branches of their per-task softmax probabilities, each branch
-    weighted by `weights` (a branch not named there weighs 1).
+    """The fused probabilities of a forward pass: `weighted_branch_mean` over the branches that ran.
 
     A case with no available branch gets NaN probabilities (callers must refuse it).
     """
-    probs = []
-    branches = list(out.logits)
-    if not branches:
+    if not out.logits:
         raise ValueError("no branch could run: every input the model needs is missing")
-    weights = weights or {}
-    weight = torch.stack([out.masks[b].float() * weights.get(b, 1.0) for b in branches], dim=0)  # (B, N)
-    denom = weight.sum(dim=0)  # (N,)
-    for t in range(len(NUM_CLASSES)):
-        stacked = torch.stack([out.logits[b][t].float().softmax(dim=-1) for b in branches], dim=0)  # (B, N, C)
-        probs.append((stacked * weight[..., None]).sum(dim=0) / denom[:, None])
-    return probs
-
-
-def multitask_loss(out: FusionOutput, targets: torch.Tensor, class_weights: list[torch.Tensor] | None = None,
-                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum over branches and tasks of the cross-entropy, each branch on the cases it ran on."""
-    total = targets.new_zeros((), dtype=torch.float32)
-    parts: dict[str, float] = {}
-    for branch, logits in out.logits.items():
-        mask = out.masks[branch]
-        if not bool(mask.any()):
-            continue
-        branch_loss = total.new_zeros(())
-        for t, lg in enumerate(logits):
-            w = None if class_weights is None else class_weights[t].to(lg.device)
-            branch_loss = branch_loss + F.cross_entropy(lg[mask].float(), targets[mask, t], weight=w,
-                                                        label_smoothing=label_smoothing)
-        parts[branch] = float(branch_loss.detach())
-        total = total + branch_loss
-    return total, parts
+    return weighted_branch_mean({b: out.branch_probs(b) for b in out.logits}, out.masks, weights)

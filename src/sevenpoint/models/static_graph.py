@@ -1,0 +1,81 @@
+"""The static inference graph: `DenseFusion` runs every branch on every case and applies the
+inputs' availability as weights, so one traced graph serves ONNX export (`sevenpoint export`)
+and the frozen TorchScript path (`freeze_for_inference`, serve's default backend)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..schema import NUM_CLASSES
+from .fusion import BRANCHES, FusionEnsemble, FusionModel, mean_of, weighted_branch_mean
+
+
+def _dense_branches(m: FusionModel, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
+                    has_derm: torch.Tensor, has_clinic: torch.Tensor, has_meta: torch.Tensor):
+    """Every branch of one model on every case: its probabilities, availability weights and summed maps."""
+    probs, weights, maps, feats = {}, {}, {}, {}
+    for name, branch, images, avail in (("derm", m.derm, derm, has_derm), ("clinic", m.clinic, clinic, has_clinic)):
+        if branch is None:
+            continue
+        logits, feats[name], branch_maps = branch(images)
+        probs[name] = [lg.float().softmax(dim=-1) for lg in logits]
+        weights[name] = avail
+        maps.update({f"{name}.{k}": v.sum(dim=1) for k, v in branch_maps.items()})
+    if m.hybrid is not None:
+        logits, hybrid_maps = m.hybrid(feats["derm"], feats["clinic"], meta, has_meta > 0.5)
+        probs["hybrid"] = [lg.float().softmax(dim=-1) for lg in logits]
+        weights["hybrid"] = has_derm * has_clinic
+        maps.update({f"hybrid.{k}": v.sum(dim=1) for k, v in hybrid_maps.items()})
+    return probs, weights, maps
+
+
+class DenseFusion(nn.Module):
+    """Every branch on every case, availability applied as weights: a static graph for ONNX export.
+
+    In eval mode this equals `FusionModel.forward` for every case (BatchNorm uses running
+    statistics, so running a branch on a placeholder image changes nothing for the others).
+    Inputs: images (N, 3, S, S), meta (N, D), availability flags (N,) float 0/1.
+    Outputs: the 8 fused probability tensors, the (N, 3) branch-used flags, and the
+    aggregated attention maps of each branch stage.
+    """
+
+    def __init__(self, model: FusionModel | FusionEnsemble) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.attention_names: list[str] = []
+
+    def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor, has_derm: torch.Tensor,
+                has_clinic: torch.Tensor, has_meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        members = list(self.model.members) if isinstance(self.model, FusionEnsemble) else [self.model]
+        parts = [_dense_branches(m, derm, clinic, meta, has_derm, has_clinic, has_meta) for m in members]
+        weights = parts[0][1]
+        maps = {k: mean_of([p[2][k] for p in parts]) for k in parts[0][2]}
+        branch_probs = {b: [mean_of([p[0][b][t] for p in parts]) for t in range(len(NUM_CLASSES))] for b in weights}
+        probs = weighted_branch_mean(branch_probs, weights, self.model.fusion_weights, eps=1e-12)
+        n = derm.shape[0]
+        used = torch.stack([weights.get(b, torch.zeros(n, device=derm.device)) for b in BRANCHES], dim=1)
+        self.attention_names = list(maps)
+        return (*probs, used, *maps.values())
+
+
+def freeze_for_inference(model: FusionModel, batch: int, size: int, meta_dim: int, bf16: bool,
+                         channels_last: bool = True) -> torch.jit.ScriptModule:
+    """`DenseFusion` traced and frozen (BatchNorm folded into the convs, oneDNN fusions).
+
+    Measured faster than eager at batch 1 on this CPU (docs/PERFORMANCE.md); outputs as
+    `DenseFusion` (aggregated attention maps only). Traced under autocast when `bf16`.
+    """
+    dense = DenseFusion(model.eval()).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        dense.to(memory_format=torch.channels_last)
+    x = torch.zeros(batch, 3, size, size).contiguous(memory_format=fmt)
+    flags = torch.ones(batch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        dense(x, x, torch.zeros(batch, meta_dim), flags, flags, flags)
+        traced = torch.jit.trace(dense, (x, x, torch.zeros(batch, meta_dim), flags, flags, flags), check_trace=False)
+        frozen = torch.jit.freeze(traced)
+        frozen(x, x, torch.zeros(batch, meta_dim), flags, flags, flags)  # first call optimises the graph
+    frozen.attention_names = list(dense.attention_names)
+    return frozen
