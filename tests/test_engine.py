@@ -86,7 +86,7 @@ def test_tta_probabilities_sum_to_one_and_calibration_is_fitted_on_validation_on
         probs = pred[[f"{task.name}_p_{c}" for c in task.classes]].to_numpy()
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
     # every temperature was fitted on exactly the validation predictions and labels, never on test's
-    valid = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "v", split="valid", tta="flip_rot",
+    evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "v", split="valid", tta="flip_rot",
                      progress=False)
     vpred = pd.read_csv(tmp_path / "v" / "predictions.csv")
     assert len(fitted) == len(TASKS)

@@ -197,3 +197,22 @@ def test_cv_folds_cover_train_and_valid_once_and_never_test(synth_root, tmp_path
     seen.clear()
     assert cv.run_cv(cfg, synth_root, tmp_path / "cv", folds=2, progress=False)["mean"] == pytest.approx(result["mean"])
     assert seen == []  # finished folds are reused, nothing retrained
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.backbone=resnet50", "model.backbone"),
+    ("model.attention_heads=0", "model.attention_heads"),
+])
+def test_model_options_are_validated_when_loaded(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [override])
+    with pytest.raises(ConfigError, match="backbone_checkpoint"):
+        load_config("cpu-recipe", ["model.backbone_checkpoint=x.safetensors"])
+
+
+@pytest.mark.parametrize("backbone", ["xception_tiny", "efficientnet_lite0"])
+def test_attention_heads_reach_every_backbone(backbone):
+    cfg = load_config("tiny", [f"model.backbone={backbone}", "model.attention_heads=3", "model.pretrained=false"])
+    net = build_backbone(cfg.model)
+    _, maps = net.forward_features(torch.zeros(1, 3, 64, 64))
+    assert maps["exit"].shape[1] == 3

@@ -68,13 +68,10 @@ def build_model(cfg: RunConfig) -> FusionModel | FusionEnsemble:
     return model
 
 
-def load_model(path: str | os.PathLike, expect_variant: str | None = None
-               ) -> tuple[FusionModel | FusionEnsemble, RunConfig, dict]:
+def load_model(path: str | os.PathLike) -> tuple[FusionModel | FusionEnsemble, RunConfig, dict]:
     """Rebuild the model from a checkpoint's own config and load its weights (eval mode)."""
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["sevenpoint"]["config"])
-    if expect_variant is not None and cfg.model.variant != expect_variant:
-        raise CheckpointError(f"{path}: checkpoint is variant {cfg.model.variant}, expected {expect_variant}")
     model = build_model(cfg)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     result = model.load_state_dict(state, strict=False)

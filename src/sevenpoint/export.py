@@ -69,7 +69,7 @@ def check_parity(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, n:
     inputs[5] = torch.tensor([1.0, 1.0, 0.0] * n)[:n]  # some without metadata
     with torch.no_grad():
         ref = model(inputs[0], inputs[1], inputs[2], inputs[3].bool(), inputs[4].bool(), inputs[5].bool())
-    if cfg.model.variant == "CIM":  # a CIM model has nothing to run without the clinical photo
+    if "derm" not in cfg.model.images:  # a clinical-only model has nothing to run without the clinical photo
         keep = inputs[4].bool()
         ref_probs = [p[keep] for p in ref.probs]
     else:

@@ -248,7 +248,8 @@ class Predictor:
         probs = [p / len(views) for p in probs]
         for i in range(n):
             if not bool(used[i].any()):
-                need = {"DIM": "a dermoscopy image", "CIM": "a clinical photo"}.get(self.cfg.model.variant, "an image")
+                need = " or ".join({"derm": "a dermoscopy image", "clinic": "a clinical photo"}[k]
+                                   for k in self.cfg.model.images)
                 raise PredictError(f"case {offset + i}: this {self.cfg.model.variant} model needs {need}")
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)

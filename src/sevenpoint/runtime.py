@@ -59,7 +59,7 @@ def cpu_summary() -> dict:
 
 def use_bf16(precision: str, backbone: str, on_gpu: bool) -> bool:
     """`auto`: bf16 on GPUs and on bf16 CPUs for Xception; EfficientNet-Lite stays fp32 on CPU
-    (its depthwise convs were measured slower under bf16 autocast, DESIGN.md §5)."""
+    (its depthwise convs were measured slower under bf16 autocast, docs/PERFORMANCE.md)."""
     if precision != "auto":
         return precision == "bf16"
     if on_gpu:

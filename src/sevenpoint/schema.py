@@ -1,6 +1,6 @@
 """The Derm7pt label schema as data: 8 tasks, 24 classes, raw-value mapping, checklist points.
 
-Everything else in the package reads this table (DESIGN.md §2); nothing here imports
+Everything else in the package reads this table; nothing here imports
 anything of ours. Task order is the official one of Kawahara et al. (2018):
 DIAG, PN, BWV, VS, PIG, STR, DaG, RS.
 """
@@ -129,7 +129,7 @@ MELANOMA_THRESHOLD = 3  # a 7-point score of 3 or more means "suspect melanoma, 
 # The order in which the paper's tables list the tasks (Omeroglu et al. 2023, Table 5).
 PAPER_ORDER: tuple[str, ...] = ("BWV", "DaG", "PIG", "PN", "RS", "STR", "VS", "DIAG")
 
-# --- metadata (DESIGN.md §2 "Metadata"): one-hot sex 2 + location 9 + elevation 3 = 14 dims
+# --- metadata: one-hot sex 2 + location 9 + elevation 3 = 14 dims
 META_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "sex": ("female", "male"),
     "location": (

@@ -1,4 +1,4 @@
-"""Reader for the official Derm7pt `release_v0/` layout (DESIGN.md §2).
+"""Reader for the official Derm7pt `release_v0/` layout.
 
 `Derm7pt.load(path)` reads meta.csv and the three index files, maps every label through the
 schema, resolves image paths (case-insensitively when the exact path is missing), flags
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -279,7 +278,3 @@ class _PathResolver:
         if hit is not None:
             return hit, f"{rel!r} resolved case-insensitively to {hit.relative_to(self.image_dir).as_posix()!r}"
         return None, None
-
-
-def class_counts(targets: np.ndarray, tasks: Sequence = TASKS) -> list[np.ndarray]:
-    return [np.bincount(targets[:, i], minlength=t.num_classes) for i, t in enumerate(tasks)]

@@ -26,6 +26,7 @@ from ..data.cache import ImageCache
 from ..data.images import load_image
 from ..data.transforms import to_tensor, train_transform
 from ..models import FusionModel
+from ..schema import TASKS
 from .loss import multitask_loss
 from ..runtime import cpu_summary, cpu_supports_bf16
 
@@ -129,12 +130,12 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     with tempfile.TemporaryDirectory() as tmp:
         data = _data_costs(size, 8, Path(tmp))
     result["data"] = data
-    images_per_case = 2 if variant == "DCIHMM" else 1
+    images_per_case = len(cfg.model.images)
     naive_data_s = images_per_case * data["decode_augment_ms_per_image"] / 1000
     fast_data_s = images_per_case * data["cached_augment_ms_per_image"] / 1000
 
     train, infer = {}, {}
-    targets = torch.zeros(batch, 8, dtype=torch.long)
+    targets = torch.zeros(batch, len(TASKS), dtype=torch.long)
     variants = list(paths.items()) + ([("channels_last+bf16+compile", (True, True))] if compile else [])
     for name, (cl, bf16) in variants:
         model = copy.deepcopy(base)

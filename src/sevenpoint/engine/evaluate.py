@@ -116,7 +116,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
 
     def run(which: str):
         ds = Derm7ptDataset(data, which, make_cache(cfg), transforms_for(cfg.data)[1],
-                            clinic_fallback=cfg.model.variant == "CIM")
+                            clinic_fallback=cfg.model.images == ("clinic",))
         dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
         return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
 
@@ -124,7 +124,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     probs, targets, ids = pred.probs, pred.targets, pred.ids
     metrics = compute_metrics(probs, targets)
     metrics["branches"] = branch_accuracy(pred)
-    fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.variant == "CIM" else 0
+    fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.images == ("clinic",) else 0
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "attention": cfg.model.attention})

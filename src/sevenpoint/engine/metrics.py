@@ -1,4 +1,4 @@
-"""Metrics of DESIGN.md §4 from probabilities and targets (scikit-learn / torchmetrics underneath)."""
+"""The metrics `evaluate` reports, from probabilities and targets (scikit-learn / torchmetrics underneath)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from sklearn.metrics import roc_curve
 
 from ..schema import PAPER_ORDER, TASKS
 
-# Published averages over the 8 labels on the official test split (DESIGN.md §2). Per-label
-# figures only where DESIGN.md lists them (Kawahara 2018 as commonly cited).
+# Published averages over the 8 labels on the official test split (sources in docs/RESULTS.md). Per-label
+# figures only where the papers give them (Kawahara 2018 as commonly cited).
 PUBLISHED: dict[str, dict[str, float]] = {
     "Kawahara et al. 2018": {"BWV": 87.1, "DaG": 60.0, "PIG": 66.1, "PN": 70.9, "RS": 77.2, "STR": 74.2,
                              "VS": 79.7, "DIAG": 74.2, "AVG": 73.7},

@@ -83,7 +83,7 @@ def build_loaders(data: Derm7pt, cfg: RunConfig) -> tuple[DataLoader, DataLoader
     cache = make_cache(cfg)
     train_tf, eval_tf = transforms_for(cfg.data)
     train_ds = Derm7ptDataset(data, "train", cache, train_tf)
-    valid_ds = Derm7ptDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.variant == "CIM")
+    valid_ds = Derm7ptDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.images == ("clinic",))
     weights = balanced_weights(data.targets("train")) if cfg.train.balanced_sampling else None
     sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, weights=weights)
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
@@ -292,7 +292,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     model, ens_cfg, _ = load_model(best)
     data = load_training_data(data_dir, cfg, splits)
     valid = Derm7ptDataset(data, "valid", make_cache(cfg), transforms_for(cfg.data)[1],
-                           clinic_fallback=cfg.model.variant == "CIM")
+                           clinic_fallback=cfg.model.images == ("clinic",))
     pred = predict_loader(model, DataLoader(valid, batch_size=cfg.train.batch_size), ens_cfg.infer.tta,
                           progress=progress, channels_last=use_channels_last(cfg.train.channels_last))
     val_acc = float(np.mean([(p.argmax(axis=1) == pred.targets[:, t]).mean() for t, p in enumerate(pred.probs)]))

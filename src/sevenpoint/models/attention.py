@@ -1,4 +1,4 @@
-"""Soft attention (Omeroglu et al. 2023, Sec. 3.2; DESIGN.md §3)."""
+"""Soft attention (Omeroglu et al. 2023, Sec. 3.2; docs/model.md)."""
 
 from __future__ import annotations
 

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import BACKBONES, ModelConfig
 from .efficientnet import LITE_VARIANTS, EfficientNetLiteBackbone
 from .xception import XCEPTION_PAPER, XCEPTION_TINY, ModifiedXception, load_legacy_xception
 
-BACKBONES = ("xception", "xception_tiny", *LITE_VARIANTS)
+assert set(LITE_VARIANTS) <= set(BACKBONES)
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -37,7 +37,7 @@ def set_bn_momentum(net: nn.Module, momentum: float) -> int:
 def _build(cfg: ModelConfig) -> nn.Module:
     if cfg.backbone in ("xception", "xception_tiny"):
         spec = XCEPTION_PAPER if cfg.backbone == "xception" else XCEPTION_TINY
-        if cfg.backbone == "xception" and cfg.attention_heads != spec.attention_heads:
+        if cfg.attention_heads != spec.attention_heads:
             spec = replace(spec, attention_heads=cfg.attention_heads)
         net = ModifiedXception(spec, attention=cfg.attention)
         if cfg.backbone_checkpoint:

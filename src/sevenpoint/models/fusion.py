@@ -1,6 +1,6 @@
 """Three-branch hybrid fusion with per-task heads and late fusion (Omeroglu et al. 2023, Sec. 3.4).
 
-Branches (DESIGN.md §3): dermoscopy and clinical (a backbone each -> pooled features -> 8 task
+Branches (docs/model.md): dermoscopy and clinical (a backbone each -> pooled features -> 8 task
 heads) and hybrid-meta (the two exit feature maps concatenated -> [1x1 conv + BN + ReLU + soft
 attention] || [soft attention on the concat] -> pooled, + metadata -> 8 task heads).
 Every head has its own softmax; the final probability is the (weighted) mean of the available
@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import VARIANT_BRANCHES, ModelConfig
 from ..schema import NUM_CLASSES
 from .attention import SoftAttention
 from .backbones import build_backbone
 
 BRANCHES = ("derm", "clinic", "hybrid")
-VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}
 
 
 class TaskHeads(nn.Module):
@@ -136,7 +135,7 @@ class FusionModel(nn.Module):
         if cfg.variant not in VARIANT_BRANCHES:
             raise ValueError(f"variant {cfg.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
         self.cfg = cfg
-        self.branch_names = VARIANT_BRANCHES[cfg.variant]
+        self.branch_names = cfg.branches
         self.fusion_weights: dict[str, float] = {}  # branch -> late-fusion weight (missing = 1); `infer.clinic_weight`
         derm_bb = build_backbone(cfg) if "derm" in self.branch_names else None
         clinic_bb = None

@@ -1,4 +1,4 @@
-"""The paper's modified Xception (Omeroglu et al. 2023, Sec. 3.3; DESIGN.md §3), as block-spec data.
+"""The paper's modified Xception (Omeroglu et al. 2023, Sec. 3.3; docs/model.md), as block-spec data.
 
 Chollet's Xception = entry flow (stem + 3 down-sampling residual blocks), middle flow (8
 residual blocks of 3 separable convs at 728), exit flow (a down-sampling residual block,
