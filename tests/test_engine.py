@@ -208,7 +208,7 @@ def test_each_branch_alone_is_reported_and_averages_to_the_fused_result(tiny_run
     from sevenpoint.checkpoint import load_model
     from sevenpoint.data import Derm7pt, Derm7ptDataset
     from sevenpoint.engine.evaluate import branch_accuracy, predict_loader
-    from sevenpoint.engine.train import make_cache
+    from sevenpoint.data.cache import make_cache
 
     model, cfg, _ = load_model(tiny_run["best_checkpoint"])
     data = Derm7pt.load(synth_root)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .checkpoint import load_model
 from .models import DenseFusion
 from .schema import TASK_NAMES
@@ -25,6 +25,15 @@ def example_inputs(n: int, size: int, meta_dim: int, seed: int = 0) -> tuple[tor
             meta, flags, flags.clone(), flags.clone())
 
 
+def ort_session(path: str | os.PathLike):
+    """An ONNX Runtime CPU session with every graph optimisation on (the one place sessions are made)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def export_model(model: torch.nn.Module, path: str | os.PathLike, size: int, meta_dim: int, opset: int = 17,
                  metadata: dict[str, str] | None = None) -> list[str]:
     """Export `DenseFusion(model)` (dynamic batch) to `path` atomically; returns the output names."""
@@ -34,20 +43,17 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: int, met
         dense(*inputs)  # fills attention_names
     outputs = [f"prob_{t}" for t in TASK_NAMES] + ["branches_used"] + [f"attention_{n}" for n in dense.attention_names]
     dynamic = {name: {0: "batch"} for name in INPUT_NAMES + outputs}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".onnx.tmp")
-    torch.onnx.export(dense, inputs, str(tmp), input_names=INPUT_NAMES, output_names=outputs,
-                      dynamic_axes=dynamic, opset_version=opset, dynamo=False)
-    if metadata:
-        import onnx
+    with atomic_path(path, suffix=".onnx.tmp") as tmp:
+        torch.onnx.export(dense, inputs, str(tmp), input_names=INPUT_NAMES, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+        if metadata:
+            import onnx
 
-        proto = onnx.load(str(tmp))
-        for key, value in {**metadata, "sevenpoint_attention": json.dumps(dense.attention_names)}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+            proto = onnx.load(str(tmp))
+            for key, value in {**metadata, "sevenpoint_attention": json.dumps(dense.attention_names)}.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(proto, str(tmp))
     return outputs
 
 
@@ -61,8 +67,6 @@ def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, ops
 
 def check_parity(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, n: int = 4) -> float:
     """Max |prob difference| between PyTorch (fp32) and ONNX Runtime on random cases with mixed availability."""
-    import onnxruntime as ort
-
     model, cfg, _ = load_model(checkpoint)
     inputs = list(example_inputs(n, cfg.data.image_size, cfg.model.meta_dim, seed=1))
     inputs[4] = torch.tensor([1.0, 0.0] * (n // 2) + [1.0] * (n % 2))  # some cases without a clinical photo
@@ -74,6 +78,6 @@ def check_parity(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, n:
         ref_probs = [p[keep] for p in ref.probs]
     else:
         keep, ref_probs = torch.ones(n, dtype=torch.bool), ref.probs
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_path)
     got = sess.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, inputs)})
     return float(max(np.abs(got[t][keep.numpy()] - ref_probs[t].numpy()).max() for t in range(len(TASK_NAMES))))

@@ -20,7 +20,7 @@ from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
-from .runtime import use_bf16, use_channels_last
+from .runtime import bf16_autocast, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta,
                      seven_point_score)
@@ -115,7 +115,7 @@ class _TorchBackend:
     @torch.no_grad()
     def __call__(self, derm, clinic, meta, has):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with bf16_autocast(self.bf16):
             out = self.model(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
                              has["derm"], has["clinic"], has["meta"])
         heads = {k: v.float().numpy() for k, v in out.attention.items()}
@@ -135,7 +135,7 @@ class _FrozenBackend:
     @torch.no_grad()
     def __call__(self, derm, clinic, meta, has):
         fmt = torch.channels_last
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+        with bf16_autocast(self.bf16, tracing=True):
             out = self.graph(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
                              *(has[k].float() for k in ("derm", "clinic", "meta")))
         n_tasks = len(TASKS)
@@ -147,11 +147,9 @@ class _OnnxBackend:
     """ONNX Runtime on an exported model (`sevenpoint export`): the fast CPU path for serving."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import onnxruntime as ort
+        from .export import ort_session
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path)
         meta = self.session.get_modelmeta().custom_metadata_map
         if "sevenpoint_config" not in meta:
             raise PredictError(f"{path}: not a sevenpoint ONNX export (no sevenpoint_config metadata)")

@@ -69,3 +69,9 @@ def use_bf16(precision: str, backbone: str, on_gpu: bool) -> bool:
 
 def use_channels_last(setting: str) -> bool:
     return setting == "on" or setting == "auto"
+
+
+def bf16_autocast(enabled: bool, device_type: str = "cpu", tracing: bool = False) -> torch.autocast:
+    """The one autocast context of the package: bf16 when `enabled`, a no-op otherwise. `tracing`
+    turns the weight-cast cache off, which traced / frozen graphs need."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False if tracing else None)

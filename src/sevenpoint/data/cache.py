@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_bytes
 from .images import DEFAULT_CROP, load_image
 
 _MAGIC = b"7PTC"
@@ -97,11 +97,15 @@ def _write_entry(entry: Path, arr: np.ndarray) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     body = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
     header = _HEADER.pack(_MAGIC, arr.shape[0], arr.shape[1], arr.shape[2], zlib.crc32(body))
-    fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header + body)
-        os.replace(tmp, entry)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(entry, header + body)
+
+
+def default_cache_dir() -> Path:
+    """Where decoded images are cached unless `data.cache_dir` says otherwise ($SEVENPOINT_CACHE)."""
+    return Path(os.environ.get("SEVENPOINT_CACHE", Path.home() / ".cache" / "sevenpoint" / "images"))
+
+
+def make_cache(cfg) -> ImageCache:
+    """The decoded-image cache a run config's data section describes."""
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    return ImageCache(root, cfg.data.image_size, cfg.data.crop, cfg.data.short_side)

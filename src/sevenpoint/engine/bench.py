@@ -28,7 +28,7 @@ from ..data.transforms import to_tensor, train_transform
 from ..models import FusionModel
 from ..schema import TASKS
 from .loss import multitask_loss
-from ..runtime import cpu_summary, cpu_supports_bf16
+from ..runtime import bf16_autocast, cpu_summary, cpu_supports_bf16
 
 PATHS = {  # name -> (channels_last, bf16)
     "fp32 (naive)": (False, False),
@@ -65,7 +65,7 @@ def _frozen_call(model: FusionModel, n: int, size: int, meta_dim: int, bf16: boo
 
     @torch.no_grad()
     def call():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        with bf16_autocast(bf16, tracing=True):
             graph(derm, clinic, meta, flags, flags, flags)
 
     return call
@@ -146,7 +146,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         opt = torch.optim.Adam(model.parameters(), 1e-4)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(bf16):
                 out = run_model(derm, clinic, meta)
                 loss, _ = multitask_loss(out, targets)
             opt.zero_grad(set_to_none=True)
@@ -162,7 +162,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
 
         @torch.no_grad()
         def infer_step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(bf16):
                 run_model(derm, clinic, meta)
 
         inf_s = statistics.median(_timeit(infer_step, warmup, repeats))
@@ -181,7 +181,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
 
         @torch.no_grad()
         def single():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(bf16):
                 model(*one)
 
         latency[f"torch {name}"] = _latency_ms(single, warmup, latency_runs)
@@ -222,16 +222,13 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
 
 def _onnx_bench(model: FusionModel, size: int, meta_dim: int, batch: int, warmup: int, repeats: int,
                 latency_runs: int) -> dict:
-    import onnxruntime as ort
 
-    from ..export import export_model
+    from ..export import export_model, ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         export_model(copy.deepcopy(model), path, size, meta_dim)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
 
     def feeds(n):
         d, c, m = _inputs(n, size, meta_dim, False)

@@ -15,14 +15,14 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_model
 from ..data import Derm7pt, Derm7ptDataset
+from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
 from ..schema import TASKS
-from .metrics import apply_temperature, compute_metrics, ece, fit_temperature
+from .metrics import apply_temperature, compute_metrics, ece, fit_temperature, nll
 from .module import forward_batch
 from .report import plot_confusion, plot_roc, write_report
-from ..runtime import use_bf16, use_channels_last
-from .train import make_cache
+from ..runtime import bf16_autocast, use_bf16, use_channels_last
 
 
 @dataclass
@@ -53,7 +53,7 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
         views_d, views_c = tta_views(batch["derm"], tta), tta_views(batch["clinic"], tta)
         acc: dict[str, list[torch.Tensor]] = {}
         for vd, vc in zip(views_d, views_c):
-            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(bf16, dev_type):
                 out = forward_batch(model, {**batch, "derm": vd, "clinic": vc}, channels_last)
             view = {"fused": out.probs, **{b: out.branch_probs(b) for b in model.branch_names}}
             for b, ps in view.items():
@@ -139,8 +139,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
             cal[task.name] = {
                 "temperature": temp,
                 "valid_nll_before": before["nll"],
-                "valid_nll_after": float(-np.log(np.clip(scaled_val[np.arange(len(scaled_val)), val_targets[:, t]],
-                                                         1e-12, None)).mean()),
+                "valid_nll_after": nll(scaled_val, val_targets[:, t]),
                 "valid_ece_before": before["ece"], "valid_ece_after": ece(val_targets[:, t], scaled_val),
                 f"{split}_ece_before": metrics["tasks"][task.name]["ece"],
             }

@@ -55,7 +55,7 @@ def compute_metrics(probs: list[np.ndarray], targets: np.ndarray) -> dict:
             "confusion_matrix": confusion_matrix(y, preds[:, t], labels=list(range(task.num_classes))).tolist(),
             "classes": {task.classes[int(k)]: v for k, v in classes.items()},
             "ece": ece(y, p),
-            "nll": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()),
+            "nll": nll(p, y),
         }
     truth_mel = targets[:, DIAG_INDEX] == MEL_CLASS
     score = seven_point_score(preds)
@@ -89,13 +89,12 @@ def _expected_score(probs: list[np.ndarray]) -> np.ndarray:
 
 def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
     """Temperature T minimising the NLL of softmax(log p / T); T=1 is in the grid, so NLL never rises."""
-    logp = np.log(np.clip(probs, 1e-12, None))
     grid = np.unique(np.concatenate([np.exp(np.linspace(np.log(0.05), np.log(20.0), 241)), [1.0]]))
-    best_t, best_nll = 1.0, _nll(logp, y, 1.0)
+    best_t, best_nll = 1.0, nll(apply_temperature(probs, 1.0), y)
     for t in grid:
-        nll = _nll(logp, y, t)
-        if nll < best_nll - 1e-12:
-            best_t, best_nll = float(t), nll
+        value = nll(apply_temperature(probs, t), y)
+        if value < best_nll - 1e-12:
+            best_t, best_nll = float(t), value
     return best_t
 
 
@@ -106,6 +105,6 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _nll(logp: np.ndarray, y: np.ndarray, t: float) -> float:
-    p = apply_temperature(np.exp(logp), t)
-    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (probabilities clipped at 1e-12)."""
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())

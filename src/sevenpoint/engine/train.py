@@ -28,9 +28,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from ..atomic import write_json
 from ..checkpoint import atomic_torch_save
 from ..config import RunConfig, config_from_dict
-from ..data import Derm7pt, Derm7ptDataset, EpochSampler, ImageCache, balanced_weights
+from ..data import Derm7pt, Derm7ptDataset, EpochSampler, balanced_weights
+from ..data.cache import make_cache
 from ..data.transforms import transforms_for
 from ..schema import TASKS
 from .module import SevenPointModule
@@ -48,15 +50,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         atomic_torch_save(checkpoint, path)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SEVENPOINT_CACHE", Path.home() / ".cache" / "sevenpoint" / "images"))
-
-
-def make_cache(cfg: RunConfig) -> ImageCache:
-    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-    return ImageCache(root, cfg.data.image_size, cfg.data.crop, cfg.data.short_side)
 
 
 def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
@@ -133,12 +126,6 @@ def check_run_dir(run_dir: Path, need_mb: int = 200) -> None:
         raise RunDirError(f"{run_dir}: only {free_mb} MB free on disk; need at least {need_mb} MB for checkpoints")
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 class StopAfterEpochs(L.Callback):
     """Stop cleanly after `n` epochs (used to simulate an interrupted run in tests)."""
 
@@ -182,7 +169,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new --out")
     check_run_dir(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    _write_json(run_dir / "run_info.json", run_info(argv))
+    write_json(run_dir / "run_info.json", run_info(argv))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
@@ -236,7 +223,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         "config": dataclasses.asdict(cfg),
     }
     if trainer.is_global_zero:
-        _write_json(run_dir / "train_summary.json", summary)
+        write_json(run_dir / "train_summary.json", summary)
     return summary
 
 
@@ -270,7 +257,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     check_run_dir(run_dir)
     if not resume:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _write_json(run_dir / "run_info.json", run_info(argv))
+        write_json(run_dir / "run_info.json", run_info(argv))
     finished: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
     for i in range(cfg.train.ensemble):
         name = f"m{i}"
@@ -285,7 +272,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         if stop_after_epochs:  # an interrupted run (tests): this member is not finished
             return summary
         finished[name] = {k: summary[k] for k in ("best_checkpoint", "best_val_avg_acc", "epochs_run", "train_seconds")}
-        _write_json(done_file, finished)
+        write_json(done_file, finished)
     best = run_dir / "checkpoints" / "best.ckpt"
     members = [finished[f"m{i}"]["best_checkpoint"] for i in range(cfg.train.ensemble)]
     assemble_ensemble(members, best, infer=dataclasses.asdict(cfg.infer))
@@ -306,5 +293,5 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         "valid_cases": len(valid),
         "config": dataclasses.asdict(cfg),
     }
-    _write_json(run_dir / "train_summary.json", summary)
+    write_json(run_dir / "train_summary.json", summary)
     return summary

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime import bf16_autocast
 from ..schema import NUM_CLASSES
 from .fusion import BRANCHES, FusionEnsemble, FusionModel, mean_of, weighted_branch_mean
 
@@ -72,7 +73,7 @@ def freeze_for_inference(model: FusionModel, batch: int, size: int, meta_dim: in
         dense.to(memory_format=torch.channels_last)
     x = torch.zeros(batch, 3, size, size).contiguous(memory_format=fmt)
     flags = torch.ones(batch)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+    with torch.no_grad(), bf16_autocast(bf16, tracing=True):
         dense(x, x, torch.zeros(batch, meta_dim), flags, flags, flags)
         traced = torch.jit.trace(dense, (x, x, torch.zeros(batch, meta_dim), flags, flags, flags), check_trace=False)
         frozen = torch.jit.freeze(traced)
