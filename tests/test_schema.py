@@ -46,3 +46,20 @@ def test_real_meta_maps_every_value_and_reproduces_score():
         assert set(labels[:, t]) == set(range(task.num_classes)), task.name
     sizes = [len(pd.read_csv(REAL_META / f"{s}_indexes.csv")) for s in ("train", "valid", "test")]
     assert sizes == [413, 203, 395]
+
+
+def test_score_rule_text_is_written_from_the_table(monkeypatch):
+    import dataclasses
+
+    from sevenpoint import schema
+
+    text = schema.score_rule()
+    assert text.startswith("7-point score = 2 x (atypical pigment network,") and ">= 3 suggests" in text
+    assert "1 x (irregular pigmentation" in text and text.count("regression") == 1
+    # one edit to the table (PN becomes a minor criterion, threshold 4) changes the text with it
+    tasks = tuple(dataclasses.replace(t, points={2: 1}) if t.name == "PN" else t for t in schema.TASKS)
+    monkeypatch.setattr(schema, "TASKS", tasks)
+    monkeypatch.setattr(schema, "MELANOMA_THRESHOLD", 4)
+    text = schema.score_rule()
+    assert text.startswith("7-point score = 2 x (present blue whitish veil, irregular vascular structures) + "
+                           "1 x (atypical pigment network, irregular pigmentation") and ">= 4 suggests" in text

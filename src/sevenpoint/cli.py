@@ -388,12 +388,14 @@ def loadtest(
 
 
 def _print_prediction(result) -> None:
+    from .schema import MELANOMA_THRESHOLD
+
     table = Table("task", "prediction", "probability", title="sevenpoint prediction (research tool, not a medical device)")
     for name, tr in result.tasks.items():
         table.add_row(name, f"{tr.predicted} ({tr.predicted_name})", f"{tr.probabilities[tr.predicted]:.2f}")
     console.print(table)
     console.print(f"diagnosis: {result.diagnosis} ({result.diagnosis_name}); 7-point score {result.seven_point_score}"
-                  f" -> {'SUSPECT MELANOMA (>= 3)' if result.melanoma_flag else 'below 3'}; "
+                  f" -> {'SUSPECT MELANOMA' if result.melanoma_flag else 'below'} (threshold {MELANOMA_THRESHOLD}); "
                   f"DIAG melanoma probability {result.melanoma_probability:.2f}; branches {', '.join(result.branches_used)}")
 
 

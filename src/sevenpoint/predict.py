@@ -22,7 +22,7 @@ from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
 from .runtime import bf16_autocast, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
-from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta,
+from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta, score_rule,
                      seven_point_score)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -62,9 +62,8 @@ class Prediction:
         d = asdict(self)
         d.pop("attention")
         d.pop("attention_heads")
-        d["score_rule"] = (f"7-point score = 2 x (atypical PN, blue-whitish veil, irregular vessels) + "
-                           f"1 x (irregular pigmentation, irregular streaks, irregular dots/globules, "
-                           f"regression); >= {MELANOMA_THRESHOLD} suggests melanoma")
+        d["score_rule"] = score_rule()
+        d["melanoma_threshold"] = MELANOMA_THRESHOLD
         return d
 
 

@@ -175,6 +175,16 @@ def encode_meta(
     return np.concatenate(parts)
 
 
+def score_rule() -> str:
+    """The checklist rule in words, written from the table (points, criteria, threshold)."""
+    by_points: dict[int, list[str]] = {}
+    for task in TASKS:
+        for cls, pts in task.points.items():
+            by_points.setdefault(pts, []).append(f"{task.long_names[cls]} {task.column.replace('_', ' ')}")
+    terms = " + ".join(f"{pts} x ({', '.join(items)})" for pts, items in sorted(by_points.items(), reverse=True))
+    return f"7-point score = {terms}; >= {MELANOMA_THRESHOLD} suggests melanoma"
+
+
 def seven_point_score(labels: Mapping[str, int] | Sequence[int] | np.ndarray) -> int | np.ndarray:
     """The 7-point checklist score (0-10) from class indices.
 

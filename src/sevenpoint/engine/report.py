@@ -89,8 +89,17 @@ def write_report(path: Path, ours: dict[str, dict], baseline: dict[str, float], 
     path.write_text("\n".join(text) + "\n")
 
 
+def _task_grid():
+    """One subplot per task (a grid of 4 columns, as many rows as the schema needs); spare axes hidden."""
+    rows = -(-len(TASKS) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(TASKS):]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def plot_confusion(metrics: dict, path: Path) -> None:
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8))
+    fig, axes = _task_grid()
     for ax, task in zip(axes.flat, TASKS):
         cm = np.array(metrics["tasks"][task.name]["confusion_matrix"])
         ax.imshow(cm, cmap="Blues")
@@ -109,7 +118,7 @@ def plot_confusion(metrics: dict, path: Path) -> None:
 
 
 def plot_roc(probs: list[np.ndarray], targets: np.ndarray, path: Path) -> None:
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8))
+    fig, axes = _task_grid()
     for t, (ax, task) in enumerate(zip(axes.flat, TASKS)):
         for c, name in enumerate(task.classes):
             pos = targets[:, t] == c
