@@ -158,3 +158,70 @@ def test_browser_upload_and_result(tiny_run, synth_root):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_every_response_carries_security_headers_and_the_page_has_no_inline_script(client, case_files):
+    import re
+
+    page = client.get("/")
+    script = client.get("/app.js")
+    api = client.post("/api/predict", files={"derm": ("d.jpg", case_files[0], "image/jpeg")})
+    refused = client.post("/api/predict", content=b"x", headers={"content-type": "text/plain"})
+    for r in (page, script, api, refused, client.get("/health")):
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp.split(
+            "script-src")[1].split(";")[0]
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page.text)  # every script is a file
+    assert re.search(r'<script src="/app.js"', page.text) and "fetch(\"/api/predict\"" in script.text
+    assert script.headers["content-type"].startswith("text/javascript")
+
+
+def test_token_is_required_on_every_api_call(tiny_run, case_files):
+    token = "s3cret-token-0123456789"
+    guarded = TestClient(create_app(Predictor.from_checkpoint(tiny_run["best_checkpoint"]), token=token))
+    files = {"derm": ("d.jpg", case_files[0], "image/jpeg")}
+    assert guarded.post("/api/predict", files=files).status_code == 401
+    wrong = guarded.post("/api/predict", files=files, headers={"Authorization": "Bearer " + token[:-1] + "x"})
+    assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+    assert guarded.post("/api/predict", files=files, headers={"Authorization": token}).status_code == 401
+    ok = guarded.post("/api/predict", files=files, headers={"Authorization": "Bearer " + token})
+    assert ok.status_code == 200 and list(ok.json()["tasks"]) == list(TASK_NAMES)
+    assert guarded.get("/").status_code == 200 and guarded.get("/app.js").status_code == 200  # the page itself is open
+
+
+def test_serve_refuses_to_bind_beyond_loopback_without_a_token(tiny_run):
+    from sevenpoint.web.app import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+    cmd = [sys.executable, "-m", "sevenpoint.cli", "serve", "--checkpoint", str(tiny_run["best_checkpoint"])]
+    env = {k: v for k, v in os.environ.items() if k != "SEVENPOINT_TOKEN"}
+    proc = subprocess.run([*cmd, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "--token" in proc.stderr + proc.stdout and "serving" not in proc.stdout
+    proc = subprocess.run([*cmd, "--host", "0.0.0.0", "--token", "short"], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert proc.returncode == 2 and "16 characters" in proc.stderr + proc.stdout
+
+
+def test_slow_uploads_and_slow_predictions_time_out(tiny_run, case_files, monkeypatch):
+    import time
+
+    import sevenpoint.web.app as web
+
+    predictor = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
+    slow_body = TestClient(create_app(predictor, request_timeout=0.3))
+
+    def dribble():
+        yield b"--x\r\n"
+        time.sleep(1.0)
+        yield b"--\r\n"
+
+    r = slow_body.post("/api/predict", content=dribble(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 408 and "0.3 s" in r.json()["error"]
+
+    real = web._locked_predict
+    monkeypatch.setattr(web, "_locked_predict", lambda *a: time.sleep(1.0) or real(*a))
+    slow_model = TestClient(create_app(predictor, predict_timeout=0.3))
+    r = slow_model.post("/api/predict", files={"derm": ("d.jpg", case_files[0], "image/jpeg")})
+    assert r.status_code == 504 and "0.3 s" in r.json()["error"] and r.headers["retry-after"] == "5"

@@ -317,8 +317,21 @@ def serve(
     backend: Annotated[str, typer.Option(help="frozen (fastest on CPU) | torch | onnx (inferred from .onnx)")] = "frozen",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="SEVENPOINT_TOKEN", help="Access token every /api call must send (Authorization: Bearer TOKEN); "
+                                        "required to bind beyond loopback.")] = None,
+    request_timeout: Annotated[float, typer.Option(help="Seconds to receive an upload (408 after).")] = 30.0,
+    predict_timeout: Annotated[float, typer.Option(help="Seconds for one prediction, queue included (504 after).")] = 60.0,
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
+    from .web.app import is_loopback
+
+    if not is_loopback(host) and not token:
+        raise typer.BadParameter(f"{host} is reachable from other machines: give an access token with --token "
+                                 "(or SEVENPOINT_TOKEN), or serve on 127.0.0.1", param_hint="--host")
+    if token is not None and len(token) < 16:
+        raise typer.BadParameter("use an access token of at least 16 characters (e.g. `python -c 'import secrets; "
+                                 "print(secrets.token_urlsafe())'`)", param_hint="--token")
     if checkpoint is None:
         raise typer.BadParameter("give --checkpoint. No model yet? `sevenpoint demo` trains one on synthetic data "
                                  "and writes demo-run/run/checkpoints/best.ckpt", param_hint="--checkpoint")
@@ -328,9 +341,11 @@ def serve(
     from .web.app import create_app
 
     predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta)
-    console.print(f"serving {predictor.info} on http://{host}:{port}")
-    uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue), host=host, port=port,
-                log_level="warning")
+    link = f"http://{host}:{port}/" + (f"#token={token}" if token else "")
+    console.print(f"serving {predictor.info} on {link}")
+    app_ = create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue, token=token,
+                      request_timeout=request_timeout, predict_timeout=predict_timeout)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()

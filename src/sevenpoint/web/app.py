@@ -3,18 +3,23 @@
 Uploads stay in memory (never written to disk, never logged); bodies over the limit are
 refused from their Content-Length before being read, and while streaming otherwise.
 Predictions run in a worker thread behind a bounded queue: requests beyond it get 503.
+Every response carries security headers (a Content-Security-Policy without inline script,
+nosniff, no framing); with a token, every /api call must present it (constant-time compare);
+reading a body and running a prediction each have a time limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
+import ipaddress
 import threading
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.formparsers import MultiPartParser
 
 from ..data.images import open_rgb
@@ -24,6 +29,25 @@ from ..viz import overlay_attention
 
 STATIC = Path(__file__).parent / "static"
 ALLOWED_TYPES = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}
+SECURITY_HEADERS = {
+    # scripts only from our own /app.js; inline style attributes draw the probability bars
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: may resolve to anything
+        return False
 
 
 class UploadError(Exception):
@@ -78,13 +102,37 @@ def result_json(result: Prediction, images: dict) -> dict:
 
 
 def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: int = 25_000_000,
-               max_queue: int = 64) -> FastAPI:
+               max_queue: int = 64, token: str | None = None, request_timeout: float = 30.0,
+               predict_timeout: float = 60.0) -> FastAPI:
+    """`token`: required as `Authorization: Bearer TOKEN` on every /api call. `request_timeout`:
+    seconds to receive a request body (408 after); `predict_timeout`: seconds for a prediction,
+    queueing included (504 after)."""
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files over 1 MB to a temp file on disk; keep them in memory.
     MultiPartParser.spool_max_size = max_bytes + 1
     app = FastAPI(title="sevenpoint", docs_url="/docs", redoc_url=None)
     lock = threading.Lock()  # one forward pass at a time: the model's threads already use every core
     state = {"waiting": 0}
+    expected = f"Bearer {token}".encode() if token else None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if expected is not None and request.url.path.startswith("/api/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                response = JSONResponse({"error": "missing or wrong access token (send Authorization: Bearer TOKEN)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            else:
+                response = await call_next(request)
+        else:
+            response = await call_next(request)
+        if not request.url.path.startswith(("/docs", "/openapi.json")):  # the API docs load their own scripts
+            response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @app.get("/app.js")
+    def script() -> FileResponse:
+        return FileResponse(STATIC / "app.js", media_type="text/javascript")
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -110,17 +158,27 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
         state["waiting"] += 1
         try:
             body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    return JSONResponse({"error": f"request body exceeds the limit of {max_bytes} bytes"},
-                                        status_code=413)
+            try:
+                async with asyncio.timeout(request_timeout):
+                    async for chunk in request.stream():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            return JSONResponse({"error": f"request body exceeds the limit of {max_bytes} bytes"},
+                                                status_code=413)
+            except TimeoutError:
+                return JSONResponse({"error": f"request body not received within {request_timeout:g} s"},
+                                    status_code=408)
             try:
                 fields = await _parse_form(request, bytes(body), max_bytes)
                 images = {k: _check_image(k, fields[k], max_pixels) for k in ("derm", "clinic")
                           if isinstance(fields.get(k), bytes)}
                 meta = {k: (fields.get(k) or None) for k in META_FIELDS}
-                result = await asyncio.to_thread(_locked_predict, lock, predictor, images, meta)
+                result = await asyncio.wait_for(asyncio.to_thread(_locked_predict, lock, predictor, images, meta),
+                                                predict_timeout)
+            except TimeoutError:
+                return JSONResponse({"error": f"prediction did not finish within {predict_timeout:g} s; "
+                                              "the server is overloaded, retry later"}, status_code=504,
+                                    headers={"Retry-After": "5"})
             except UploadError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             except PredictError as exc:
