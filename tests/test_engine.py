@@ -44,6 +44,11 @@ def test_tiny_training_writes_checkpoints_logs_and_config(tiny_run):
     assert abs(tiny_run["best_val_avg_acc"] - best) < 1e-6
 
 
+def test_validation_score_is_what_evaluate_finds_for_the_best_checkpoint(tiny_run, synth_root, tmp_path):
+    m = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path, split="valid", progress=False)
+    assert m["average_accuracy"] == pytest.approx(tiny_run["best_val_avg_acc"], abs=1e-6)
+
+
 def test_refuses_to_overwrite_a_run(tiny_run, synth_root):
     cfg = load_config("tiny", seed=0)
     with pytest.raises(RunDirError, match="already holds a run"):

@@ -7,12 +7,13 @@ import math
 
 import lightning as L
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 
 from ..checkpoint import SCHEMA_FINGERPRINT
 from ..config import RunConfig
 from ..models import FusionModel, FusionOutput
 from .loss import multitask_loss
-from ..schema import TASK_NAMES
+from ..schema import TASK_NAMES, TASKS
 
 
 def forward_batch(model: FusionModel, batch: dict, channels_last: bool = False,
@@ -44,8 +45,9 @@ class SevenPointModule(L.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self._val_probs: list[list[torch.Tensor]] = []
-        self._val_targets: list[torch.Tensor] = []
+        # Validation accuracy per task (torchmetrics: exact over all cases, also across DDP ranks).
+        self.val_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes=t.num_classes, average="micro")
+                                           for t in TASKS)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if not self.model.can_run(batch["has_derm"], batch["has_clinic"]):
@@ -62,23 +64,19 @@ class SevenPointModule(L.LightningModule):
         out = forward_batch(self.model, batch, self.channels_last)
         loss, _ = multitask_loss(out, batch["targets"])
         self.log("val/loss", loss, on_epoch=True, batch_size=batch["targets"].shape[0], sync_dist=True)
-        self._val_probs.append([p.detach().float().cpu() for p in out.probs])
-        self._val_targets.append(batch["targets"].cpu())
+        for t, metric in enumerate(self.val_acc):
+            metric.update(out.probs[t].detach().float().argmax(dim=1), batch["targets"][:, t])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_targets:
+        if not self.val_acc[0].update_called:
             return
-        targets = torch.cat(self._val_targets)
-        accs = []
-        for t, name in enumerate(TASK_NAMES):
-            pred = torch.cat([p[t] for p in self._val_probs]).argmax(dim=1)
-            acc = (pred == targets[:, t]).float().mean()
-            accs.append(acc)
-            self.log(f"val/acc_{name}", acc, sync_dist=True)
-        # The checkpoint-selection metric: validation average accuracy over the 8 tasks.
-        self.log("val/avg_acc", torch.stack(accs).mean(), prog_bar=True, sync_dist=True)
-        self._val_probs.clear()
-        self._val_targets.clear()
+        accs = [metric.compute() for metric in self.val_acc]
+        for name, acc in zip(TASK_NAMES, accs):
+            self.log(f"val/acc_{name}", acc)
+        # The checkpoint-selection metric: validation average accuracy over the tasks.
+        self.log("val/avg_acc", torch.stack(accs).mean(), prog_bar=True)
+        for metric in self.val_acc:
+            metric.reset()
 
     def configure_optimizers(self):
         tc = self.cfg.train
