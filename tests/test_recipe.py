@@ -147,7 +147,7 @@ def test_checkpoint_carries_its_tta_to_evaluate_and_predict(ema_run, synth_root,
     with_tta = Predictor.from_checkpoint(ckpt, precision="fp32")
     assert with_tta.tta == "flip" and with_tta.info["tta"] == "flip"
     plain = Predictor.from_checkpoint(ckpt, precision="fp32", tta="none")
-    x = plain.preprocess(case["derm"], "derm")[None]
+    x = plain.preprocess(case["derm"], "derm")[0][None]
     model, _, _ = load_model(ckpt)
     views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
     with torch.no_grad():

@@ -84,9 +84,10 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
     `train.ensemble` model; `infer` overrides inference settings (e.g. {"clinic_weight": 0.5})."""
     if len(members) < 2:
         raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(members)}")
-    state, configs = {}, []
+    state, configs, ood = {}, [], None
     for i, path in enumerate(members):
         ckpt = read_checkpoint(path)
+        ood = ood or ckpt["sevenpoint"].get("ood")  # the first member's (all saw the same training images)
         cfg = config_from_dict(ckpt["sevenpoint"]["config"])
         if cfg.train.ensemble > 1:
             raise CheckpointError(f"{path}: is already an ensemble; give its members instead")
@@ -101,6 +102,6 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
     values["infer"].update(infer or {})
     cfg = config_from_dict(values)
     atomic_torch_save({"state_dict": state, "sevenpoint": {
-        "config": cfg.to_dict(), "schema": SCHEMA_FINGERPRINT,
+        "config": cfg.to_dict(), "schema": SCHEMA_FINGERPRINT, "ood": ood,
         "members": [{"checkpoint": str(p), "seed": c.seed} for p, c in zip(members, configs)]}}, out)
     return cfg

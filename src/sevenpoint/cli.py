@@ -412,6 +412,9 @@ def _print_prediction(result) -> None:
     console.print(f"diagnosis: {result.diagnosis} ({result.diagnosis_name}); 7-point score {result.seven_point_score}"
                   f" -> {'SUSPECT MELANOMA' if result.melanoma_flag else 'below'} (threshold {MELANOMA_THRESHOLD}); "
                   f"DIAG melanoma probability {result.melanoma_probability:.2f}; branches {', '.join(result.branches_used)}")
+    if result.ood_warning:
+        err.print(f"[yellow]warning:[/] the dermoscopy image looks unlike the training images (out-of-distribution "
+                  f"score {result.ood_score:.1f} > {result.ood_threshold:.1f}); treat this result with extra caution")
 
 
 if __name__ == "__main__":

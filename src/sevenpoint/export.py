@@ -59,9 +59,10 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: int, met
 
 def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, opset: int = 17) -> dict:
     """Write the ONNX graph; the run config is stored in its metadata so `Predictor` can use it alone."""
-    model, cfg, _ = load_model(checkpoint)
+    model, cfg, section = load_model(checkpoint)
     outputs = export_model(model, onnx_path, cfg.data.image_size, cfg.model.meta_dim, opset,
-                           metadata={"sevenpoint_config": json.dumps(cfg.to_dict())})
+                           metadata={"sevenpoint_config": json.dumps(cfg.to_dict()),
+                                     "sevenpoint_ood": json.dumps(section.get("ood"))})
     return {"onnx": str(onnx_path), "outputs": outputs}
 
 

@@ -22,6 +22,7 @@ from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
 from .runtime import bf16_autocast, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
+from .ood import GateError, OODModel, descriptor, gate
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta, score_rule,
                      seven_point_score)
 
@@ -56,6 +57,11 @@ class Prediction:
     inputs_used: dict[str, bool]
     attention: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     attention_heads: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    # How unlike the training dermoscopy images the derm input looks (sevenpoint.ood); None when
+    # there is no derm input or the checkpoint has no OOD statistics.
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    ood_warning: bool = False
 
     def to_dict(self) -> dict:
         """JSON-ready (attention maps left out; draw them with `sevenpoint.viz`)."""
@@ -154,6 +160,7 @@ class _OnnxBackend:
             raise PredictError(f"{path}: not a sevenpoint ONNX export (no sevenpoint_config metadata)")
         self.cfg = config_from_dict(json.loads(meta["sevenpoint_config"]))
         self.attention_names = json.loads(meta["sevenpoint_attention"])
+        self.ood = OODModel.from_dict(json.loads(meta.get("sevenpoint_ood", "null")))
 
     def __call__(self, derm, clinic, meta, has):
         feeds = {"derm": derm.numpy(), "clinic": clinic.numpy(), "meta": meta.numpy(),
@@ -168,9 +175,10 @@ class _OnnxBackend:
 class Predictor:
     """`Predictor.from_checkpoint(path)` (PyTorch) or `Predictor.from_onnx(path)` (ONNX Runtime)."""
 
-    def __init__(self, backend, cfg, tta: str | None = None) -> None:
+    def __init__(self, backend, cfg, tta: str | None = None, ood: OODModel | None = None) -> None:
         self.backend = backend
         self.cfg = cfg
+        self.ood = ood
         self.size = cfg.data.image_size
         self.crop = cfg.data.crop
         self.eval_transform = transforms_for(cfg.data)[1]  # the same centred window as `evaluate`
@@ -188,14 +196,14 @@ class Predictor:
             return cls.from_onnx(path, tta)
         if backend not in ("torch", "frozen"):
             raise PredictError(f"backend {backend!r}: expected torch, frozen or onnx")
-        model, cfg, _ = load_model(path)
+        model, cfg, section = load_model(path)
         impl = _FrozenBackend(model, cfg, precision) if backend == "frozen" else _TorchBackend(model, cfg, precision)
-        return cls(impl, cfg, tta)
+        return cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")))
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, tta: str | None = None) -> Predictor:
         backend = _OnnxBackend(path)
-        return cls(backend, backend.cfg, tta)
+        return cls(backend, backend.cfg, tta, backend.ood)
 
     @property
     def info(self) -> dict:
@@ -204,11 +212,17 @@ class Predictor:
                 "image_size": self.size, "tta": self.tta,
                 "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch")}
 
-    def preprocess(self, image: ImageInput | None, name: str) -> torch.Tensor | None:
+    def preprocess(self, image: ImageInput | None, name: str) -> tuple[torch.Tensor, np.ndarray] | None:
+        """The model's input tensor and the resized image it came from; refuses what cannot be a lesion photo."""
         if image is None:
             return None
-        arr = crop_and_resize(_image_array(image, name), self.size, self.crop, self.cfg.data.short_side)
-        return to_tensor(self.eval_transform(image=arr)["image"])
+        img = _image_array(image, name)
+        try:
+            gate(img.size, name)
+        except GateError as exc:
+            raise PredictError(str(exc)) from None
+        arr = crop_and_resize(img, self.size, self.crop, self.cfg.data.short_side)
+        return to_tensor(self.eval_transform(image=arr)["image"]), arr
 
     def predict(self, derm: ImageInput | None = None, clinic: ImageInput | None = None,
                 meta: Mapping[str, object] | None = None) -> Prediction:
@@ -226,12 +240,15 @@ class Predictor:
         derm, clinic = torch.zeros(n, 3, s, s), torch.zeros(n, 3, s, s)
         meta = torch.zeros(n, self.cfg.model.meta_dim)
         has = {k: torch.zeros(n, dtype=torch.bool) for k in ("derm", "clinic", "meta")}
+        ood: list[float | None] = [None] * n
         for i, case in enumerate(cases):
             label = f"case {offset + i}" if n > 1 or offset else "input"
             for key, target in (("derm", derm), ("clinic", clinic)):
-                t = self.preprocess(case.get(key), f"{label} {key}")
-                if t is not None:
-                    target[i], has[key][i] = t, True
+                done = self.preprocess(case.get(key), f"{label} {key}")
+                if done is not None:
+                    target[i], has[key][i] = done[0], True
+                    if key == "derm" and self.ood is not None:
+                        ood[i] = float(self.ood.scores(descriptor(done[1]))[0])
             m = validate_meta(case.get("meta"))
             if m is not None:
                 meta[i], has["meta"][i] = torch.from_numpy(m), True
@@ -268,6 +285,8 @@ class Predictor:
                 inputs_used={k: bool(v[i]) for k, v in has.items()},
                 attention={k: np.asarray(attention[k][i]) for k in keep},
                 attention_heads={k: np.asarray(heads[k][i]) for k in keep if k in heads},
+                ood_score=ood[i], ood_threshold=self.ood.threshold if self.ood is not None else None,
+                ood_warning=ood[i] is not None and ood[i] > self.ood.threshold,
             ))
         return results
 

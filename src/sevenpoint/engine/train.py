@@ -33,6 +33,7 @@ from ..checkpoint import atomic_torch_save
 from ..config import RunConfig, config_from_dict
 from ..data import Derm7pt, Derm7ptDataset, EpochSampler, balanced_weights
 from ..data.cache import make_cache
+from ..ood import OODModel, descriptor
 from ..data.transforms import transforms_for
 from ..schema import TASKS
 from .module import SevenPointModule
@@ -210,6 +211,8 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     start = time.perf_counter()
     trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
     elapsed = time.perf_counter() - start
+    if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file():
+        add_ood_statistics(ckpt_dir / "best.ckpt", data, cfg)
     summary = {
         "best_checkpoint": str(ckpt_dir / "best.ckpt"),
         "last_checkpoint": str(last),
@@ -225,6 +228,19 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     if trainer.is_global_zero:
         write_json(run_dir / "train_summary.json", summary)
     return summary
+
+
+def add_ood_statistics(checkpoint: Path, data: Derm7pt, cfg: RunConfig) -> OODModel:
+    """Fit the out-of-distribution score on the training dermoscopy images (threshold from the
+    validation ones) and store it in `checkpoint` (rewritten atomically)."""
+    cache = make_cache(cfg)
+    desc = {split: np.stack([descriptor(cache.load(c.derm)) for c in data.split_cases(split)])
+            for split in TRAIN_SPLITS}
+    model = OODModel.fit(desc["train"], desc["valid"])
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt["sevenpoint"]["ood"] = model.to_dict()
+    atomic_torch_save(ckpt, checkpoint)
+    return model
 
 
 def _saved_ensemble(run_dir: Path) -> bool:

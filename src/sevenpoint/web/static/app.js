@@ -31,6 +31,7 @@ function render(r) {
     `<figure><img src="${url}" alt="attention ${esc(k)}"><figcaption>${esc(k)}</figcaption></figure>`).join("");
   const used = Object.entries(r.inputs_used).map(([k, v]) => `${esc(k)}: ${v ? "used" : "not given"}`).join(" · ");
   document.getElementById("result").innerHTML = `
+    ${r.ood_warning ? `<p class="error" id="ood-warning">Warning: this dermoscopy image looks unlike the images the model was trained on (out-of-distribution score ${r.ood_score.toFixed(1)} &gt; ${r.ood_threshold.toFixed(1)}). Treat the result with extra caution.</p>` : ""}
     <h2>Diagnosis: <span id="diagnosis">${esc(r.diagnosis)}</span> <span class="muted">(${esc(r.diagnosis_name)})</span></h2>
     <p>7-point score: <span class="score" id="score">${r.seven_point_score}</span>
       <span class="${r.melanoma_flag ? "flag" : "ok"}">${r.melanoma_flag ? `≥ ${r.melanoma_threshold}: suspicious for melanoma (checklist rule)` : `&lt; ${r.melanoma_threshold}: below the checklist's melanoma threshold`}</span></p>
