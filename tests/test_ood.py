@@ -2,39 +2,20 @@
 (fitted on the training dermoscopy images, stored in the checkpoint, carried by every backend)."""
 
 import io
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from sevenpoint.checkpoint import assemble_ensemble, read_checkpoint
 from sevenpoint.data import Derm7pt
 from sevenpoint.data.images import crop_and_resize
 from sevenpoint.export import export_onnx
-from sevenpoint.ood import OODModel, descriptor
+from sevenpoint.ood import OODModel, descriptor, non_lesion_examples
 from sevenpoint.predict import Predictor, PredictError
 from sevenpoint.web.app import create_app
-
-SAMPLES = Path(matplotlib.get_data_path()) / "sample_data"
-
-
-def non_lesion_images() -> dict[str, np.ndarray]:
-    """Images no dermoscope took: noise, text, flat colour, a gradient, photos shipped with matplotlib."""
-    rng = np.random.default_rng(0)
-    out = {f"noise{i}": rng.integers(0, 256, (200, 300, 3), dtype=np.uint8) for i in range(3)}
-    for i, colour in enumerate(["white", "black", (30, 90, 200)]):
-        img = Image.new("RGB", (300, 200), colour)
-        ImageDraw.Draw(img).text((10, 80), "Quarterly report 2026 - page 3", fill="gray")
-        out[f"text{i}"] = np.asarray(img)
-    out["gradient"] = np.repeat(np.linspace(0, 255, 300, dtype=np.uint8)[None, :, None], 200, 0).repeat(3, 2)
-    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
-        out[name] = np.asarray(Image.open(SAMPLES / name).convert("RGB"))
-    return out
-
 
 def test_tiny_images_and_strips_are_refused_by_the_gate(tiny_run):
     p = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
@@ -63,7 +44,7 @@ def test_ood_score_separates_dermoscopy_from_other_images(tiny_run, synth_root):
     assert ood.fitted_on == len(data.split_cases("train")) and ood.threshold > 0
     p = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
     lesions = [p.predict(derm=c.derm) for c in data.split_cases("test")]
-    others = {name: p.predict(derm=img) for name, img in non_lesion_images().items()}
+    others = {name: p.predict(derm=img) for name, img in non_lesion_examples().items()}
     scores = [r.ood_score for r in lesions] + [r.ood_score for r in others.values()]
     auroc = roc_auc_score([0] * len(lesions) + [1] * len(others), scores)
     assert auroc >= 0.95, auroc
@@ -75,7 +56,7 @@ def test_ood_score_separates_dermoscopy_from_other_images(tiny_run, synth_root):
     assert body["ood_warning"] is True and body["ood_score"] > body["ood_threshold"]
     # the score is the Mahalanobis distance of the descriptor of the image the model sees
     d = p.cfg.data
-    seen = crop_and_resize(Image.fromarray(non_lesion_images()["gradient"]), d.image_size, d.crop, d.short_side)
+    seen = crop_and_resize(Image.fromarray(non_lesion_examples()["gradient"]), d.image_size, d.crop, d.short_side)
     assert others["gradient"].ood_score == pytest.approx(float(ood.scores(descriptor(seen))[0]))
 
 

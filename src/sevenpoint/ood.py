@@ -79,3 +79,24 @@ class OODModel:
     @classmethod
     def from_dict(cls, values: dict | None) -> OODModel | None:
         return cls(**values) if values else None
+
+
+def non_lesion_examples() -> dict[str, np.ndarray]:
+    """Images no dermoscope took, to measure the score: noise, text on plain backgrounds, a
+    gradient, and the photos that ship with matplotlib (offline, nothing downloaded)."""
+    from pathlib import Path
+
+    import matplotlib
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    out = {f"noise{i}": rng.integers(0, 256, (200, 300, 3), dtype=np.uint8) for i in range(3)}
+    for i, colour in enumerate(["white", "black", (30, 90, 200)]):
+        img = Image.new("RGB", (300, 200), colour)
+        ImageDraw.Draw(img).text((10, 80), "Quarterly report 2026 - page 3", fill="gray")
+        out[f"text{i}"] = np.asarray(img)
+    out["gradient"] = np.repeat(np.linspace(0, 255, 300, dtype=np.uint8)[None, :, None], 200, 0).repeat(3, 2)
+    samples = Path(matplotlib.get_data_path()) / "sample_data"
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        out[name] = np.asarray(Image.open(samples / name).convert("RGB"))
+    return out
