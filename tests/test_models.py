@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sevenpoint.config import load_config
+from sevenpoint.config import ConfigError, load_config
 from sevenpoint.models import (XCEPTION_TINY, FusionModel, ModifiedXception, SoftAttention, load_legacy_xception)
 from sevenpoint.engine.loss import multitask_loss
 from sevenpoint.models.xception import CheckpointMismatch
@@ -245,3 +245,36 @@ def test_freeze_blocks_fixes_early_weights_and_bn_statistics(backbone):
     assert model.training and all(not layer.training for layer in net.early_layers(2))
     with pytest.raises(ValueError, match="freeze_blocks=99"):
         FusionModel(dataclasses.replace(cfg, freeze_blocks=99))
+
+
+def test_a_backbone_is_one_registry_entry(monkeypatch):
+    """A new backbone needs one entry: config validation, model building and precision choice read it."""
+    from torch import nn
+
+    from sevenpoint import runtime
+    from sevenpoint.config import load_config
+    from sevenpoint.models import BACKBONES, Backbone
+    from sevenpoint.models.freeze import EarlyFreeze
+
+    class Toy(EarlyFreeze, nn.Module):
+        num_features = 12
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 12, 3, stride=4)
+
+        def early_layers(self, n_blocks):
+            return [self.conv][:n_blocks]
+
+        def forward_features(self, x):
+            return self.conv(x), {}
+
+    monkeypatch.setitem(BACKBONES, "toy", Backbone(lambda cfg: Toy(), 64, cpu_bf16=True, user_weights=False))
+    cfg = load_config("tiny", ["model.backbone=toy", "model.attention=false"])
+    model = FusionModel(cfg.model)
+    out = model(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 64, 64), torch.zeros(2, 14))
+    assert isinstance(model.derm.backbone, Toy) and out.probs[0].shape == (2, 5)
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert runtime.use_bf16("auto", "toy", on_gpu=False) and not runtime.use_bf16("auto", "efficientnet_lite0", False)
+    with pytest.raises(ConfigError, match="does not take user weights"):
+        load_config("tiny", ["model.backbone=toy", "model.backbone_checkpoint=w.safetensors"])

@@ -31,7 +31,6 @@ class DataConfig:
     include_leaky_meta: bool = False  # management + difficulty: decided after diagnosis, LEAKS the label
 
 
-BACKBONES = ("xception", "xception_tiny", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}
 
 
@@ -209,10 +208,12 @@ def finalize(cfg: RunConfig) -> RunConfig:
                                 meta_dim=meta_dim(cfg.data.include_leaky_meta))
     if model.variant not in VARIANT_BRANCHES:
         raise ConfigError(f"model.variant: {model.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
+    from .models.backbones import BACKBONES  # the registry (models import this module, so not at the top)
+
     if model.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone: {model.backbone!r} is not one of {', '.join(BACKBONES)}")
-    if model.backbone_checkpoint and not model.backbone.startswith("xception"):
-        raise ConfigError("model.backbone_checkpoint is for the Xception backbones; EfficientNet-Lite uses its "
+    if model.backbone_checkpoint and not BACKBONES[model.backbone].user_weights:
+        raise ConfigError(f"model.backbone_checkpoint: {model.backbone} does not take user weights; it uses its "
                           "packaged weights (model.pretrained)")
     if model.attention_heads < 1:
         raise ConfigError(f"model.attention_heads: expected >= 1, got {model.attention_heads}")

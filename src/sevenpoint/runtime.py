@@ -58,13 +58,15 @@ def cpu_summary() -> dict:
 
 
 def use_bf16(precision: str, backbone: str, on_gpu: bool) -> bool:
-    """`auto`: bf16 on GPUs and on bf16 CPUs for Xception; EfficientNet-Lite stays fp32 on CPU
-    (its depthwise convs were measured slower under bf16 autocast, docs/PERFORMANCE.md)."""
+    """`auto`: bf16 on GPUs; on bf16 CPUs for the backbones whose registry entry says bf16 was
+    measured faster (Xception; EfficientNet-Lite's depthwise convs were slower, docs/PERFORMANCE.md)."""
+    from .models.backbones import BACKBONES
+
     if precision != "auto":
         return precision == "bf16"
     if on_gpu:
         return torch.cuda.is_bf16_supported()
-    return cpu_supports_bf16() and backbone.startswith("xception")
+    return cpu_supports_bf16() and BACKBONES[backbone].cpu_bf16
 
 
 def use_channels_last(setting: str) -> bool:

