@@ -216,3 +216,16 @@ def test_attention_heads_reach_every_backbone(backbone):
     net = build_backbone(cfg.model)
     _, maps = net.forward_features(torch.zeros(1, 3, 64, 64))
     assert maps["exit"].shape[1] == 3
+
+
+def test_user_xception_load_report_is_shown_and_kept_with_the_run(synth_root, tmp_path, capsys):
+    from sevenpoint.models import XCEPTION_TINY, ModifiedXception
+
+    weights = tmp_path / "xception_tiny.pt"
+    torch.save(ModifiedXception(XCEPTION_TINY, attention=False).state_dict(), weights)
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
+                               f"model.backbone_checkpoint={weights}"])
+    train(cfg, synth_root, tmp_path / "run", progress=False)
+    report = (tmp_path / "run" / "backbone_load_report.txt").read_text()
+    assert report.count("backbone from") == 2 and "loaded" in report and "not in the file" in report
+    assert report.splitlines()[0] in capsys.readouterr().out

@@ -182,6 +182,13 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     channels_last = use_channels_last(cfg.train.channels_last)
     weights = class_weights_for(data.targets("train")) if cfg.train.class_weights else None
     module = SevenPointModule(cfg, weights, channels_last=channels_last)
+    reports = {name: branch.backbone.load_report for name, branch in (("derm", module.model.derm),
+                                                                      ("clinic", module.model.clinic))
+               if branch is not None and getattr(branch.backbone, "load_report", None)}
+    if reports and not resume:  # user Xception weights: say what was loaded, keep it with the run
+        text = "\n".join(f"{name} backbone from {cfg.model.backbone_checkpoint}: {r}" for name, r in reports.items())
+        print(text, flush=True)
+        (run_dir / "backbone_load_report.txt").write_text(text + "\n")
 
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/avg_acc", mode="max",
                               save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
