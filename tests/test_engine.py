@@ -50,9 +50,12 @@ def test_validation_score_is_what_evaluate_finds_for_the_best_checkpoint(tiny_ru
 
 
 def test_refuses_to_overwrite_a_run(tiny_run, synth_root):
-    cfg = load_config("tiny", seed=0)
+    run = tiny_run["run_dir"]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cfg = load_config("tiny", ["train.epochs=5"], seed=7)
     with pytest.raises(RunDirError, match="already holds a run"):
-        train(cfg, synth_root, tiny_run["run_dir"], progress=False)
+        train(cfg, synth_root, run, progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing overwritten
 
 
 def test_evaluate_metrics_match_predictions_csv(tiny_run, synth_root, tmp_path):

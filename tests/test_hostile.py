@@ -103,6 +103,11 @@ def missing_image(root):
     _image_of_row(root, 8).unlink()
 
 
+def two_missing_images(root):
+    _image_of_row(root, 8).unlink()
+    _image_of_row(root, 11).unlink()
+
+
 def zero_byte_image(root):
     _image_of_row(root, 8).write_bytes(b"")
 
@@ -152,6 +157,8 @@ DATASET_CASES = [
     ("overlapping splits", overlapping, r"splits train and test overlap in 2 row"),
     ("index file missing", missing_index_file, r"test_indexes.csv: file not found"),
     ("image missing", missing_image, r"1 image file\(s\) not found:\n.*row 8, column 'derm'"),
+    ("two images missing: both listed", two_missing_images,
+     r"2 image file\(s\) not found:\n.*row 8, column 'derm'.*\n.*row 11, column 'derm'"),
     ("0-byte image", zero_byte_image, r"unusable image.*\n.*S\d+d\.jpg"),
     ("truncated JPEG", truncated_jpeg, r"unusable image.*\n.*S\d+d\.jpg: cannot decode"),
     ("JPEG truncated inside its header", header_truncated_jpeg, r"unusable image.*\n.*S\d+d\.jpg: cannot decode"),

@@ -258,3 +258,35 @@ def test_slow_uploads_and_slow_predictions_time_out(tiny_run, case_files, monkey
     slow_model = TestClient(create_app(predictor, predict_timeout=0.3))
     r = slow_model.post("/api/predict", files={"derm": ("d.jpg", case_files[0], "image/jpeg")})
     assert r.status_code == 504 and "0.3 s" in r.json()["error"] and r.headers["retry-after"] == "5"
+
+
+def test_reliability_rows_of_the_web_api(tiny_run, case_files, caplog, capfd):
+    """docs/RELIABILITY.md: 413 over the pixel limit, 413 for a streamed body without Content-Length,
+    503 with Retry-After when the queue is full, and no upload or its name in any log."""
+    import logging
+
+    predictor = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
+    derm = case_files[0]
+    few_pixels = TestClient(create_app(predictor, max_pixels=1000))
+    r = few_pixels.post("/api/predict", files={"derm": ("d.jpg", derm, "image/jpeg")})
+    assert r.status_code == 413 and "pixels exceeds the limit of 1000" in r.json()["error"]
+
+    small = TestClient(create_app(predictor, max_upload_mb=0.01))
+
+    def chunks():  # no Content-Length: the server counts while it streams
+        for _ in range(20):
+            yield b"x" * 1024
+
+    r = small.post("/api/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"] and "content-length" not in {
+        k.lower() for k in r.request.headers}
+
+    full = TestClient(create_app(predictor, max_queue=0))
+    r = full.post("/api/predict", files={"derm": ("d.jpg", derm, "image/jpeg")})
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
+
+    caplog.set_level(logging.DEBUG)
+    ok = TestClient(create_app(predictor)).post("/api/predict", files={"derm": ("private-name-7.jpg", derm, "image/jpeg")})
+    assert ok.status_code == 200
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "private-name-7" not in logged
