@@ -269,7 +269,8 @@ def test_a_backbone_is_one_registry_entry(monkeypatch):
         def forward_features(self, x):
             return self.conv(x), {}
 
-    monkeypatch.setitem(BACKBONES, "toy", Backbone(lambda cfg: Toy(), 64, cpu_bf16=True, user_weights=False))
+    monkeypatch.setitem(BACKBONES, "toy", Backbone(lambda cfg: Toy(), 64, cpu_bf16=True, user_weights=False,
+                                                               packaged_weights=False))
     cfg = load_config("tiny", ["model.backbone=toy", "model.attention=false"])
     model = FusionModel(cfg.model)
     out = model(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 64, 64), torch.zeros(2, 14))

@@ -229,3 +229,12 @@ def test_user_xception_load_report_is_shown_and_kept_with_the_run(synth_root, tm
     report = (tmp_path / "run" / "backbone_load_report.txt").read_text()
     assert report.count("backbone from") == 2 and "loaded" in report and "not in the file" in report
     assert report.splitlines()[0] in capsys.readouterr().out
+
+
+def test_pretrained_defaults_to_what_the_backbone_ships_and_refuses_what_it_cannot():
+    assert load_config("cpu-recipe").model.pretrained is True  # EfficientNet-Lite ships ImageNet weights
+    assert load_config("paper", ["model.backbone=efficientnet_lite1"]).model.pretrained is True
+    assert load_config("tiny").model.pretrained is False  # the Xceptions ship none
+    with pytest.raises(ConfigError, match="model.pretrained=true: xception has no packaged"):
+        load_config("paper", ["model.pretrained=true"])
+    assert load_config("paper", ["model.pretrained=true", "model.backbone_checkpoint=w.pt"]).model.pretrained

