@@ -72,3 +72,16 @@ def test_frozen_backend_matches_eager_and_handles_missing_inputs(tiny_run, synth
                 assert a.tasks[name].probabilities == pytest.approx(b.tasks[name].probabilities, abs=1e-4)
     batch = frozen.predict_batch([{"derm": c.derm, "clinic": c.clinic, "meta": c.raw_meta} for c in cases])
     assert len(batch) == 3  # a graph traced at batch 1 also runs larger batches
+
+
+def test_flop_count_behind_performance_md():
+    """docs/PERFORMANCE.md's 18.2 GFLOP per case: `sevenpoint bench` records it as gflop_per_case_forward."""
+    from sevenpoint.engine.bench import forward_gflop
+
+    def gflop(variant):
+        cfg = load_config("paper", [f"model.variant={variant}"])
+        return forward_gflop(FusionModel(cfg.model), cfg.data.image_size, cfg.model.meta_dim)
+
+    full, derm_only = gflop("DCIHMM"), gflop("DIM")
+    assert full == pytest.approx(18.2, abs=0.1)
+    assert 1.9 < full / derm_only < 2.1  # two backbones; the hybrid branch adds little

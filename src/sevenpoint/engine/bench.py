@@ -109,6 +109,17 @@ def _data_costs(size: int, n_images: int, workdir: Path) -> dict:
             "cache_speedup": round(t_unc / t_cac, 2)}
 
 
+def forward_gflop(model: FusionModel, size: int, meta_dim: int) -> float:
+    """FLOPs of one case's eval forward pass (torch.utils.flop_counter; a multiply-add = 2), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, size, size)
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, x, torch.zeros(1, meta_dim))
+    return round(counter.get_total_flops() / 1e9, 2)
+
+
 def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xception", batch: int = 8,
               warmup: int = 2, repeats: int = 5, latency_runs: int = 20, compile: bool = False,
               onnx: bool = True, out: str | Path | None = None, threads: int | None = None,
@@ -123,6 +134,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     meta_dim = cfg.model.meta_dim
     result: dict = {"cpu": cpu_summary(), "variant": variant, "backbone": backbone, "image_size": size,
                     "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup}
+    result["gflop_per_case_forward"] = forward_gflop(base, size, meta_dim)
     paths = dict(PATHS)
     if not cpu_supports_bf16():
         result["note"] = "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 paths are emulated"
