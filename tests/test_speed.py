@@ -11,17 +11,47 @@ from sevenpoint.config import load_config
 
 
 def test_bench_tiny_writes_all_fields(tmp_path):
-    r = run_bench("DCIHMM", size=32, backbone="xception_tiny", batch=2, warmup=1, repeats=1, latency_runs=2,
+    r = run_bench("DCIHMM", size=32, backbone="xception_tiny", batch=2, warmup=1, repeats=3, latency_runs=2,
                   onnx=True, out=tmp_path)
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in ("train_speedup", "infer_speedup", "latency_ms_p50", "latency_ms_p95", "peak_rss_mb", "cpu",
-                "data", "train", "infer", "data_fraction_of_epoch"):
+                "data", "train", "infer", "data_fraction_of_epoch", "torch", "onednn", "load_average_before",
+                "load_average_after", "threads", "warnings"):
         assert key in saved, key
+    for what in ("train", "infer"):
+        rounds = saved[f"{what}_speedup_rounds"]
+        assert rounds["rounds"] == 3 and rounds["min"] <= saved[f"{what}_speedup"] == rounds["median"] <= rounds["max"]
     assert set(saved["train"]) >= {"fp32 (naive)", "channels_last", "bf16", "channels_last+bf16"}
     assert "onnxruntime fp32" in saved["infer"]
     assert saved["train_speedup"] > 0 and saved["latency_ms_p50"] > 0
     assert (tmp_path / "bench.md").read_text().startswith("CPU:")
     assert r["data"]["decode_augment_ms_per_image"] > 0
+
+
+def test_bench_times_paths_round_robin_and_ratios_per_round(monkeypatch):
+    """A neighbour that slows one round slows every path in it: the per-round ratio stays put."""
+    import sevenpoint.engine.bench as bench
+
+    clock = {"t": 0.0, "round": 0}
+    cost = {"naive": 1.0, "fast": 0.25}
+
+    def fn(name):
+        def call():
+            slow = 4.0 if clock["round"] == 1 else 1.0  # round 1 shares the machine with something
+            clock["t"] += cost[name] * slow
+            if name == "fast":
+                clock["round"] += 1
+        return call
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    times = bench._interleaved({"naive": fn("naive"), "fast": fn("fast")}, warmup=0, repeats=3)
+    assert times == {"naive": [1.0, 4.0, 1.0], "fast": [0.25, 1.0, 0.25]}
+    r = bench._round_ratios(times, "fast", "naive", batch=1, data_s=lambda name: 0.0)
+    assert r == {"median": 4.0, "min": 4.0, "max": 4.0, "rounds": 3} and not bench.too_wide(r)
+    # timed one after the other, the same neighbour would have hit one path only
+    skewed = {"naive": [1.0, 4.0, 1.0], "fast": [0.25, 0.25, 0.25]}
+    wide = bench._round_ratios(skewed, "fast", "naive", batch=1, data_s=lambda name: 0.0)
+    assert wide["min"] == 4.0 and wide["max"] == 16.0 and bench.too_wide(wide)
 
 
 @pytest.mark.parametrize("channels_last, bf16, tol", [(True, False, 1e-4), (False, True, 0.05), (True, True, 0.05)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -47,6 +48,52 @@ def _timeit(fn, warmup: int, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t)
     return times
+
+
+SPREAD_WARN = 0.15  # a speed-up whose rounds spread beyond ±15 % of its median is not conclusive
+
+
+def _interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed round robin: `warmup` untimed rounds, then
+    `repeats` rounds each calling every function once."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _rates(times: list[float], batch: int, data_s: float) -> dict:
+    """Median cases/s (compute only, and with the data pipeline's cost per case) and the rounds' spread."""
+    per_round = [batch / t for t in times]
+    return {"compute_cases_per_s": round(batch / statistics.median(times), 3),
+            "cases_per_s": round(1 / (statistics.median(times) / batch + data_s), 3),
+            "compute_cases_per_s_min": round(min(per_round), 3), "compute_cases_per_s_max": round(max(per_round), 3)}
+
+
+def _round_ratios(times: dict[str, list[float]], path: str, base: str, batch: int, data_s) -> dict:
+    """`path`'s speed-up over `base` in each round (cases/s with data costs), summarised."""
+    ratios = [(t_base / batch + data_s(base)) / (t / batch + data_s(path))
+              for t, t_base in zip(times[path], times[base])]
+    return {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2), "max": round(max(ratios), 2),
+            "rounds": len(ratios)}
+
+
+def too_wide(ratio: dict) -> bool:
+    """Whether a speed-up's rounds spread beyond ±SPREAD_WARN of its median."""
+    return ratio["max"] - ratio["min"] > 2 * SPREAD_WARN * ratio["median"]
+
+
+def _onednn_version() -> str | None:
+    import re
+
+    found = re.search(r"oneDNN v([\d.]+)", torch.__config__.show())
+    return found.group(1) if found else None
 
 
 def _latency_ms(fn, warmup: int, runs: int) -> dict:
@@ -133,7 +180,9 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     base = FusionModel(cfg.model)
     meta_dim = cfg.model.meta_dim
     result: dict = {"cpu": cpu_summary(), "variant": variant, "backbone": backbone, "image_size": size,
-                    "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup}
+                    "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
+                    "torch": torch.__version__, "onednn": _onednn_version(),
+                    "load_average_before": [round(x, 2) for x in os.getloadavg()], "timing": "round robin"}
     result["gflop_per_case_forward"] = forward_gflop(base, size, meta_dim)
     paths = dict(PATHS)
     if not cpu_supports_bf16():
@@ -146,42 +195,49 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     naive_data_s = images_per_case * data["decode_augment_ms_per_image"] / 1000
     fast_data_s = images_per_case * data["cached_augment_ms_per_image"] / 1000
 
-    train, infer = {}, {}
     targets = torch.zeros(batch, len(TASKS), dtype=torch.long)
     variants = list(paths.items()) + ([("channels_last+bf16+compile", (True, True))] if compile else [])
+    train_fns, infer_fns, keep = {}, {}, []
     for name, (cl, bf16) in variants:
         model = copy.deepcopy(base)
         if cl:
             model = model.to(memory_format=torch.channels_last)
         run_model = torch.compile(model) if "compile" in name else model
-        derm, clinic, meta = _inputs(batch, size, meta_dim, cl)
+        inputs = _inputs(batch, size, meta_dim, cl)
         opt = torch.optim.Adam(model.parameters(), 1e-4)
+        keep.append((model, opt))
 
-        def step():
+        def step(model=model, run_model=run_model, inputs=inputs, opt=opt, bf16=bf16):
+            model.train()
             with bf16_autocast(bf16):
-                out = run_model(derm, clinic, meta)
-                loss, _ = multitask_loss(out, targets)
+                loss, _ = multitask_loss(run_model(*inputs), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        model.train()
-        step_s = statistics.median(_timeit(step, warmup, repeats))
-        data_s = naive_data_s if name == "fp32 (naive)" else fast_data_s
-        train[name] = {"compute_cases_per_s": round(batch / step_s, 3),
-                       "cases_per_s": round(1 / (step_s / batch + data_s), 3)}
-        model.eval()
-
         @torch.no_grad()
-        def infer_step():
+        def infer_step(model=model, run_model=run_model, inputs=inputs, bf16=bf16):
+            model.eval()
             with bf16_autocast(bf16):
-                run_model(derm, clinic, meta)
+                run_model(*inputs)
 
-        inf_s = statistics.median(_timeit(infer_step, warmup, repeats))
-        infer[name] = {"compute_cases_per_s": round(batch / inf_s, 3),
-                       "cases_per_s": round(1 / (inf_s / batch + (naive_data_s if name == "fp32 (naive)" else fast_data_s)), 3)}
-        gc.collect()  # the previous path's model copy is released when the names are rebound
+        train_fns[name], infer_fns[name] = step, infer_step
+    if freeze:  # traced + frozen DenseFusion under channels_last + bf16 (BN folded, oneDNN fusions)
+        infer_fns["frozen channels_last+bf16"] = _frozen_call(base, batch, size, meta_dim, paths["channels_last+bf16"][1])
+    if onnx:
+        infer_fns["onnxruntime fp32"], onnx_single = _onnx_calls(base, size, meta_dim, batch)
+    # Round robin: each round times every path once, so load from a neighbour lands on all of them
+    # alike and the per-round ratios stay meaningful; medians and spreads come from the rounds.
+    train_times = _interleaved(train_fns, warmup, repeats)
+    infer_times = _interleaved(infer_fns, warmup, repeats)
+    del keep
+    gc.collect()
 
+    def data_s(name):
+        return naive_data_s if name == "fp32 (naive)" else fast_data_s
+
+    train = {k: _rates(v, batch, data_s(k)) for k, v in train_times.items()}
+    infer = {k: _rates(v, batch, data_s(k)) for k, v in infer_times.items()}
     latency: dict = {}
     best_torch = max((k for k in infer if k != "fp32 (naive)"), key=lambda k: infer[k]["compute_cases_per_s"])
     for name in ("fp32 (naive)", best_torch):  # batch-1 latency, both images + metadata
@@ -197,28 +253,30 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
                 model(*one)
 
         latency[f"torch {name}"] = _latency_ms(single, warmup, latency_runs)
-    if freeze:  # traced + frozen DenseFusion under channels_last + bf16 (BN folded, oneDNN fusions)
-        use_bf16_freeze = paths[best_torch][1]
-        t = statistics.median(_timeit(_frozen_call(base, batch, size, meta_dim, use_bf16_freeze), warmup, repeats))
-        infer["frozen channels_last+bf16"] = {"compute_cases_per_s": round(batch / t, 3),
-                                              "cases_per_s": round(1 / (t / batch + fast_data_s), 3)}
+    if freeze:
         latency["torch frozen channels_last+bf16"] = _latency_ms(
-            _frozen_call(base, 1, size, meta_dim, use_bf16_freeze), warmup, latency_runs)
+            _frozen_call(base, 1, size, meta_dim, paths["channels_last+bf16"][1]), warmup, latency_runs)
     if onnx:
-        onnx_res = _onnx_bench(base, size, meta_dim, batch, warmup, repeats, latency_runs)
-        infer["onnxruntime fp32"] = {"compute_cases_per_s": onnx_res["compute_cases_per_s"],
-                                     "cases_per_s": round(1 / (1 / onnx_res["compute_cases_per_s"] + fast_data_s), 3)}
-        latency["onnxruntime fp32"] = onnx_res["latency"]
+        latency["onnxruntime fp32"] = _latency_ms(onnx_single, warmup, latency_runs)
 
     naive = "fp32 (naive)"
     best_train = max(train, key=lambda k: train[k]["cases_per_s"])
     best_infer = max(infer, key=lambda k: infer[k]["cases_per_s"])
     best_lat = min(latency, key=lambda k: latency[k]["p50"])
+    train_ratio = _round_ratios(train_times, best_train, naive, batch, data_s)
+    infer_ratio = _round_ratios(infer_times, best_infer, naive, batch, data_s)
+    warnings = [f"{what} speed-up varies {r['min']}x-{r['max']}x over the rounds (more than ±{SPREAD_WARN:.0%} "
+                f"of its median): the machine was busy; too wide to conclude, rerun on idle cores"
+                for what, r in (("train", train_ratio), ("inference", infer_ratio))
+                if too_wide(r)]
+    for w in warnings:
+        print(f"warning: {w}", flush=True)
     result.update({
         "train": train, "infer": infer, "latency_ms": latency,
         "train_best_path": best_train, "infer_best_path": best_infer, "latency_best_path": best_lat,
-        "train_speedup": round(train[best_train]["cases_per_s"] / train[naive]["cases_per_s"], 2),
-        "infer_speedup": round(infer[best_infer]["cases_per_s"] / infer[naive]["cases_per_s"], 2),
+        "train_speedup": train_ratio["median"], "infer_speedup": infer_ratio["median"],
+        "train_speedup_rounds": train_ratio, "infer_speedup_rounds": infer_ratio, "warnings": warnings,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "latency_ms_p50": latency[best_lat]["p50"],
         "latency_ms_p95": latency[best_lat]["p95"],
         "data_fraction_of_epoch": round(fast_data_s / (1 / train[best_train]["compute_cases_per_s"]), 4),
@@ -232,9 +290,8 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     return result
 
 
-def _onnx_bench(model: FusionModel, size: int, meta_dim: int, batch: int, warmup: int, repeats: int,
-                latency_runs: int) -> dict:
-
+def _onnx_calls(model: FusionModel, size: int, meta_dim: int, batch: int):
+    """No-argument ONNX Runtime calls on a batch of `batch` and on one case (the model exported first)."""
     from ..export import export_model, ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,23 +305,25 @@ def _onnx_bench(model: FusionModel, size: int, meta_dim: int, batch: int, warmup
         return {"derm": d.numpy(), "clinic": c.numpy(), "meta": m.numpy(), "has_derm": f, "has_clinic": f, "has_meta": f}
 
     fb, f1 = feeds(batch), feeds(1)
-    t = statistics.median(_timeit(lambda: sess.run(None, fb), warmup, repeats))
-    return {"compute_cases_per_s": round(batch / t, 3),
-            "latency": _latency_ms(lambda: sess.run(None, f1), warmup, latency_runs)}
+    return (lambda: sess.run(None, fb)), (lambda: sess.run(None, f1))
 
 
 def bench_table(r: dict) -> str:
     lines = [f"CPU: {r['cpu']['processor']} ({r['cpu']['machine']}), {r['threads']} threads; "
              f"AVX512-BF16 {r['cpu']['avx512_bf16']}, AMX-BF16 {r['cpu']['amx_bf16']}",
-             f"{r['variant']} / {r['backbone']} at {r['image_size']} px, batch {r['batch']}, medians of {r['repeats']}",
+             f"{r['variant']} / {r['backbone']} at {r['image_size']} px, batch {r['batch']}, medians of {r['repeats']} "
+             f"rounds, paths timed round robin; torch {r['torch']}, oneDNN {r['onednn']}; load average "
+             f"{r['load_average_before']} before, {r['load_average_after']} after",
              "", "| path | train cases/s (compute only) | infer cases/s (compute only) |", "|---|---:|---:|"]
     for name in r["infer"]:
         tr = r["train"].get(name)
         tr_s = f"{tr['cases_per_s']:.2f} ({tr['compute_cases_per_s']:.2f})" if tr else "–"
         inf = r["infer"][name]
         lines.append(f"| {name} | {tr_s} | {inf['cases_per_s']:.2f} ({inf['compute_cases_per_s']:.2f}) |")
-    lines += ["", f"train speed-up (best: {r['train_best_path']}) **{r['train_speedup']}x**; "
-                  f"inference speed-up (best: {r['infer_best_path']}) **{r['infer_speedup']}x**",
+    tr, inf = r["train_speedup_rounds"], r["infer_speedup_rounds"]
+    lines += ["", f"train speed-up (best: {r['train_best_path']}) **{r['train_speedup']}x** (rounds {tr['min']}–"
+                  f"{tr['max']}x); inference speed-up (best: {r['infer_best_path']}) **{r['infer_speedup']}x** "
+                  f"(rounds {inf['min']}–{inf['max']}x)", *(f"**warning:** {w}" for w in r["warnings"]),
               "", "| latency, batch 1 | p50 ms | p95 ms |", "|---|---:|---:|"]
     for name, v in r["latency_ms"].items():
         lines.append(f"| {name} | {v['p50']} | {v['p95']} |")
