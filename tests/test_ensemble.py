@@ -101,7 +101,9 @@ def test_ensemble_runs_on_every_inference_path(ens_run, tmp_path):
     rng = np.random.default_rng(0)
     derm = rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)
     clinic = rng.integers(0, 255, (70, 60, 3), dtype=np.uint8)
-    ref = Predictor.from_checkpoint(ckpt).predict(derm=derm, clinic=clinic)
+    torch_predictor = Predictor.from_checkpoint(ckpt)
+    assert torch_predictor.info["members"] == 2 and torch_predictor.info["clinic_weight"] == 0.5
+    ref = torch_predictor.predict(derm=derm, clinic=clinic)
     for p in (Predictor.from_checkpoint(ckpt, backend="frozen", precision="fp32"), Predictor.from_onnx(tmp_path / "m.onnx")):
         got = p.predict(derm=derm, clinic=clinic)
         for task, r in ref.tasks.items():

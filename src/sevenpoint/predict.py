@@ -209,7 +209,8 @@ class Predictor:
     def info(self) -> dict:
         m = self.cfg.model
         return {"variant": m.variant, "backbone": m.backbone, "attention": m.attention,
-                "image_size": self.size, "tta": self.tta,
+                "image_size": self.size, "tta": self.tta, "members": self.cfg.train.ensemble,
+                "clinic_weight": self.cfg.infer.clinic_weight,
                 "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch")}
 
     def preprocess(self, image: ImageInput | None, name: str) -> tuple[torch.Tensor, np.ndarray] | None:
