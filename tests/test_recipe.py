@@ -37,9 +37,13 @@ def test_recipe_options_are_validated_when_loaded(override, match):
 
 
 def test_packaged_recipes_load():
-    recipe, candidate = load_config("cpu-recipe"), load_config("cpu-recipe-v2")
+    recipe, v1, candidate = load_config("cpu-recipe"), load_config("cpu-recipe-v1"), load_config("cpu-recipe-v2")
     assert candidate.data.short_side == 256 and candidate.model.bn_momentum == 0.1 and candidate.infer.tta == "flip_rot"
-    assert recipe.data.short_side == 0 and recipe.model.bn_momentum is None and recipe.infer.tta == "none"
+    assert v1.data.short_side == 0 and v1.model.bn_momentum is None and v1.train.ensemble == 1
+    # the recipe: three v4 members (squash, affine, BN 0.1, AdamW, heads 1e-3 / backbones 3e-4, EMA)
+    assert recipe.train.ensemble == 3 and recipe.infer.clinic_weight == 0.5 and recipe.infer.tta == "none"
+    assert recipe.data.short_side == 0 and recipe.data.augmentation == "affine" and recipe.model.bn_momentum == 0.1
+    assert (recipe.train.lr, recipe.train.backbone_lr_scale, recipe.train.ema_decay) == (1e-3, 0.3, 0.99)
 
 
 def test_short_side_keeps_the_aspect_ratio_and_the_centre():
