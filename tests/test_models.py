@@ -76,7 +76,7 @@ def test_middle_flow_is_data():
 
 
 def test_every_parameter_gets_a_gradient_dcihmm():
-    model = FusionModel(tiny_cfg())
+    model = FusionModel(tiny_cfg(), 64)
     for m in model.modules():
         if isinstance(m, SoftAttention):
             with torch.no_grad():
@@ -93,8 +93,8 @@ def test_every_parameter_gets_a_gradient_dcihmm():
 
 
 def test_shared_backbone_option():
-    shared = FusionModel(tiny_cfg(share_backbone=True))
-    separate = FusionModel(tiny_cfg())
+    shared = FusionModel(tiny_cfg(share_backbone=True), 64)
+    separate = FusionModel(tiny_cfg(), 64)
     assert shared.derm.backbone is shared.clinic.backbone
     assert separate.derm.backbone is not separate.clinic.backbone
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -102,7 +102,7 @@ def test_shared_backbone_option():
 
 
 def test_probabilities_per_task_and_branch_sum_to_one_and_late_fusion_is_the_mean():
-    model = FusionModel(tiny_cfg()).eval()
+    model = FusionModel(tiny_cfg(), 64).eval()
     derm, clinic, meta = batch()
     with torch.no_grad():
         out = model(derm, clinic, meta)
@@ -116,7 +116,7 @@ def test_probabilities_per_task_and_branch_sum_to_one_and_late_fusion_is_the_mea
 
 
 def test_missing_clinic_uses_derm_branch_only_for_that_case():
-    model = FusionModel(tiny_cfg()).eval()
+    model = FusionModel(tiny_cfg(), 64).eval()
     derm, clinic, meta = batch()
     has_clinic = torch.tensor([True, False, True, False])
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_missing_clinic_uses_derm_branch_only_for_that_case():
 
 
 def test_missing_derm_and_missing_meta():
-    model = FusionModel(tiny_cfg()).eval()
+    model = FusionModel(tiny_cfg(), 64).eval()
     derm, clinic, meta = batch()
     with torch.no_grad():
         out = model(None, clinic, meta)
@@ -141,7 +141,7 @@ def test_missing_derm_and_missing_meta():
 
 
 def test_missing_clinic_never_trains_the_clinic_branch():
-    model = FusionModel(tiny_cfg())
+    model = FusionModel(tiny_cfg(), 64)
     derm, clinic, meta = batch()
     # the loss must depend on clinic images 0, 2, 3 only
     clinic = clinic.clone().requires_grad_(True)
@@ -154,7 +154,7 @@ def test_missing_clinic_never_trains_the_clinic_branch():
 @pytest.mark.parametrize("variant, branches", [("DIM", {"derm"}), ("CIM", {"clinic"}),
                                                ("DCIHMM", {"derm", "clinic", "hybrid"})])
 def test_variants(variant, branches):
-    model = FusionModel(tiny_cfg(variant=variant)).eval()
+    model = FusionModel(tiny_cfg(variant=variant), 64).eval()
     derm, clinic, meta = batch()
     with torch.no_grad():
         out = model(derm, clinic, meta)
@@ -162,7 +162,7 @@ def test_variants(variant, branches):
 
 
 def test_no_branch_can_run_is_an_error():
-    model = FusionModel(tiny_cfg(variant="DIM")).eval()
+    model = FusionModel(tiny_cfg(variant="DIM"), 64).eval()
     _, clinic, meta = batch()
     with pytest.raises(ValueError, match="no branch could run"):
         model(None, clinic, meta)
@@ -183,8 +183,8 @@ def test_pretrained_lite_classifies_a_natural_image():
 
 
 def test_lite_backbone_interface():
-    cfg = dataclasses.replace(tiny_cfg(), backbone="efficientnet_lite0", image_size=64, pretrained=False)
-    model = FusionModel(dataclasses.replace(cfg, variant="DIM"))
+    cfg = dataclasses.replace(tiny_cfg(), backbone="efficientnet_lite0", pretrained=False)
+    model = FusionModel(dataclasses.replace(cfg, variant="DIM"), 64)
     feat, maps = model.derm.backbone.forward_features(torch.randn(1, 3, 64, 64))
     assert feat.shape == (1, 1280, 2, 2) and maps["exit"].shape[1] == cfg.attention_heads
 
@@ -226,8 +226,8 @@ def test_mismatched_xception_checkpoint_names_the_tensors(tmp_path):
 
 @pytest.mark.parametrize("backbone", ["xception_tiny", "efficientnet_lite0"])
 def test_freeze_blocks_fixes_early_weights_and_bn_statistics(backbone):
-    cfg = tiny_cfg(backbone=backbone, image_size=64, pretrained=False, variant="DIM", freeze_blocks=2)
-    model = FusionModel(cfg).train()
+    cfg = tiny_cfg(backbone=backbone, pretrained=False, variant="DIM", freeze_blocks=2)
+    model = FusionModel(cfg, 64).train()
     net = model.derm.backbone
     frozen = {id(p) for layer in net.early_layers(2) for p in layer.parameters()}
     stats = {k: b for k, b in net.named_buffers() if k.endswith("running_mean")}
@@ -244,7 +244,7 @@ def test_freeze_blocks_fixes_early_weights_and_bn_statistics(backbone):
         assert (p.grad is None) == (id(p) in frozen)  # no gradient exactly for the frozen layers
     assert model.training and all(not layer.training for layer in net.early_layers(2))
     with pytest.raises(ValueError, match="freeze_blocks=99"):
-        FusionModel(dataclasses.replace(cfg, freeze_blocks=99))
+        FusionModel(dataclasses.replace(cfg, freeze_blocks=99), 64)
 
 
 def test_a_backbone_is_one_registry_entry(monkeypatch):
@@ -269,10 +269,10 @@ def test_a_backbone_is_one_registry_entry(monkeypatch):
         def forward_features(self, x):
             return self.conv(x), {}
 
-    monkeypatch.setitem(BACKBONES, "toy", Backbone(lambda cfg: Toy(), 64, cpu_bf16=True, user_weights=False,
+    monkeypatch.setitem(BACKBONES, "toy", Backbone(lambda cfg, size: Toy(), 64, cpu_bf16=True, user_weights=False,
                                                                packaged_weights=False))
     cfg = load_config("tiny", ["model.backbone=toy", "model.attention=false"])
-    model = FusionModel(cfg.model)
+    model = FusionModel(cfg.model, 64)
     out = model(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 64, 64), torch.zeros(2, 14))
     assert isinstance(model.derm.backbone, Toy) and out.probs[0].shape == (2, 5)
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)

@@ -90,7 +90,7 @@ def test_cache_keeps_aspect_entries_apart_from_square_ones(tmp_path):
 def test_bn_momentum_reaches_every_backbone_batchnorm(backbone, default):
     def momenta(overrides):
         cfg = load_config("tiny", [f"model.backbone={backbone}", "model.pretrained=false", *overrides])
-        net = build_backbone(cfg.model)
+        net = build_backbone(cfg.model, cfg.data.image_size)
         return {round(m.momentum, 6) for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
 
     assert momenta([]) == {default}
@@ -217,7 +217,7 @@ def test_model_options_are_validated_when_loaded(override, match):
 @pytest.mark.parametrize("backbone", ["xception_tiny", "efficientnet_lite0"])
 def test_attention_heads_reach_every_backbone(backbone):
     cfg = load_config("tiny", [f"model.backbone={backbone}", "model.attention_heads=3", "model.pretrained=false"])
-    net = build_backbone(cfg.model)
+    net = build_backbone(cfg.model, cfg.data.image_size)
     _, maps = net.forward_features(torch.zeros(1, 3, 64, 64))
     assert maps["exit"].shape[1] == 3
 
@@ -242,3 +242,20 @@ def test_pretrained_defaults_to_what_the_backbone_ships_and_refuses_what_it_cann
     with pytest.raises(ConfigError, match="model.pretrained=true: xception has no packaged"):
         load_config("paper", ["model.pretrained=true"])
     assert load_config("paper", ["model.pretrained=true", "model.backbone_checkpoint=w.pt"]).model.pretrained
+
+
+def test_derived_values_are_build_arguments_not_options():
+    from sevenpoint.config import config_from_dict
+    from sevenpoint.models import FusionModel
+
+    for key in ("model.image_size=288", "model.meta_dim=20"):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            load_config("tiny", [key])
+    cfg = load_config("tiny", ["data.include_leaky_meta=true", "data.image_size=48"])
+    assert cfg.meta_dim == 20
+    model = FusionModel(cfg.model, cfg.data.image_size, cfg.meta_dim).eval()
+    x = torch.zeros(2, 3, 48, 48)
+    assert model(x, x, torch.zeros(2, 20)).probs[0].shape == (2, 5)
+    saved = cfg.to_dict()  # a checkpoint from before 2026-11-28 also saved the derived values
+    saved["model"].update(image_size=299, meta_dim=14)
+    assert config_from_dict(saved) == cfg

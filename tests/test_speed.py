@@ -58,7 +58,7 @@ def test_bench_times_paths_round_robin_and_ratios_per_round(monkeypatch):
 def test_fast_paths_match_fp32(channels_last, bf16, tol):
     torch.manual_seed(0)
     cfg = load_config("tiny")
-    model = FusionModel(cfg.model).eval()
+    model = FusionModel(cfg.model, cfg.data.image_size).eval()
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     c = torch.rand(4, 3, 64, 64) * 2 - 1
     meta = torch.zeros(4, 14)
@@ -110,7 +110,7 @@ def test_flop_count_behind_performance_md():
 
     def gflop(variant):
         cfg = load_config("paper", [f"model.variant={variant}"])
-        return forward_gflop(FusionModel(cfg.model), cfg.data.image_size, cfg.model.meta_dim)
+        return forward_gflop(FusionModel(cfg.model, cfg.data.image_size), cfg.data.image_size, cfg.meta_dim)
 
     full, derm_only = gflop("DCIHMM"), gflop("DIM")
     assert full == pytest.approx(18.2, abs=0.1)

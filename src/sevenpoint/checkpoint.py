@@ -53,7 +53,9 @@ def build_model(cfg: RunConfig) -> FusionModel | FusionEnsemble:
     with the checkpoint's late-fusion weights (`infer.clinic_weight`)."""
     # The packaged ImageNet weights are overwritten by the checkpoint anyway.
     cfg_build = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint=None)
-    model = FusionEnsemble(cfg_build, cfg.train.ensemble) if cfg.train.ensemble > 1 else FusionModel(cfg_build)
+    size, meta = cfg.data.image_size, cfg.meta_dim
+    model = (FusionEnsemble(cfg_build, cfg.train.ensemble, size, meta) if cfg.train.ensemble > 1
+             else FusionModel(cfg_build, size, meta))
     model.fusion_weights = {"clinic": cfg.infer.clinic_weight}
     return model
 

@@ -47,8 +47,6 @@ class ModelConfig:
     backbone_checkpoint: str | None = None  # user-supplied ImageNet Xception weights (file path)
     freeze_blocks: int = 0  # freeze each backbone's stem + first N blocks (weights and BN statistics)
     bn_momentum: float | None = None  # backbone BatchNorm momentum; None keeps the builder's (Lite ports: 0.01)
-    meta_dim: int = 14
-    image_size: int = 299  # set from DataConfig; static-padding backbones are built for it
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -104,6 +102,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     seed: int = 0
+
+    @property
+    def meta_dim(self) -> int:
+        """Width of the metadata vector the model reads (derived from `data.include_leaky_meta`)."""
+        from .schema import meta_dim  # schema is a leaf module
+
+        return meta_dim(self.data.include_leaky_meta)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -213,11 +218,8 @@ def _check_user_choices(cfg: RunConfig) -> None:
 
 
 def finalize(cfg: RunConfig) -> RunConfig:
-    """Derive dependent fields (model image size and metadata width) and validate choices."""
-    from .schema import meta_dim  # schema is a leaf module
-
-    model = dataclasses.replace(cfg.model, image_size=cfg.data.image_size,
-                                meta_dim=meta_dim(cfg.data.include_leaky_meta))
+    """Resolve defaults that depend on other choices (`model.pretrained`) and validate every option."""
+    model = cfg.model
     if model.variant not in VARIANT_BRANCHES:
         raise ConfigError(f"model.variant: {model.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
     from .models.backbones import BACKBONES  # the registry (models import this module, so not at the top)
@@ -260,4 +262,7 @@ def finalize(cfg: RunConfig) -> RunConfig:
 
 
 def config_from_dict(values: dict) -> RunConfig:
-    return finalize(_build(RunConfig, values, ""))
+    """A saved config (run folder, checkpoint). Checkpoints from before 2026-11-28 also saved the
+    derived `model.image_size` / `model.meta_dim`; they are dropped (both follow from `data`)."""
+    model = {k: v for k, v in (values.get("model") or {}).items() if k not in ("image_size", "meta_dim")}
+    return finalize(_build(RunConfig, {**values, "model": model}, ""))

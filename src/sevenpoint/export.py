@@ -60,7 +60,7 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: int, met
 def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, opset: int = 17) -> dict:
     """Write the ONNX graph; the run config is stored in its metadata so `Predictor` can use it alone."""
     model, cfg, section = load_model(checkpoint)
-    outputs = export_model(model, onnx_path, cfg.data.image_size, cfg.model.meta_dim, opset,
+    outputs = export_model(model, onnx_path, cfg.data.image_size, cfg.meta_dim, opset,
                            metadata={"sevenpoint_config": json.dumps(cfg.to_dict()),
                                      "sevenpoint_ood": json.dumps(section.get("ood"))})
     return {"onnx": str(onnx_path), "outputs": outputs}
@@ -69,7 +69,7 @@ def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, ops
 def check_parity(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, n: int = 4) -> float:
     """Max |prob difference| between PyTorch (fp32) and ONNX Runtime on random cases with mixed availability."""
     model, cfg, _ = load_model(checkpoint)
-    inputs = list(example_inputs(n, cfg.data.image_size, cfg.model.meta_dim, seed=1))
+    inputs = list(example_inputs(n, cfg.data.image_size, cfg.meta_dim, seed=1))
     inputs[4] = torch.tensor([1.0, 0.0] * (n // 2) + [1.0] * (n % 2))  # some cases without a clinical photo
     inputs[5] = torch.tensor([1.0, 1.0, 0.0] * n)[:n]  # some without metadata
     with torch.no_grad():

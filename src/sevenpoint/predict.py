@@ -134,7 +134,7 @@ class _FrozenBackend:
 
     def __init__(self, model: torch.nn.Module, cfg, precision: str) -> None:
         self.bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
-        self.graph = freeze_for_inference(model, 1, cfg.data.image_size, cfg.model.meta_dim, self.bf16)
+        self.graph = freeze_for_inference(model, 1, cfg.data.image_size, cfg.meta_dim, self.bf16)
         self.names = self.graph.attention_names
 
     @torch.no_grad()
@@ -239,7 +239,7 @@ class Predictor:
     def _predict_chunk(self, cases: Sequence[Mapping[str, object]], offset: int) -> list[Prediction]:
         n, s = len(cases), self.size
         derm, clinic = torch.zeros(n, 3, s, s), torch.zeros(n, 3, s, s)
-        meta = torch.zeros(n, self.cfg.model.meta_dim)
+        meta = torch.zeros(n, self.cfg.meta_dim)
         has = {k: torch.zeros(n, dtype=torch.bool) for k in ("derm", "clinic", "meta")}
         ood: list[float | None] = [None] * n
         for i, case in enumerate(cases):

@@ -177,8 +177,8 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
                              "model.pretrained=false"] + (["model.attention_heads=4", "model.hybrid_channels=32"]
                                                           if backbone == "xception_tiny" else []))
     torch.manual_seed(0)
-    base = FusionModel(cfg.model)
-    meta_dim = cfg.model.meta_dim
+    base = FusionModel(cfg.model, size, cfg.meta_dim)
+    meta_dim = cfg.meta_dim
     result: dict = {"cpu": cpu_summary(), "variant": variant, "backbone": backbone, "image_size": size,
                     "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
                     "torch": torch.__version__, "onednn": _onednn_version(),

@@ -40,7 +40,7 @@ class SevenPointModule(L.LightningModule):
                  channels_last: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = FusionModel(cfg.model)
+        self.model = FusionModel(cfg.model, cfg.data.image_size, cfg.meta_dim)
         self.class_weights = class_weights
         self.channels_last = channels_last
         if channels_last:

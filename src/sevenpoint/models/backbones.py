@@ -17,14 +17,14 @@ from .xception import XCEPTION_PAPER, XCEPTION_TINY, ModifiedXception, XceptionS
 class Backbone:
     """What the package knows about one backbone: adding a backbone is one entry in `BACKBONES`."""
 
-    build: Callable[[ModelConfig], nn.Module]
+    build: Callable[[ModelConfig, int], nn.Module]  # (model config, input size) -> backbone
     native_size: int  # the input size its weights were trained at
     cpu_bf16: bool  # `precision=auto` uses bf16 on bf16 CPUs (measured faster; docs/PERFORMANCE.md)
     user_weights: bool  # accepts `model.backbone_checkpoint`
     packaged_weights: bool  # ships ImageNet weights (`model.pretrained`, on by default where true)
 
 
-def _xception(spec: XceptionSpec, cfg: ModelConfig) -> nn.Module:
+def _xception(spec: XceptionSpec, cfg: ModelConfig, image_size: int) -> nn.Module:
     if cfg.attention_heads != spec.attention_heads:
         spec = replace(spec, attention_heads=cfg.attention_heads)
     net = ModifiedXception(spec, attention=cfg.attention)
@@ -34,8 +34,8 @@ def _xception(spec: XceptionSpec, cfg: ModelConfig) -> nn.Module:
     return net
 
 
-def _lite(name: str, cfg: ModelConfig) -> nn.Module:
-    return EfficientNetLiteBackbone(name, cfg.image_size, cfg.pretrained, cfg.attention, cfg.attention_heads)
+def _lite(name: str, cfg: ModelConfig, image_size: int) -> nn.Module:
+    return EfficientNetLiteBackbone(name, image_size, cfg.pretrained, cfg.attention, cfg.attention_heads)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -48,10 +48,11 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
+def build_backbone(cfg: ModelConfig, image_size: int) -> nn.Module:
+    """The backbone `cfg` names, built for `image_size` px inputs (static-padding Lite ports need it)."""
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"model.backbone: unknown {cfg.backbone!r} (have: {', '.join(BACKBONES)})")
-    net = BACKBONES[cfg.backbone].build(cfg)
+    net = BACKBONES[cfg.backbone].build(cfg, image_size)
     if cfg.bn_momentum is not None:
         set_bn_momentum(net, cfg.bn_momentum)
     net.freeze_early(cfg.freeze_blocks)

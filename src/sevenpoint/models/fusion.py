@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from ..config import VARIANT_BRANCHES, ModelConfig
-from ..schema import NUM_CLASSES
+from ..schema import NUM_CLASSES, meta_dim as _meta_dim
 from .attention import SoftAttention
 from .backbones import build_backbone
 
 BRANCHES = ("derm", "clinic", "hybrid")
+META_DIM = _meta_dim(False)  # one-hot sex + location + elevation
 
 
 class TaskHeads(nn.Module):
@@ -130,23 +131,25 @@ def _on_rows(avail: torch.Tensor, fn, *inputs: torch.Tensor):
 class FusionModel(nn.Module):
     """DIM / CIM / DCIHMM from one `ModelConfig`; see the module docstring."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, image_size: int, meta_dim: int = META_DIM) -> None:
+        """`image_size` and `meta_dim` follow from the data settings (`RunConfig.data.image_size`,
+        `RunConfig.meta_dim`), so they are build arguments, not model options."""
         super().__init__()
         if cfg.variant not in VARIANT_BRANCHES:
             raise ValueError(f"variant {cfg.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
         self.cfg = cfg
         self.branch_names = cfg.branches
         self.fusion_weights: dict[str, float] = {}  # branch -> late-fusion weight (missing = 1); `infer.clinic_weight`
-        derm_bb = build_backbone(cfg) if "derm" in self.branch_names else None
+        derm_bb = build_backbone(cfg, image_size) if "derm" in self.branch_names else None
         clinic_bb = None
         if "clinic" in self.branch_names:
-            clinic_bb = derm_bb if (cfg.share_backbone and derm_bb is not None) else build_backbone(cfg)
+            clinic_bb = derm_bb if (cfg.share_backbone and derm_bb is not None) else build_backbone(cfg, image_size)
         self.derm = ImageBranch(derm_bb, cfg.dropout) if derm_bb is not None else None
         self.clinic = ImageBranch(clinic_bb, cfg.dropout) if clinic_bb is not None else None
         self.hybrid = None
         if "hybrid" in self.branch_names:
             self.hybrid = HybridBranch(derm_bb.num_features + clinic_bb.num_features, cfg.hybrid_channels,
-                                       cfg.meta_dim, cfg.attention, cfg.attention_heads, cfg.dropout)
+                                       meta_dim, cfg.attention, cfg.attention_heads, cfg.dropout)
 
     def can_run(self, has_derm: torch.Tensor, has_clinic: torch.Tensor) -> bool:
         """Whether at least one case of the batch has an input one of our branches needs."""
@@ -192,10 +195,10 @@ class FusionEnsemble(nn.Module):
     """Several `FusionModel`s of one config (`train.ensemble`), used like one: each branch's
     probabilities are the members' mean, then the usual late fusion; attention maps are averaged."""
 
-    def __init__(self, cfg: ModelConfig, members: int) -> None:
+    def __init__(self, cfg: ModelConfig, members: int, image_size: int, meta_dim: int = META_DIM) -> None:
         super().__init__()
         self.cfg = cfg
-        self.members = nn.ModuleList(FusionModel(cfg) for _ in range(members))
+        self.members = nn.ModuleList(FusionModel(cfg, image_size, meta_dim) for _ in range(members))
         self.branch_names = self.members[0].branch_names
         self.fusion_weights: dict[str, float] = {}
 
