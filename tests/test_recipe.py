@@ -259,3 +259,13 @@ def test_derived_values_are_build_arguments_not_options():
     saved = cfg.to_dict()  # a checkpoint from before 2026-11-28 also saved the derived values
     saved["model"].update(image_size=299, meta_dim=14)
     assert config_from_dict(saved) == cfg
+
+
+@pytest.mark.parametrize("override", ["data.image_size=8", "data.crop=-1", "data.augment=-0.5", "model.dropout=1.0",
+                                      "model.hybrid_channels=0", "train.epochs=0", "train.batch_size=0", "train.lr=0",
+                                      "train.weight_decay=-1", "train.label_smoothing=1", "train.meta_dropout=1.5",
+                                      "train.early_stopping=-2", "train.limit_train_batches=0", "train.devices=0"])
+def test_numeric_options_are_range_checked_when_loaded(override, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": expected a value"):
+        load_config("tiny", [override])

@@ -1,4 +1,5 @@
-"""The `sevenpoint` command line (typer). Faces only: every command calls into engine / predict.
+"""The `sevenpoint` command line (typer): parses options and prints results; the work is done in
+engine/, predict, export, demo and web.
 
 Known errors print one clear line and exit 2; `--debug` shows the traceback instead.
 """
@@ -248,7 +249,7 @@ def ablate(
 @app.command()
 def demo(out: Path = Path("demo-run"), cases: int = 400, epochs: Optional[int] = None, progress: bool = True) -> None:
     """The main job end to end on synthetic data: synthesise, train, evaluate, predict one case."""
-    from .engine.demo import run_demo
+    from .demo import run_demo
 
     run_demo(out, cases=cases, epochs=epochs, progress=progress, console=console)
 

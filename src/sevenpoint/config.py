@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .schema import meta_dim as schema_meta_dim  # schema imports nothing of ours
+
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 TTA_MODES = ("none", "flip", "flip_rot")
 
@@ -106,9 +108,7 @@ class RunConfig:
     @property
     def meta_dim(self) -> int:
         """Width of the metadata vector the model reads (derived from `data.include_leaky_meta`)."""
-        from .schema import meta_dim  # schema is a leaf module
-
-        return meta_dim(self.data.include_leaky_meta)
+        return schema_meta_dim(self.data.include_leaky_meta)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,7 +208,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _check_user_choices(cfg: RunConfig) -> None:
     """Choices refused when a user makes them (not when an older checkpoint's saved config is read)."""
-    from .models.backbones import BACKBONES
+    from .models.backbones import BACKBONES  # imported here: models import this module
 
     m = cfg.model
     if m.pretrained and m.backbone in BACKBONES and not BACKBONES[m.backbone].packaged_weights \
@@ -217,12 +217,31 @@ def _check_user_choices(cfg: RunConfig) -> None:
                           "model.backbone_checkpoint=FILE or leave model.pretrained unset")
 
 
+# Numeric options and the values they accept, checked when a config is loaded: (section, field, test, wording).
+_RANGES = [
+    ("data", "image_size", lambda v: v >= 16, ">= 16"), ("data", "crop", lambda v: v >= 0, ">= 0"),
+    ("data", "augment", lambda v: v >= 0, ">= 0"), ("data", "num_workers", lambda v: v >= 0, ">= 0"),
+    ("model", "hybrid_channels", lambda v: v >= 1, ">= 1"), ("model", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train", "epochs", lambda v: v >= 1, ">= 1"), ("train", "batch_size", lambda v: v >= 1, ">= 1"),
+    ("train", "lr", lambda v: v > 0, "> 0"), ("train", "weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train", "backbone_lr_scale", lambda v: v >= 0, ">= 0"), ("train", "warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("train", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train", "meta_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train", "early_stopping", lambda v: v >= 0, ">= 0 (0 = off)"), ("train", "devices", lambda v: v >= 1, ">= 1"),
+    ("train", "limit_train_batches", lambda v: 0 < v <= 1, "in (0, 1]"),
+]
+
+
 def finalize(cfg: RunConfig) -> RunConfig:
     """Resolve defaults that depend on other choices (`model.pretrained`) and validate every option."""
     model = cfg.model
+    for section, name, ok, wording in _RANGES:
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{section}.{name}: expected a value {wording}, got {value}")
     if model.variant not in VARIANT_BRANCHES:
         raise ConfigError(f"model.variant: {model.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
-    from .models.backbones import BACKBONES  # the registry (models import this module, so not at the top)
+    from .models.backbones import BACKBONES  # imported here: models import this module
 
     if model.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone: {model.backbone!r} is not one of {', '.join(BACKBONES)}")

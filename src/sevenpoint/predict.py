@@ -1,7 +1,9 @@
 """The inference API: `Predictor.from_checkpoint(path).predict(derm=..., clinic=..., meta={...})`.
 
-Composes models + schema only (no training code). Any of the three inputs may be missing;
-the result says which branches ran. Batched prediction runs one forward pass per batch.
+No training code: a checkpoint (or ONNX export) is loaded, images go through the same crop,
+resize and centring as in `evaluate`, and the input gate / out-of-distribution score of `ood`
+apply. Any of the three inputs may be missing; the result says which branches ran. Batched
+prediction runs one forward pass per batch.
 """
 
 from __future__ import annotations
