@@ -16,7 +16,7 @@ from sevenpoint.schema import TASKS
 def test_config_overrides_and_errors():
     cfg = load_config("tiny", ["train.lr=0.5", "model.attention=false", "data.cache_dir=none"], seed=7)
     assert cfg.train.lr == 0.5 and cfg.model.attention is False and cfg.seed == 7 and cfg.data.cache_dir is None
-    assert cfg.model.image_size == cfg.data.image_size
+    assert cfg.meta_dim == 14 and not hasattr(cfg.model, "image_size")  # derived, not an option
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config("tiny", ["train.learning_rate=1"])
     with pytest.raises(ConfigError, match="model.variant"):

@@ -66,7 +66,11 @@ def load_model(path: str | os.PathLike) -> tuple[FusionModel | FusionEnsemble, R
     cfg = config_from_dict(ckpt["sevenpoint"]["config"])
     model = build_model(cfg)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # e.g. a tensor whose stored shape was damaged
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone} model "
+                              f"({str(exc).splitlines()[-1].strip()})") from exc
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone} model "
                               f"of {cfg.train.ensemble} member(s): missing {result.missing_keys[:5]}, "
