@@ -110,3 +110,34 @@ def test_oversize_body_rejected_before_it_is_read(tiny_run):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_write_killed_midway_leaves_the_old_file_and_stray_tmp_files_are_ignored(tiny_run, synth_root, tmp_path):
+    """docs/RELIABILITY.md: atomic writes; a `*.tmp` left by a killed process changes nothing."""
+    import shutil
+
+    from sevenpoint.atomic import atomic_path
+    from sevenpoint.data.cache import ImageCache
+    from sevenpoint.engine.evaluate import evaluate
+
+    target = tmp_path / "best.ckpt"
+    target.write_bytes(b"the old checkpoint")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half of a new one")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"the old checkpoint" and not list(tmp_path.glob("*.tmp"))
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run)
+    (run / "checkpoints" / ".best.ckpt.x1y2z3.tmp").write_bytes(b"\x00" * 100)  # what a kill -9 leaves
+    m = evaluate(run / "checkpoints" / "best.ckpt", synth_root, tmp_path / "eval", split="valid", progress=False)
+    assert m["average_accuracy"] == pytest.approx(tiny_run["best_val_avg_acc"], abs=1e-6)
+
+    cache = ImageCache(tmp_path / "cache", 32, 0)
+    image = next(synth_root.rglob("*.jpg"))
+    first = cache.load(image)
+    for entry in (tmp_path / "cache").rglob("*"):
+        if entry.is_file():
+            (entry.parent / (entry.name + ".k9.tmp")).write_bytes(b"garbage")
+    assert (cache.load(image) == first).all() and cache.stats.hits == 1
