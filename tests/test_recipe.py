@@ -244,7 +244,9 @@ def test_pretrained_defaults_to_what_the_backbone_ships_and_refuses_what_it_cann
     assert load_config("paper", ["model.pretrained=true", "model.backbone_checkpoint=w.pt"]).model.pretrained
 
 
-def test_derived_values_are_build_arguments_not_options():
+def test_derived_values_are_build_arguments_not_options(tmp_path):
+    import yaml
+
     from sevenpoint.config import config_from_dict
     from sevenpoint.models import FusionModel
 
@@ -256,9 +258,12 @@ def test_derived_values_are_build_arguments_not_options():
     model = FusionModel(cfg.model, cfg.data.image_size, cfg.meta_dim).eval()
     x = torch.zeros(2, 3, 48, 48)
     assert model(x, x, torch.zeros(2, 20)).probs[0].shape == (2, 5)
-    saved = cfg.to_dict()  # a checkpoint from before 2026-11-28 also saved the derived values
+    saved = cfg.to_dict()  # a checkpoint or run folder from before 2026-11-28 also saved the derived values
     saved["model"].update(image_size=299, meta_dim=14)
     assert config_from_dict(saved) == cfg
+    old_run = tmp_path / "config.yaml"
+    old_run.write_text(yaml.safe_dump(saved))
+    assert load_config(old_run) == cfg  # `--config OLD_RUN/config.yaml` still works
 
 
 @pytest.mark.parametrize("override", ["data.image_size=8", "data.crop=-1", "data.augment=-0.5", "model.dropout=1.0",

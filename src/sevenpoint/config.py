@@ -188,6 +188,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping at top level")
+        raw = _drop_derived(raw)  # a run folder's config.yaml from before 2026-11-28
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
@@ -283,5 +284,11 @@ def finalize(cfg: RunConfig) -> RunConfig:
 def config_from_dict(values: dict) -> RunConfig:
     """A saved config (run folder, checkpoint). Checkpoints from before 2026-11-28 also saved the
     derived `model.image_size` / `model.meta_dim`; they are dropped (both follow from `data`)."""
-    model = {k: v for k, v in (values.get("model") or {}).items() if k not in ("image_size", "meta_dim")}
-    return finalize(_build(RunConfig, {**values, "model": model}, ""))
+    return finalize(_build(RunConfig, _drop_derived(values), ""))
+
+
+def _drop_derived(values: dict) -> dict:
+    """Saved configs from before 2026-11-28 carry the derived model.image_size / model.meta_dim."""
+    if not isinstance(values.get("model"), dict):
+        return values
+    return {**values, "model": {k: v for k, v in values["model"].items() if k not in ("image_size", "meta_dim")}}
