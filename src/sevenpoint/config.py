@@ -60,6 +60,11 @@ class ModelConfig:
         """The image inputs its branches read: derm and/or clinic."""
         return tuple(b for b in self.branches if b in ("derm", "clinic"))
 
+    @property
+    def clinic_only(self) -> bool:
+        """Reads clinical photos only: cases without one fall back to their dermoscopy image."""
+        return self.images == ("clinic",)
+
 
 @dataclass(frozen=True)
 class TrainConfig:

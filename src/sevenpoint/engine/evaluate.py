@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_model
+from ..config import RunConfig
 from ..data import Derm7pt, Derm7ptDataset
 from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
@@ -72,6 +73,16 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
                        {b: np.concatenate(m) for b, m in masks.items()})
 
 
+def predict_split(model: FusionModel, cfg: RunConfig, data: Derm7pt, split: str, tta: str = "none",
+                  batch_size: int = 32, bf16: bool = False, channels_last: bool = False, progress: bool = True,
+                  device: str = "cpu") -> Predictions:
+    """`predict_loader` over one split, with the images prepared exactly as for validation in training."""
+    ds = Derm7ptDataset(data, split, make_cache(cfg), transforms_for(cfg.data)[1],
+                        clinic_fallback=cfg.model.clinic_only)
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
+
+
 def branch_accuracy(pred: Predictions) -> dict[str, dict]:
     """Each branch on its own (on the cases it ran on): how much it contributes to the fused result."""
     out = {}
@@ -115,16 +126,13 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     channels_last = use_channels_last(cfg.train.channels_last)
 
     def run(which: str):
-        ds = Derm7ptDataset(data, which, make_cache(cfg), transforms_for(cfg.data)[1],
-                            clinic_fallback=cfg.model.images == ("clinic",))
-        dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-        return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
+        return predict_split(model, cfg, data, which, tta, batch_size, bf16, channels_last, progress, device)
 
     pred = run(split)
     probs, targets, ids = pred.probs, pred.targets, pred.ids
     metrics = compute_metrics(probs, targets)
     metrics["branches"] = branch_accuracy(pred)
-    fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.images == ("clinic",) else 0
+    fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.clinic_only else 0
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "attention": cfg.model.attention})

@@ -77,7 +77,7 @@ def build_loaders(data: Derm7pt, cfg: RunConfig) -> tuple[DataLoader, DataLoader
     cache = make_cache(cfg)
     train_tf, eval_tf = transforms_for(cfg.data)
     train_ds = Derm7ptDataset(data, "train", cache, train_tf)
-    valid_ds = Derm7ptDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.images == ("clinic",))
+    valid_ds = Derm7ptDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.clinic_only)
     weights = balanced_weights(data.targets("train")) if cfg.train.balanced_sampling else None
     sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, weights=weights)
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
@@ -267,7 +267,8 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     """Train the members one after another in `run_dir/members/m<i>/` (each a normal, resumable run),
     then write their average as `run_dir/checkpoints/best.ckpt` and score it on validation."""
     from ..checkpoint import assemble_ensemble, load_model
-    from .evaluate import predict_loader
+    from .evaluate import predict_split
+    from .metrics import compute_metrics
 
     run_dir = Path(run_dir)
     done_file = run_dir / "members" / "finished.json"
@@ -286,10 +287,9 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         name = f"m{i}"
         if name in finished:
             continue
-        member_dir = run_dir / "members" / name
-        print(f"ensemble member {i + 1}/{cfg.train.ensemble} (seed {member_config(cfg, i).seed}) -> {member_dir}",
-              flush=True)
-        summary = train(member_config(cfg, i), data_dir, member_dir,
+        member_dir, member = run_dir / "members" / name, member_config(cfg, i)
+        print(f"ensemble member {i + 1}/{cfg.train.ensemble} (seed {member.seed}) -> {member_dir}", flush=True)
+        summary = train(member, data_dir, member_dir,
                         resume=(member_dir / "checkpoints" / "last.ckpt").is_file(), progress=progress, argv=argv,
                         stop_after_epochs=stop_after_epochs, splits=splits)
         if stop_after_epochs:  # an interrupted run (tests): this member is not finished
@@ -301,19 +301,16 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     assemble_ensemble(members, best, infer=dataclasses.asdict(cfg.infer))
     model, ens_cfg, _ = load_model(best)
     data = load_training_data(data_dir, cfg, splits)
-    valid = Derm7ptDataset(data, "valid", make_cache(cfg), transforms_for(cfg.data)[1],
-                           clinic_fallback=cfg.model.images == ("clinic",))
-    pred = predict_loader(model, DataLoader(valid, batch_size=cfg.train.batch_size), ens_cfg.infer.tta,
-                          progress=progress, channels_last=use_channels_last(cfg.train.channels_last))
-    val_acc = float(np.mean([(p.argmax(axis=1) == pred.targets[:, t]).mean() for t, p in enumerate(pred.probs)]))
+    pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size,
+                         channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
     summary = {
         "best_checkpoint": str(best),
-        "best_val_avg_acc": val_acc,
+        "best_val_avg_acc": compute_metrics(pred.probs, pred.targets)["average_accuracy"],
         "members": finished,
         "epochs_run": sum(m["epochs_run"] for m in finished.values()),
         "train_seconds": round(sum(m["train_seconds"] for m in finished.values()), 1),
         "train_cases": len(data.splits["train"]),
-        "valid_cases": len(valid),
+        "valid_cases": len(pred.ids),
         "config": dataclasses.asdict(cfg),
     }
     write_json(run_dir / "train_summary.json", summary)
