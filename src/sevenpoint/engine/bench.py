@@ -40,14 +40,8 @@ PATHS = {  # name -> (channels_last, bf16)
 
 
 def _timeit(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
+    """Seconds per call of `fn` over `repeats` calls after `warmup` untimed ones."""
+    return _interleaved({"fn": fn}, warmup, repeats)["fn"]
 
 
 SPREAD_WARN = 0.15  # a speed-up whose rounds spread beyond ±15 % of its median is not conclusive
