@@ -22,7 +22,7 @@ def run(*args, check=True):
 
 def test_synth_then_check_data(tmp_path):
     out = run("synth", tmp_path / "d", "--cases", 40, "--size", 48, "--seed", 2).stdout
-    assert "wrote 40 synthetic cases" in out
+    assert "wrote 40 synthetic derm7pt cases" in out
     report = run("check-data", tmp_path / "d").stdout
     assert "usable" in report and "clinic photo missing" in report and "resolved case-insensitively" in report
     summary = json.loads(run("check-data", tmp_path / "d", "--json").stdout)

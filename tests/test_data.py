@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sevenpoint.data import DatasetError, Derm7pt, Derm7ptDataset, ImageCache, make_synthetic
+from sevenpoint.data import DatasetError, Derm7pt, CaseDataset, ImageCache, make_synthetic
 from sevenpoint.schema import NUM_CLASSES, TASKS
 
 
@@ -49,14 +49,14 @@ def test_reader_items_shapes_flags_and_quirks(synth_root, tmp_path):
     assert len(resolved) == 1
     missing = [c for c in data.cases if c.clinic is None]
     assert len(missing) == 3
-    ds = Derm7ptDataset(data, "train", ImageCache(tmp_path / "cache", size=32, crop=0))
+    ds = CaseDataset(data, "train", ImageCache(tmp_path / "cache", size=32, crop=0))
     item = ds[0]
     assert item["derm"].shape == (3, 32, 32) and item["derm"].dtype == torch.float32
     assert -1.0 <= float(item["derm"].min()) and float(item["derm"].max()) <= 1.0
     assert item["meta"].shape == (14,) and float(item["meta"].sum()) == 3.0
     assert item["targets"].shape == (8,) and item["targets"].dtype == torch.long
     assert all(0 <= int(item["targets"][t]) < n for t, n in enumerate(NUM_CLASSES))
-    all_items = [ds[i] for i in range(len(ds))] + [Derm7ptDataset(data, s, ds.cache)[i]
+    all_items = [ds[i] for i in range(len(ds))] + [CaseDataset(data, s, ds.cache)[i]
                                                    for s in ("valid", "test") for i in range(len(data.splits[s]))]
     no_clinic = [it for it in all_items if not bool(it["has_clinic"])]
     assert len(no_clinic) == 3
@@ -83,7 +83,7 @@ def test_unknown_label_value_names_row_column_value(synth_copy):
 def test_missing_image_is_named(synth_copy):
     rel = pd.read_csv(synth_copy / "meta" / "meta.csv")["derm"][7]
     (synth_copy / "images" / rel).unlink(missing_ok=True)
-    with pytest.raises(DatasetError, match=r"not found:\n.*row 7, column 'derm'"):
+    with pytest.raises(DatasetError, match=r"not found \(--skip-missing leaves those cases out\):\n.*row 7, column 'derm'"):
         Derm7pt.load(synth_copy)
 
 

@@ -124,14 +124,14 @@ def test_trainer_never_sees_the_test_split(synth_root, tmp_path, monkeypatch):
     import sevenpoint.engine.train as tr
 
     seen = []
-    original = tr.Derm7ptDataset.__init__
+    original = tr.CaseDataset.__init__
 
     def spy(self, data, split, *args, **kwargs):
         seen.append(split)
         assert "test" not in data.splits  # the split is not even in the trainer's data object
         original(self, data, split, *args, **kwargs)
 
-    monkeypatch.setattr(tr.Derm7ptDataset, "__init__", spy)
+    monkeypatch.setattr(tr.CaseDataset, "__init__", spy)
     cfg = load_config("tiny", ["train.epochs=1", f"data.cache_dir={tmp_path / 'c'}"], seed=0)
     train(cfg, synth_root, tmp_path / "run", progress=False)
     assert sorted(set(seen)) == ["train", "valid"]
@@ -214,13 +214,13 @@ def test_each_branch_alone_is_reported_and_averages_to_the_fused_result(tiny_run
     from torch.utils.data import DataLoader
 
     from sevenpoint.checkpoint import load_model
-    from sevenpoint.data import Derm7pt, Derm7ptDataset
+    from sevenpoint.data import Derm7pt, CaseDataset
     from sevenpoint.engine.evaluate import branch_accuracy, predict_loader
     from sevenpoint.data.cache import make_cache
 
     model, cfg, _ = load_model(tiny_run["best_checkpoint"])
     data = Derm7pt.load(synth_root)
-    loader = DataLoader(Derm7ptDataset(data, "valid", make_cache(cfg)), batch_size=7)
+    loader = DataLoader(CaseDataset(data, "valid", make_cache(cfg)), batch_size=7)
     pred = predict_loader(model, loader, tta="flip", progress=False)
     assert set(pred.branch_probs) == {"derm", "clinic", "hybrid"}
     cases = data.split_cases("valid")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import sevenpoint.cli as cli_module
-from sevenpoint.data import Derm7pt, Derm7ptDataset, ImageCache
+from sevenpoint.data import Derm7pt, CaseDataset, ImageCache
 
 
 def cli(capsys, *args) -> tuple[int, str]:
@@ -156,9 +156,9 @@ DATASET_CASES = [
     ("empty index file", index([]), r"valid_indexes.csv: (no indexes|cannot parse)"),
     ("overlapping splits", overlapping, r"splits train and test overlap in 2 row"),
     ("index file missing", missing_index_file, r"test_indexes.csv: file not found"),
-    ("image missing", missing_image, r"1 image file\(s\) not found:\n.*row 8, column 'derm'"),
+    ("image missing", missing_image, r"1 image file\(s\) not found \(--skip-missing leaves those cases out\):\n.*row 8, column 'derm'"),
     ("two images missing: both listed", two_missing_images,
-     r"2 image file\(s\) not found:\n.*row 8, column 'derm'.*\n.*row 11, column 'derm'"),
+     r"2 image file\(s\) not found \(--skip-missing leaves those cases out\):\n.*row 8, column 'derm'.*\n.*row 11, column 'derm'"),
     ("0-byte image", zero_byte_image, r"unusable image.*\n.*S\d+d\.jpg"),
     ("truncated JPEG", truncated_jpeg, r"unusable image.*\n.*S\d+d\.jpg: cannot decode"),
     ("JPEG truncated inside its header", header_truncated_jpeg, r"unusable image.*\n.*S\d+d\.jpg: cannot decode"),
@@ -182,7 +182,7 @@ def test_dataset_hostile_inputs(synth_copy, capsys, name, make, message):
 
 def test_not_a_dataset_folder(tmp_path, capsys):
     code, out = cli(capsys, "check-data", tmp_path)
-    assert code == 2 and "not a Derm7pt folder" in out
+    assert code == 2 and "not a dataset folder this version reads (formats: derm7pt, ph2, isic)" in out
 
 
 def _replace_image(root: Path, img: Image.Image, suffix: str) -> None:
@@ -230,7 +230,7 @@ def test_odd_image_modes_work(synth_copy, capsys, tmp_path, convert, suffix):
     data = Derm7pt.load(synth_copy)
     case = data.cases[8]
     split = next(s for s, idx in data.splits.items() if 8 in idx)
-    ds = Derm7ptDataset(data, split, ImageCache(tmp_path / "c", 32, 0))
+    ds = CaseDataset(data, split, ImageCache(tmp_path / "c", 32, 0))
     item = ds[list(data.splits[split]).index(8)]
     assert item["derm"].shape == (3, 32, 32) and torch.isfinite(item["derm"]).all()
     assert case.derm.exists()

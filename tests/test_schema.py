@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 from conftest import REAL_META
 
-from sevenpoint.schema import (CRITERIA, NUM_CLASSES, TASK_BY_NAME, TASK_NAMES, TASKS, LabelError, encode_meta,
-                               encode_row, meta_dim, seven_point_score)
+from sevenpoint.data.derm7pt import encode_row, encode_value
+from sevenpoint.schema import (CRITERIA, NUM_CLASSES, TASK_NAMES, TASKS, LabelError, encode_meta, meta_dim,
+                               seven_point_score)
 
 
 def test_task_order_and_class_count():
@@ -24,7 +25,7 @@ def test_checklist_points_major_and_minor():
 
 def test_unknown_raw_value_names_row_column_value():
     with pytest.raises(LabelError, match=r"row 7, column 'streaks': unknown value 'wavy'"):
-        TASK_BY_NAME["STR"].encode("wavy", row=7)
+        encode_value("STR", "wavy", row=7)
 
 
 def test_meta_one_hot_14_dims_and_leaky_option():

@@ -90,10 +90,12 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
     `train.ensemble` model; `infer` overrides inference settings (e.g. {"clinic_weight": 0.5})."""
     if len(members) < 2:
         raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(members)}")
-    state, configs, ood = {}, [], None
+    state, configs, ood, majority = {}, [], None, None
     for i, path in enumerate(members):
         ckpt = read_checkpoint(path)
-        ood = ood or ckpt["sevenpoint"].get("ood")  # the first member's (all saw the same training images)
+        # the first member's (all saw the same training images)
+        ood = ood or ckpt["sevenpoint"].get("ood")
+        majority = majority or ckpt["sevenpoint"].get("train_majority")
         cfg = config_from_dict(ckpt["sevenpoint"]["config"])
         if cfg.train.ensemble > 1:
             raise CheckpointError(f"{path}: is already an ensemble; give its members instead")
@@ -108,6 +110,6 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
     values["infer"].update(infer or {})
     cfg = config_from_dict(values)
     atomic_torch_save({"state_dict": state, "sevenpoint": {
-        "config": cfg.to_dict(), "schema": SCHEMA_FINGERPRINT, "ood": ood,
+        "config": cfg.to_dict(), "schema": SCHEMA_FINGERPRINT, "ood": ood, "train_majority": majority,
         "members": [{"checkpoint": str(p), "seed": c.seed} for p, c in zip(members, configs)]}}, out)
     return cfg

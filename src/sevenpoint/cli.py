@@ -74,14 +74,26 @@ def _seeds(seed: int, seeds: str | None) -> list[int]:
         raise typer.BadParameter(f"--seeds {seeds!r}: expected integers, e.g. --seeds 0 1 2") from None
 
 
-@app.command()
-def synth(out_dir: Path, cases: int = 200, size: int = 128, seed: int = 0) -> None:
-    """Write a learnable synthetic Derm7pt (release_v0 layout) to OUT_DIR."""
-    from .data import make_synthetic
+FormatOption = Annotated[str, typer.Option(
+    "--format", help="Dataset format: auto (detected from the folder) | derm7pt | ph2 | isic.")]
+SkipMissingOption = Annotated[bool, typer.Option(
+    help="Leave out cases whose image file is missing (each one listed) instead of refusing the dataset.")]
 
+
+@app.command()
+def synth(out_dir: Path, cases: int = 200, size: int = 128, seed: int = 0,
+          data_format: Annotated[str, typer.Option("--format", help="derm7pt | ph2 | isic")] = "derm7pt") -> None:
+    """Write a small learnable synthetic dataset to OUT_DIR in a format's own layout."""
+    from .data import synthetic
+
+    makers = {"derm7pt": synthetic.make_synthetic, "ph2": synthetic.make_synthetic_ph2,
+              "isic": synthetic.make_synthetic_isic}
+    if data_format not in makers:
+        raise typer.BadParameter(f"{data_format!r} is not one of {', '.join(makers)}", param_hint="--format")
     start = time.perf_counter()
-    root = make_synthetic(out_dir, cases=cases, size=size, seed=seed)
-    console.print(f"wrote {cases} synthetic cases ({size} px) to {root} in {time.perf_counter() - start:.1f} s")
+    root = makers[data_format](out_dir, cases=cases, size=size, seed=seed)
+    console.print(f"wrote {cases} synthetic {data_format} cases ({size} px) to {root} "
+                  f"in {time.perf_counter() - start:.1f} s")
 
 
 @app.command("check-data")
@@ -89,32 +101,41 @@ def check_data(data_dir: Path,
                include_leaky_meta: Annotated[bool, typer.Option(
                    help="Also encode management and diagnostic difficulty — these LEAK the diagnosis.")] = False,
                as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-               decode: Annotated[bool, typer.Option(help="Decode every image to find broken files.")] = True) -> None:
-    """Validate a Derm7pt download and summarise it (exit 0 when usable)."""
-    from .data import Derm7pt
+               decode: Annotated[bool, typer.Option(help="Decode every image to find broken files.")] = True,
+               data_format: FormatOption = "auto", skip_missing: SkipMissingOption = False) -> None:
+    """Validate a dataset (Derm7pt, PH2 or ISIC layout) and summarise it (exit 0 when usable)."""
+    from .data import load_dataset
 
-    data = Derm7pt.load(data_dir, include_leaky_meta=include_leaky_meta)
+    data = load_dataset(data_dir, data_format, include_leaky_meta=include_leaky_meta, skip_missing=skip_missing)
     decoded = data.verify_images(progress=not as_json) if decode else None
     s = data.summary()
     s["images_decoded"] = decoded
     if as_json:
         console.print_json(json.dumps(s))
         return
-    console.print(f"[bold]Derm7pt at {s['root']}[/]: {s['cases']} cases; "
+    console.print(f"[bold]{data.format} dataset at {s['root']}[/]: {s['cases']} cases; "
                   + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    console.print(f"has: dermoscopy {s['has']['derm']}, clinical photo {s['has']['clinic']}, "
+                  f"metadata {s['has']['meta']}")
+    if s["not_annotated"]:
+        console.print(f"not annotated (not trained or scored on): {', '.join(s['not_annotated'])}")
     table = Table("task", "class", *s["splits"].keys(), title="classes per task per split")
     for task, per_split in s["classes"].items():
         classes = next(iter(per_split.values())).keys()
         for c in classes:
             table.add_row(task, c, *(str(per_split[sp][c]) for sp in s["splits"]))
     console.print(table)
-    console.print(f"clinic photo missing (clinic == derm): {len(s['clinic_missing'])} case(s) "
-                  f"{s['clinic_missing']}")
-    path_quirks = [q for q in s["quirks"] if "resolved" in q]
-    console.print(f"path quirks resolved: {len(path_quirks)}")
-    for q in path_quirks:
-        console.print(f"  {q}", highlight=False)
-    console.print(f"metadata: {data.meta_dim} dims" + (" (INCLUDES leaky fields)" if include_leaky_meta else ""))
+    if data.format == "derm7pt":
+        console.print(f"clinic photo missing (clinic == derm): {len(s['clinic_missing'])} case(s) "
+                      f"{s['clinic_missing']}")
+        path_quirks = [q for q in s["quirks"] if "resolved" in q]
+        console.print(f"path quirks resolved: {len(path_quirks)}")
+        for q in path_quirks:
+            console.print(f"  {q}", highlight=False)
+        console.print(f"metadata: {data.meta_dim} dims" + (" (INCLUDES leaky fields)" if include_leaky_meta else ""))
+    else:
+        for q in s["quirks"]:
+            console.print(f"note: {q}", highlight=False)
     if decoded is not None:
         console.print(f"images decoded: {decoded}, all readable")
     console.print("[green]usable[/]")
@@ -122,7 +143,8 @@ def check_data(data_dir: Path,
 
 @app.command(context_settings={"allow_extra_args": True})
 def train(
-    data: Annotated[Path, typer.Option(help="Derm7pt folder (release_v0 or its parent).")],
+    data: Annotated[Path, typer.Option(help="Dataset folder with train and valid splits (Derm7pt release_v0 or its "
+                                            "parent, or ISIC); format from data.format (auto-detected).")],
     out: Annotated[Path, typer.Option(help="Run folder.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides")] = None,
     config: Annotated[Optional[str], typer.Option(help="YAML file or packaged name (paper, tiny, demo, cpu-recipe).")] = None,
@@ -197,22 +219,29 @@ def ensemble(
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="A best.ckpt / last.ckpt file.")],
-    data: Annotated[Path, typer.Option(help="Derm7pt folder.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder: Derm7pt, PH2 or ISIC layout (tasks it does not "
+                                            "annotate are not scored).")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    split: str = "test",
+    split: Annotated[str, typer.Option(help="test | valid | train (Derm7pt); all (PH2, or every ISIC case).")] = "test",
     tta: Annotated[Optional[str], typer.Option(
         help="none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
     calibrate: Annotated[bool, typer.Option(help="Temperature scaling fitted on the validation split.")] = False,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16")] = "auto",
+    data_format: FormatOption = "auto",
+    skip_missing: SkipMissingOption = False,
+    baseline_data: Annotated[Optional[Path], typer.Option(
+        help="For data without a train split and a checkpoint that does not store its training majority "
+             "classes: the training dataset whose train split gives the majority-class baseline.")] = None,
     progress: bool = True,
 ) -> None:
     """Evaluate a checkpoint: metrics.json, report.md, predictions.csv, confusion/ROC PNGs."""
     from .engine.evaluate import evaluate as run_eval
 
     m = run_eval(checkpoint, data, out, split=split, tta=tta, calibrate=calibrate, precision=precision,
-                 progress=progress)
+                 progress=progress, data_format=data_format, skip_missing=skip_missing, baseline_data=baseline_data)
     console.print((out / "report.md").read_text(), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"average accuracy {100 * m['average_accuracy']:.2f} % on {m['cases']} {split} cases -> {out}")
+    scored = "" if not m["not_annotated"] else f" over {len(m['scored_tasks'])} annotated tasks"
+    console.print(f"average accuracy {100 * m['average_accuracy']:.2f} %{scored} on {m['cases']} {split} cases -> {out}")
 
 
 @app.command()

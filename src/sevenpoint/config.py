@@ -31,6 +31,10 @@ class DataConfig:
     #                      (aspect kept), then crop image_size^2 (random in training, centred otherwise)
     num_workers: int = 0
     include_leaky_meta: bool = False  # management + difficulty: decided after diagnosis, LEAKS the label
+    format: str = "auto"  # format of --data: auto (detected) | derm7pt | ph2 | isic
+    extra: str | None = None  # auxiliary TRAINING data (any format; its train split, else all of it), e.g.
+    #                           ISIC images for the derm branch and DIAG; validation stays on --data
+    extra_format: str = "auto"
 
 
 VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}
@@ -245,6 +249,11 @@ def finalize(cfg: RunConfig) -> RunConfig:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"{section}.{name}: expected a value {wording}, got {value}")
+    from .data.formats import FORMAT_CHOICES
+
+    for name in ("format", "extra_format"):
+        if getattr(cfg.data, name) not in FORMAT_CHOICES:
+            raise ConfigError(f"data.{name}: {getattr(cfg.data, name)!r} is not one of {', '.join(FORMAT_CHOICES)}")
     if model.variant not in VARIANT_BRANCHES:
         raise ConfigError(f"model.variant: {model.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
     from .models.backbones import BACKBONES  # imported here: models import this module

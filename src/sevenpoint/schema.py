@@ -1,4 +1,4 @@
-"""The Derm7pt label schema as data: 8 tasks, 24 classes, raw-value mapping, checklist points.
+"""The label schema as data: 8 tasks, 24 classes, checklist points, partial-label codes, metadata.
 
 Everything else in the package reads this table; nothing here imports
 anything of ours. Task order is the official one of Kawahara et al. (2018):
@@ -15,22 +15,22 @@ import numpy as np
 
 
 class LabelError(ValueError):
-    """A raw label value that the schema does not know (names row, column and value)."""
+    """A raw label or metadata value that is not known (names row, column or field, and value)."""
 
 
 @dataclass(frozen=True)
 class Task:
-    """One classification task of the 8: its meta.csv column, classes and checklist points.
+    """One classification task of the 8: its classes and checklist points.
 
-    `raw` maps every raw meta.csv value to a class index; `points` maps the class index that
-    scores on the seven-point checklist to its points (2 for major, 1 for minor criteria).
+    `points` maps the class index that scores on the seven-point checklist to its points
+    (2 for major, 1 for minor criteria). How a dataset spells the classes is the dataset
+    reader's business (data/derm7pt.py, data/ph2.py, data/isic.py), not the schema's.
     """
 
     name: str
-    column: str
+    title: str
     classes: tuple[str, ...]
     long_names: tuple[str, ...]
-    raw: Mapping[str, int]
     points: Mapping[int, int] = field(default_factory=dict)
 
     @property
@@ -41,83 +41,39 @@ class Task:
     def is_criterion(self) -> bool:
         return bool(self.points)
 
-    def encode(self, value: object, row: int | str = "?") -> int:
-        """Class index of a raw value; raises `LabelError` naming row, column and value."""
-        key = str(value).strip().lower() if isinstance(value, str) else value
-        if key not in self.raw:
-            allowed = ", ".join(sorted(self.raw))
-            raise LabelError(
-                f"row {row}, column {self.column!r}: unknown value {value!r} (allowed: {allowed})"
-            )
-        return self.raw[key]
 
-
-def _mapping(groups: Sequence[Sequence[str]]) -> Mapping[str, int]:
-    return MappingProxyType({raw: index for index, values in enumerate(groups) for raw in values})
-
-
-_NEVI = [f"{kind} nevus" for kind in ("blue", "clark", "combined", "congenital", "dermal", "recurrent")]
-_MELANOMAS = [
-    "melanoma",
-    "melanoma (in situ)",
-    "melanoma (less than 0.76 mm)",
-    "melanoma (0.76 to 1.5 mm)",
-    "melanoma (more than 1.5 mm)",
-    "melanoma metastasis",
-]
+_PRESENCE = (("ABS", "PRS"), ("absent", "present"))
+_REGULARITY = (("ABS", "REG", "IR"), ("absent", "regular", "irregular"))
 
 TASKS: tuple[Task, ...] = (
-    Task(
-        "DIAG", "diagnosis", ("BCC", "NEV", "MEL", "MISC", "SK"),
-        ("basal cell carcinoma", "nevus", "melanoma", "miscellaneous", "seborrheic keratosis"),
-        _mapping([
-            ["basal cell carcinoma"],
-            [*_NEVI, "reed or spitz nevus"],
-            _MELANOMAS,
-            ["dermatofibroma", "lentigo", "melanosis", "miscellaneous", "vascular lesion"],
-            ["seborrheic keratosis"],
-        ]),
-    ),
-    Task(
-        "PN", "pigment_network", ("ABS", "TYP", "ATP"), ("absent", "typical", "atypical"),
-        _mapping([["absent"], ["typical"], ["atypical"]]), MappingProxyType({2: 2}),
-    ),
-    Task(
-        "BWV", "blue_whitish_veil", ("ABS", "PRS"), ("absent", "present"),
-        _mapping([["absent"], ["present"]]), MappingProxyType({1: 2}),
-    ),
-    Task(
-        "VS", "vascular_structures", ("ABS", "REG", "IR"), ("absent", "regular", "irregular"),
-        _mapping([
-            ["absent"],
-            ["arborizing", "comma", "hairpin", "within regression", "wreath"],
-            ["dotted", "linear irregular"],
-        ]),
-        MappingProxyType({2: 2}),
-    ),
-    Task(
-        "PIG", "pigmentation", ("ABS", "REG", "IR"), ("absent", "regular", "irregular"),
-        _mapping([
-            ["absent"],
-            ["diffuse regular", "localized regular"],
-            ["diffuse irregular", "localized irregular"],
-        ]),
-        MappingProxyType({2: 1}),
-    ),
-    Task(
-        "STR", "streaks", ("ABS", "REG", "IR"), ("absent", "regular", "irregular"),
-        _mapping([["absent"], ["regular"], ["irregular"]]), MappingProxyType({2: 1}),
-    ),
-    Task(
-        "DaG", "dots_and_globules", ("ABS", "REG", "IR"), ("absent", "regular", "irregular"),
-        _mapping([["absent"], ["regular"], ["irregular"]]), MappingProxyType({2: 1}),
-    ),
-    Task(
-        "RS", "regression_structures", ("ABS", "PRS"), ("absent", "present"),
-        _mapping([["absent"], ["blue areas", "white areas", "combinations"]]),
-        MappingProxyType({1: 1}),
-    ),
+    Task("DIAG", "diagnosis", ("BCC", "NEV", "MEL", "MISC", "SK"),
+         ("basal cell carcinoma", "nevus", "melanoma", "miscellaneous", "seborrheic keratosis")),
+    Task("PN", "pigment network", ("ABS", "TYP", "ATP"), ("absent", "typical", "atypical"), MappingProxyType({2: 2})),
+    Task("BWV", "blue whitish veil", *_PRESENCE, MappingProxyType({1: 2})),
+    Task("VS", "vascular structures", *_REGULARITY, MappingProxyType({2: 2})),
+    Task("PIG", "pigmentation", *_REGULARITY, MappingProxyType({2: 1})),
+    Task("STR", "streaks", *_REGULARITY, MappingProxyType({2: 1})),
+    Task("DaG", "dots and globules", *_REGULARITY, MappingProxyType({2: 1})),
+    Task("RS", "regression structures", *_PRESENCE, MappingProxyType({1: 1})),
 )
+
+# Partial labels. A dataset that does not annotate a task for a case says NOT_ANNOTATED: the
+# loss, the metrics, class weights and baselines ignore it. PRESENT says "present, kind not
+# given" (PH2's streaks are only absent / present): never trained on; scored right for any
+# class but ABS (class 0).
+NOT_ANNOTATED = -1
+PRESENT = -2
+
+
+def annotated(y):
+    """Mask of the targets that are scored (anything but NOT_ANNOTATED); numpy or torch."""
+    return y != NOT_ANNOTATED
+
+
+def correct(pred, y):
+    """Per-case correctness of class predictions against (possibly partial) targets; numpy or torch.
+    NOT_ANNOTATED targets come out False: combine with `annotated(y)`."""
+    return ((y == PRESENT) & (pred != 0)) | (pred == y)
 
 TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)
 TASK_BY_NAME: Mapping[str, Task] = MappingProxyType({t.name: t for t in TASKS})
@@ -180,7 +136,7 @@ def score_rule() -> str:
     by_points: dict[int, list[str]] = {}
     for task in TASKS:
         for cls, pts in task.points.items():
-            by_points.setdefault(pts, []).append(f"{task.long_names[cls]} {task.column.replace('_', ' ')}")
+            by_points.setdefault(pts, []).append(f"{task.long_names[cls]} {task.title}")
     terms = " + ".join(f"{pts} x ({', '.join(items)})" for pts, items in sorted(by_points.items(), reverse=True))
     return f"7-point score = {terms}; >= {MELANOMA_THRESHOLD} suggests melanoma"
 
@@ -201,8 +157,3 @@ def seven_point_score(labels: Mapping[str, int] | Sequence[int] | np.ndarray) ->
         for cls, pts in task.points.items():
             score = score + pts * (arr[..., i] == cls)
     return int(score) if score.ndim == 0 else score
-
-
-def encode_row(row: Mapping[str, object], row_index: int | str = "?") -> tuple[int, ...]:
-    """The 8 class indices of one meta.csv row; unknown values raise `LabelError`."""
-    return tuple(t.encode(row.get(t.column), row_index) for t in TASKS)

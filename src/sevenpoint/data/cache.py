@@ -48,22 +48,25 @@ class ImageCache:
             self.root = Path(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
 
-    def key(self, path: Path) -> str:
+    def key(self, path: Path, crop: int | None = None) -> str:
         st = path.stat()
-        geometry = f"{self.size}|{self.crop}" + (f"|short{self.short_side}" if self.short_side else "")
+        crop = self.crop if crop is None else crop
+        geometry = f"{self.size}|{crop}" + (f"|short{self.short_side}" if self.short_side else "")
         ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{geometry}"
         return hashlib.sha1(ident.encode()).hexdigest()
 
-    def entry_path(self, path: Path) -> Path:
+    def entry_path(self, path: Path, crop: int | None = None) -> Path:
         assert self.root is not None
-        k = self.key(path)
+        k = self.key(path, crop)
         return self.root / k[:2] / f"{k}.img"
 
-    def load(self, path: str | os.PathLike) -> np.ndarray:
+    def load(self, path: str | os.PathLike, crop: int | None = None) -> np.ndarray:
+        """The decoded image; `crop` overrides the cache's border for this image (another dataset's)."""
         path = Path(path)
+        crop = self.crop if crop is None else crop
         if self.root is None:
-            return load_image(path, self.size, self.crop, self.short_side)
-        entry = self.entry_path(path)
+            return load_image(path, self.size, crop, self.short_side)
+        entry = self.entry_path(path, crop)
         if entry.exists():
             arr = _read_entry(entry, self.size, self.short_side)
             if arr is not None:
@@ -71,7 +74,7 @@ class ImageCache:
                 return arr
             self.stats.rebuilt += 1
         self.stats.misses += 1
-        arr = load_image(path, self.size, self.crop, self.short_side)
+        arr = load_image(path, self.size, crop, self.short_side)
         _write_entry(entry, arr)
         return arr
 

@@ -1,4 +1,4 @@
-"""Torch dataset over a `Derm7pt` split; each item is a dict (STYLE.md habit 4)."""
+"""Torch dataset over one split of a `CaseSet` (any format); each item is a dict (STYLE.md habit 4)."""
 
 from __future__ import annotations
 
@@ -9,38 +9,45 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .base import CaseSet, DatasetError
 from .cache import ImageCache
-from .derm7pt import Derm7pt
 from .transforms import eval_transform, to_tensor
 
 
-class Derm7ptDataset(Dataset):
-    """Items: `derm`, `clinic` (3, S, S) float tensors, `meta` (D,), `targets` (8,) long,
-    `has_derm`, `has_clinic`, `has_meta` (bool), `case_id`, `index`.
+class CaseDataset(Dataset):
+    """Items: `derm`, `clinic` (3, S, S) float tensors, `meta` (D,), `targets` (8,) long (partial
+    labels as in schema.NOT_ANNOTATED / PRESENT), `has_derm`, `has_clinic`, `has_meta` (bool),
+    `case_id`, `index`.
 
-    A missing clinical photo is a zero tensor with `has_clinic=False`: the model must not see
-    a dermoscopy photo standing in for it. The one exception is `clinic_fallback=True`, for
-    *evaluating* a clinical-only model (CIM), which has no branch for such a case: it then
-    sees the dermoscopy photo, as the official meta.csv itself substitutes it, and the item is
-    marked `clinic_is_fallback`. Keys may be an int or an `(index, seed)` pair from
-    `EpochSampler`, which makes augmentation a pure function of (seed, epoch, index) and so
-    reproducible across `--resume` and worker counts.
+    A missing photo is a zero tensor with `has_*=False`, missing metadata zeros with
+    `has_meta=False`: the model must not see a dermoscopy photo standing in for a clinical one.
+    The one exception is `clinic_fallback=True`, for *evaluating* a clinical-only model (CIM),
+    which has no branch for such a case: it then sees the dermoscopy photo, as Derm7pt's
+    meta.csv itself substitutes it, and the item is marked `clinic_is_fallback`. Keys may be an
+    int or an `(index, seed)` pair from `EpochSampler`, which makes augmentation a pure function
+    of (seed, epoch, index) and so reproducible across `--resume` and worker counts.
+    `meta_dim` is the model's metadata length (default: the dataset's).
     """
 
-    def __init__(self, data: Derm7pt, split: str, cache: ImageCache,
-                 transform: A.Compose | None = None, clinic_fallback: bool = False) -> None:
+    def __init__(self, data: CaseSet, split: str, cache: ImageCache, transform: A.Compose | None = None,
+                 clinic_fallback: bool = False, meta_dim: int | None = None) -> None:
         self.data = data
         self.split = split
         self.cases = data.split_cases(split)
         self.cache = cache
         self.transform = transform or eval_transform()
         self.clinic_fallback = clinic_fallback
+        self.meta_dim = data.meta_dim if meta_dim is None else meta_dim
+        wrong = next((c for c in self.cases if c.meta is not None and c.meta.shape != (self.meta_dim,)), None)
+        if wrong is not None:
+            raise DatasetError(f"case {wrong.case_id}: metadata has {wrong.meta.shape[0]} values, the model takes "
+                               f"{self.meta_dim} (a checkpoint trained with(out) data.include_leaky_meta?)")
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def _image(self, path, seed: int | None) -> torch.Tensor:
-        img = self.cache.load(path)
+    def _image(self, path, crop: int | None, seed: int | None) -> torch.Tensor:
+        img = self.cache.load(path, crop)
         if seed is not None:
             self.transform.set_random_seed(seed)
         return to_tensor(self.transform(image=img)["image"])
@@ -48,27 +55,37 @@ class Derm7ptDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
         case = self.cases[index]
-        derm = self._image(case.derm, seed)
+        derm = None if case.derm is None else self._image(case.derm, case.crop, seed)
         has_clinic = case.clinic is not None
-        fallback = not has_clinic and self.clinic_fallback
+        fallback = not has_clinic and self.clinic_fallback and derm is not None
         if has_clinic:
-            clinic = self._image(case.clinic, None if seed is None else seed + 1)
+            clinic = self._image(case.clinic, case.crop, None if seed is None else seed + 1)
         elif fallback:
             clinic = derm.clone()
         else:
             clinic = torch.zeros_like(derm)
+        has_meta = case.meta is not None
+        meta = torch.from_numpy(case.meta.copy()) if has_meta else torch.zeros(self.meta_dim)
         return {
-            "derm": derm,
+            "derm": torch.zeros_like(clinic) if derm is None else derm,
             "clinic": clinic,
-            "meta": torch.from_numpy(case.meta.copy()),
+            "meta": meta,
             "targets": torch.tensor(case.targets, dtype=torch.long),
-            "has_derm": torch.tensor(True),
+            "has_derm": torch.tensor(derm is not None),
             "has_clinic": torch.tensor(has_clinic or fallback),
             "clinic_is_fallback": torch.tensor(fallback),
-            "has_meta": torch.tensor(True),
+            "has_meta": torch.tensor(has_meta),
             "case_id": case.case_id,
             "index": index,
         }
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside distributed training)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class EpochSampler(Sampler):
@@ -76,18 +93,22 @@ class EpochSampler(Sampler):
 
     Lightning calls `set_epoch` on samplers that have it, so epoch k's order and augmentations
     are the same whether the run was resumed or not. `weights` turns it into balanced
-    sampling with replacement (one draw per item per epoch).
+    sampling with replacement (one draw per item per epoch). Under distributed training each
+    process takes every world-th pair of the same sequence; with `pad` the sequence is first
+    padded (repeating its start) so every process gets as many batches (DDP needs that in training).
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, weights: np.ndarray | None = None) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, seed: int, shuffle: bool = True, weights: np.ndarray | None = None,
+                 pad: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch, self.pad = n, seed, shuffle, 0, pad
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        rank, world = rank_and_world()
+        return -(-self.n // world) if self.pad else len(range(rank, self.n, world))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -98,12 +119,21 @@ class EpochSampler(Sampler):
         else:
             order = torch.arange(self.n)
         base = (self.seed * 1_000_003 + self.epoch * 10_007) % (2**31 - 2 * self.n - 2)
-        for pos, i in enumerate(order.tolist()):
-            yield i, base + 2 * pos
+        pairs = [(i, base + 2 * pos) for pos, i in enumerate(order.tolist())]
+        rank, world = rank_and_world()
+        if world > 1:
+            if self.pad:
+                pairs += pairs[: -len(pairs) % world]
+            pairs = pairs[rank::world]
+        yield from pairs
 
 
 def balanced_weights(targets: np.ndarray, task_index: int = 0) -> np.ndarray:
-    """Per-item weights that equalise the classes of one task (default DIAG)."""
+    """Per-item weights that equalise the classes of one task (default DIAG); cases without that
+    label share the weight of an average class."""
     y = targets[:, task_index]
-    counts = np.bincount(y)
-    return 1.0 / counts[y]
+    labelled = y >= 0
+    counts = np.bincount(y[labelled])
+    w = np.full(len(y), 1.0 / max(1.0, counts[counts > 0].mean()) if labelled.any() else 1.0)
+    w[labelled] = 1.0 / counts[y[labelled]]
+    return w

@@ -1,23 +1,26 @@
-"""Reader for the official Derm7pt `release_v0/` layout.
+"""Reader for the official Derm7pt `release_v0/` layout (format `derm7pt`).
 
-`Derm7pt.load(path)` reads meta.csv and the three index files, maps every label through the
-schema, resolves image paths (case-insensitively when the exact path is missing), flags
-cases without a clinical photo, and validates the splits. Every problem raises
-`DatasetError` naming the file, row, column or value.
+`Derm7pt.load(path)` reads meta.csv and the three index files, maps every raw label onto the
+schema's classes (the column names and raw values live here, nowhere else), resolves image
+paths (case-insensitively when the exact path is missing), flags cases without a clinical
+photo, and validates the splits. Every problem raises `DatasetError` naming the file, row,
+column or value.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
-from ..schema import TASKS, LabelError, encode_meta, encode_row, meta_dim, meta_fields, seven_point_score
+from ..schema import TASKS, LabelError, encode_meta, meta_dim, meta_fields, seven_point_score
+from .base import Case, CaseSet, DatasetError, drop_missing, listing
 
+NAME = "derm7pt"
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 META_COLUMNS: tuple[str, ...] = (
     "case_num", "diagnosis", "seven_point_score", "pigment_network", "streaks", "pigmentation",
@@ -25,57 +28,60 @@ META_COLUMNS: tuple[str, ...] = (
     "level_of_diagnostic_difficulty", "elevation", "location", "sex", "management", "clinic",
     "derm", "case_id", "notes",
 )
+# meta.csv column of each task, and the raw values meta.csv uses for each class (in class order).
+COLUMNS: dict[str, str] = {
+    "DIAG": "diagnosis", "PN": "pigment_network", "BWV": "blue_whitish_veil", "VS": "vascular_structures",
+    "PIG": "pigmentation", "STR": "streaks", "DaG": "dots_and_globules", "RS": "regression_structures",
+}
+_NEVI = [f"{kind} nevus" for kind in ("blue", "clark", "combined", "congenital", "dermal", "recurrent")]
+_MELANOMAS = ["melanoma", "melanoma (in situ)", "melanoma (less than 0.76 mm)", "melanoma (0.76 to 1.5 mm)",
+              "melanoma (more than 1.5 mm)", "melanoma metastasis"]
+_REGULARITY = [["absent"], ["regular"], ["irregular"]]
+RAW_VALUES: dict[str, list[list[str]]] = {
+    "DIAG": [["basal cell carcinoma"], [*_NEVI, "reed or spitz nevus"], _MELANOMAS,
+             ["dermatofibroma", "lentigo", "melanosis", "miscellaneous", "vascular lesion"], ["seborrheic keratosis"]],
+    "PN": [["absent"], ["typical"], ["atypical"]],
+    "BWV": [["absent"], ["present"]],
+    "VS": [["absent"], ["arborizing", "comma", "hairpin", "within regression", "wreath"], ["dotted", "linear irregular"]],
+    "PIG": [["absent"], ["diffuse regular", "localized regular"], ["diffuse irregular", "localized irregular"]],
+    "STR": _REGULARITY,
+    "DaG": _REGULARITY,
+    "RS": [["absent"], ["blue areas", "white areas", "combinations"]],
+}
+_LOOKUP = {task: {raw: cls for cls, values in enumerate(groups) for raw in values} for task, groups in RAW_VALUES.items()}
 
 
-class DatasetError(ValueError):
-    """A Derm7pt folder that cannot be used as it is; the message says where and why."""
+def encode_value(task: str, value: object, row: int | str = "?") -> int:
+    """Class index of a raw meta.csv value; raises `LabelError` naming row, column and value."""
+    key = str(value).strip().lower() if isinstance(value, str) else value
+    if key not in _LOOKUP[task]:
+        allowed = ", ".join(sorted(_LOOKUP[task]))
+        raise LabelError(f"row {row}, column {COLUMNS[task]!r}: unknown value {value!r} (allowed: {allowed})")
+    return _LOOKUP[task][key]
 
 
-@dataclass(frozen=True)
-class Case:
-    """One lesion: its meta.csv row, resolved image paths, class indices and metadata."""
-
-    row: int
-    case_num: int
-    case_id: str
-    derm: Path
-    clinic: Path | None  # None: no clinical photo (meta.csv repeats the derm path)
-    targets: tuple[int, ...]
-    meta: np.ndarray
-    raw_meta: dict[str, str]
+def encode_row(row: Mapping[str, object], row_index: int | str = "?") -> tuple[int, ...]:
+    """The 8 class indices of one meta.csv row; unknown values raise `LabelError`."""
+    return tuple(encode_value(t.name, row.get(COLUMNS[t.name]), row_index) for t in TASKS)
 
 
-@dataclass
+def detect(path: Path) -> bool:
+    return any((c / "meta" / "meta.csv").is_file() for c in (path, path / "release_v0"))
+
+
 class Derm7pt:
-    """A validated Derm7pt release: cases in meta.csv row order plus the official splits."""
+    """The reader of the official `release_v0/` layout (every task annotated, both photos, metadata)."""
 
-    root: Path
-    cases: list[Case]
-    splits: dict[str, np.ndarray]
-    quirks: list[str] = field(default_factory=list)
-    include_leaky_meta: bool = False
+    detect = staticmethod(detect)
 
-    @property
-    def meta_dim(self) -> int:
-        return meta_dim(self.include_leaky_meta)
-
-    def split_cases(self, split: str) -> list[Case]:
-        if split not in self.splits:
-            raise DatasetError(f"unknown split {split!r} (have: {', '.join(self.splits)})")
-        return [self.cases[i] for i in self.splits[split]]
-
-    def targets(self, split: str) -> np.ndarray:
-        """(N, 8) class indices of a split."""
-        return np.array([c.targets for c in self.split_cases(split)], dtype=np.int64)
-
-    @classmethod
+    @staticmethod
     def load(
-        cls,
         path: str | os.PathLike,
         *,
         include_leaky_meta: bool = False,
         check_images: bool = True,
-    ) -> Derm7pt:
+        skip_missing: bool = False,
+    ) -> CaseSet:
         """Read and validate a Derm7pt folder (`release_v0` itself or its parent).
 
         `include_leaky_meta` adds `management` and `level_of_diagnostic_difficulty` to the
@@ -86,7 +92,8 @@ class Derm7pt:
         frame = _read_meta(meta_dir / "meta.csv")
         resolver = _PathResolver(image_dir) if check_images else None
         quirks: list[str] = []
-        cases, missing, errors = [], [], []
+        cases, errors = [], []
+        missing: list[tuple[int, str]] = []
         seen_case_nums: dict[int, int] = {}
         for i, rec in enumerate(frame.to_dict("records")):
             try:
@@ -129,7 +136,7 @@ class Derm7pt:
                         errors.append(f"meta.csv row {i}, column {column!r}: {exc}")
                         continue
                     if resolved is None:
-                        missing.append(f"row {i}, column {column!r}: {image_dir / rel}")
+                        missing.append((len(cases), f"row {i}, column {column!r}: {image_dir / rel}"))
                     if note:
                         quirks.append(f"row {i}, column {column!r}: {note}")
                     if column == "derm":
@@ -140,51 +147,17 @@ class Derm7pt:
                 derm_path = image_dir / derm_rel
                 clinic_path = None if clinic_missing else image_dir / clinic_rel
             cases.append(Case(
-                row=i, case_num=case_num, case_id=str(rec.get("case_id") or f"case{case_num}"),
-                derm=derm_path, clinic=clinic_path, targets=targets, meta=meta, raw_meta=raw_meta,
+                case_id=str(rec.get("case_id") or f"case{case_num}"), derm=derm_path, clinic=clinic_path,
+                targets=targets, meta=meta, raw_meta=raw_meta, row=i, case_num=case_num,
             ))
         if errors:
-            shown = "\n  ".join(errors[:20])
-            more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-            raise DatasetError(f"{len(errors)} problem(s) in {meta_dir / 'meta.csv'}:\n  {shown}{more}")
-        if missing:
-            shown = "\n  ".join(missing[:50])
-            more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
-            raise DatasetError(f"{len(missing)} image file(s) not found:\n  {shown}{more}")
+            raise DatasetError(f"{len(errors)} problem(s) in {meta_dir / 'meta.csv'}:" + listing(errors, 20))
         splits = {s: _read_index(meta_dir / f"{s}_indexes.csv", len(frame)) for s in SPLITS}
         _check_disjoint(splits)
-        return cls(root, cases, splits, quirks, include_leaky_meta)
-
-    def verify_images(self, progress: bool = False) -> int:
-        """Decode every image once; raise `DatasetError` naming every unusable file. Returns the count."""
-        from tqdm.auto import tqdm
-
-        from .images import ImageError, open_rgb
-
-        paths = sorted({p for c in self.cases for p in (c.derm, c.clinic) if p is not None})
-        bad = []
-        for path in tqdm(paths, desc="decoding images", disable=not progress, leave=False):
-            try:
-                open_rgb(path).close()
-            except ImageError as exc:
-                bad.append(str(exc))
-        if bad:
-            shown = "\n  ".join(bad[:50])
-            raise DatasetError(f"{len(bad)} unusable image file(s):\n  {shown}")
-        return len(paths)
-
-    def summary(self) -> dict:
-        """Counts a human (or `check-data`) wants: cases per split and classes per task per split."""
-        out: dict = {"root": str(self.root), "cases": len(self.cases), "splits": {}, "classes": {}}
-        for split, idx in self.splits.items():
-            out["splits"][split] = int(len(idx))
-            targets = self.targets(split)
-            for t, task in enumerate(TASKS):
-                counts = np.bincount(targets[:, t], minlength=task.num_classes)
-                out["classes"].setdefault(task.name, {})[split] = dict(zip(task.classes, map(int, counts)))
-        out["clinic_missing"] = [c.case_num for c in self.cases if c.clinic is None]
-        out["quirks"] = list(self.quirks)
-        return out
+        cases = drop_missing(cases, missing, skip_missing, quirks)
+        position = {c.row: k for k, c in enumerate(cases)}  # a left-out case leaves its split too
+        splits = {s: np.array([position[r] for r in idx if r in position], dtype=np.int64) for s, idx in splits.items()}
+        return CaseSet(NAME, root, cases, splits, quirks, meta_dim(include_leaky_meta), include_leaky_meta)
 
 
 def find_release_root(path: Path) -> Path:

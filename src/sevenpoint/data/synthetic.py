@@ -1,10 +1,13 @@
-"""A learnable synthetic Derm7pt in the exact `release_v0/` layout (for demos and tests).
+"""Learnable synthetic datasets in the exact layouts of Derm7pt `release_v0/`, PH2 and the ISIC
+challenges (for demos and tests: CI never needs real data).
 
 Each criterion has its own visible rendering on the dermoscopy image; the diagnosis drives the
 criteria with probabilities shaped like the real data's; the clinical photo shows the same
 lesion smaller on skin; metadata carries a weak signal. A few real quirks are reproduced: a
 case-mismatched image path and cases without a clinical photo (clinic == derm).
-Same seed -> byte-identical files.
+Same seed -> byte-identical files. The PH2 and ISIC sets draw the same lesions (dermoscopy
+only), labelled the way those datasets label them; the PH2 spreadsheet has the real one's
+quirks (title rows, a merged header cell, line breaks in header cells, legends below).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..schema import LEAKY_META_FIELDS, META_FIELDS, TASKS, seven_point_score
-from .derm7pt import META_COLUMNS
+from ..schema import LEAKY_META_FIELDS, META_FIELDS, TASK_BY_NAME, TASKS, seven_point_score
+from .derm7pt import COLUMNS, META_COLUMNS, RAW_VALUES
 
 # P(diagnosis): roughly the real 1011 cases (BCC 42, NEV 575, MEL 252, MISC 97, SK 45).
 DIAG_PRIOR = np.array([0.05, 0.55, 0.25, 0.10, 0.05])
@@ -34,15 +37,6 @@ CRITERIA_GIVEN_DIAG: dict[str, np.ndarray] = {
     "RS": np.array([[.70, .30], [.85, .15], [.50, .50], [.80, .20], [.90, .10]]),
 }
 SPLIT_FRACTIONS = (0.41, 0.20, 0.39)  # official 413 / 203 / 395
-
-
-def _raw_values(task_index: int) -> list[list[str]]:
-    """Raw meta.csv strings per class of a task, in a fixed order."""
-    task = TASKS[task_index]
-    groups: list[list[str]] = [[] for _ in task.classes]
-    for raw, cls in task.raw.items():
-        groups[cls].append(raw)
-    return groups
 
 
 def _meta_for(rng: np.random.Generator, diag: int) -> dict[str, str]:
@@ -210,7 +204,7 @@ def make_synthetic(out_dir: str | Path, cases: int = 200, size: int = 128, seed:
     missing_clinic = set(rng.choice(cases, size=min(clinic_missing, cases), replace=False).tolist())
     typo_case = int(order[0])  # one path with the wrong case, like the real row 816
 
-    raw_groups = [_raw_values(i) for i in range(len(TASKS))]
+    raw_groups = [RAW_VALUES[t.name] for t in TASKS]
     rows = []
     for i in range(cases):
         k = int(rank[i])
@@ -239,7 +233,7 @@ def make_synthetic(out_dir: str | Path, cases: int = 200, size: int = 128, seed:
             derm_ref = folder[0] + folder[1:].lower() + derm_name[len(folder):]
             if clinic_name == derm_name:
                 clinic_name = derm_ref
-        raw = {task.column: raw_groups[t][targets_t[t]][int(rng.integers(len(raw_groups[t][targets_t[t]])))]
+        raw = {COLUMNS[task.name]: raw_groups[t][targets_t[t]][int(rng.integers(len(raw_groups[t][targets_t[t]])))]
                for t, task in enumerate(TASKS)}
         rows.append({
             "case_num": i + 1, **raw, "seven_point_score": int(seven_point_score(np.array(targets_t))),
@@ -250,4 +244,123 @@ def make_synthetic(out_dir: str | Path, cases: int = 200, size: int = 128, seed:
     for name, idx in splits.items():
         pd.DataFrame({"indexes": np.sort(idx)}).to_csv(
             root / "meta" / f"{name}_indexes.csv", index=False, lineterminator="\n")
+    return root
+
+
+def _draw_targets(rng: np.random.Generator, diag: int) -> tuple[int, ...]:
+    """Criteria for a diagnosis, drawn like the Derm7pt synthetic cases."""
+    crit = [int(rng.choice(t.num_classes, p=CRITERIA_GIVEN_DIAG[t.name][diag])) for t in TASKS[1:]]
+    return (diag, *crit)
+
+
+def make_synthetic_ph2(out_dir: str | Path, cases: int = 60, size: int = 96, seed: int = 0) -> Path:
+    """Write a synthetic PH2 (`PH2Dataset/` with PH2_dataset.xlsx and BMP images) and return that folder.
+
+    Nevi (common / atypical) and melanomas 2:2:1 like PH2; the rendered criteria follow the labels
+    written (PN never absent, STR only absent / present), so a model trained on the synthetic
+    Derm7pt scores above chance here.
+    """
+    import openpyxl
+    from openpyxl.styles import Alignment
+
+    if cases < 10:
+        raise ValueError(f"cases={cases}: need at least 10")
+    rng = np.random.default_rng(seed)
+    root = Path(out_dir) / "PH2Dataset"
+    images = root / "PH2 Dataset images"
+    book = openpyxl.Workbook()
+    ws = book.active
+    ws.title = "Sheet1"
+    ws["A2"] = "PH2 Dataset (synthetic copy written by sevenpoint synth --format ph2)"
+    ws["A4"] = "Image classification into nevus, atypical nevus and melanoma; dermoscopic criteria."
+    header_row = 12
+    header = ["Image Name", "Histological\nDiagnosis", "Clinical Diagnosis", None, "Melanoma", "Asymmetry\n(0/1/2)",
+              "Pigment Network\n(AT/T)", "Dots/Globules\n(A/AT/T)", "Streaks\n(A/P)", "Regression Areas\n(A/P)",
+              "Blue-Whitish Veil\n(A/P)", "Colors", None, None, None, None, None]
+    sub = [None, None, "Common\nNevus", "Atypical\nNevus", None, None, None, None, None, None, None,
+           "White", "Red", "Light-Brown", "Dark-Brown", "Blue-Gray", "Black"]
+    for col, (top, below) in enumerate(zip(header, sub), start=1):
+        ws.cell(header_row, col, top).alignment = Alignment(wrap_text=True)
+        ws.cell(header_row + 1, col, below)
+    ws.merge_cells(start_row=header_row, start_column=3, end_row=header_row, end_column=4)
+    ws.merge_cells(start_row=header_row, start_column=12, end_row=header_row, end_column=17)
+    letters = {"PN": {1: "T", 2: "AT"}, "DaG": {0: "A", 1: "T", 2: "AT"}, "STR": {0: "A", 1: "P", 2: "P"},
+               "RS": {0: "A", 1: "P"}, "BWV": {0: "A", 1: "P"}}
+    order = rng.permutation(cases)
+    row = header_row + 2
+    for k, i in enumerate(order):
+        kind = ("common", "atypical", "melanoma")[k % 3 if k < 3 else int(rng.choice(3, p=[.4, .4, .2]))]
+        diag = 2 if kind == "melanoma" else 1
+        targets = list(_draw_targets(rng, diag))
+        if targets[1] == 0:  # PH2 has no absent pigment network
+            targets[1] = 2 if diag == 2 else 1
+        name = f"IMD{int(i) + 2:03d}"
+        w, h = size * 4 // 3, size
+        folder = images / name / f"{name}_Dermoscopic_Image"
+        folder.mkdir(parents=True, exist_ok=True)
+        render_dermoscopy(rng, tuple(targets), w, h).save(folder / f"{name}.bmp")
+        (images / name / f"{name}_lesion").mkdir(exist_ok=True)
+        Image.new("L", (w, h), 255).save(images / name / f"{name}_lesion" / f"{name}_lesion.bmp")
+        values = [name, None, "X" if kind == "common" else None, "X" if kind == "atypical" else None,
+                  "X" if kind == "melanoma" else None, int(rng.integers(3))]
+        values += [letters[t][targets[TASKS.index(TASK_BY_NAME[t])]] for t in ("PN", "DaG", "STR", "RS", "BWV")]
+        values += ["X" if rng.random() < 0.3 else None for _ in range(6)]
+        for col, v in enumerate(values, start=1):
+            ws.cell(row, col, v)
+        row += 1
+    row += 2
+    for line in ("Legends for the Clinical Diagnosis", "0 - Common Nevus", "1 - Atypical Nevus", "2 - Melanoma",
+                 "Legends for Dots/Globules, Streaks, Regression Areas and Blue-Whitish Veil", "A - Absent",
+                 "AT - Atypical", "P - Present", "T - Typical"):
+        ws.cell(row, 1, line)
+        row += 1
+    book.save(root / "PH2_dataset.xlsx")
+    return root
+
+
+ISIC_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "2017": ("image_id", ["melanoma", "seborrheic_keratosis"]),
+    "2018": ("image", ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]),
+    "2019": ("image", ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]),
+}
+
+
+def make_synthetic_isic(out_dir: str | Path, cases: int = 120, size: int = 96, seed: int = 0,
+                        variant: str = "2017") -> Path:
+    """Write a synthetic ISIC challenge folder (training + validation ground truth, JPEGs named by
+    image id) in the CSV layout of `variant` (2017, 2018 or 2019) and return it.
+
+    Diagnoses follow Derm7pt's prior (2017: melanoma / keratosis / neither); 2018-19 also get a few
+    classes with no Derm7pt counterpart (AKIEC / AK, SCC, UNK), which the reader leaves out.
+    """
+    if variant not in ISIC_VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {', '.join(ISIC_VARIANTS)}")
+    if cases < 20:
+        raise ValueError(f"cases={cases}: need at least 20")
+    rng = np.random.default_rng(seed)
+    image_col, columns = ISIC_VARIANTS[variant]
+    ours = {"melanoma": 2, "seborrheic_keratosis": 4, "MEL": 2, "NV": 1, "BCC": 0, "BKL": 4, "DF": 3, "VASC": 3}
+    root = Path(out_dir) / f"isic{variant}"
+    n_train = int(cases * 0.75)
+    for split, ids in (("Training", range(n_train)), ("Validation", range(n_train, cases))):
+        folder = root / f"ISIC-{variant}_{split}_Input"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in ids:
+            diag = i % 5 if i < 5 else int(rng.choice(5, p=DIAG_PRIOR))
+            image = f"ISIC_{i:07d}"
+            if variant == "2017":
+                labels = {"melanoma": float(diag == 2), "seborrheic_keratosis": float(diag == 4)}
+                if diag in (0, 3):  # 2017 has only melanoma / keratosis / nevus
+                    diag = 1
+            else:
+                extra = [c for c in columns if c not in ours]
+                col = (extra[i % len(extra)] if rng.random() < 0.08 else
+                       {2: "MEL", 1: "NV", 0: "BCC", 4: "BKL", 3: "DF" if rng.random() < .5 else "VASC"}[diag])
+                labels = {c: float(c == col) for c in columns}
+            img = render_dermoscopy(rng, _draw_targets(rng, diag), size * 4 // 3, size)
+            (folder / f"{image}.jpg").write_bytes(_jpeg(img))
+            rows.append({image_col: image, **labels})
+        pd.DataFrame(rows)[[image_col, *columns]].to_csv(
+            root / f"ISIC-{variant}_{split}_GroundTruth.csv", index=False, lineterminator="\n")
     return root

@@ -17,21 +17,21 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from ..config import RunConfig
-from ..data import Derm7pt
+from ..data import CaseSet, load_dataset
 from ..schema import DIAG_INDEX
 from .report import mean_sd
 from .train import TRAIN_SPLITS, train
 
 
-def make_folds(data: Derm7pt, k: int, fold_seed: int = 0) -> list[dict[str, np.ndarray]]:
+def make_folds(data: CaseSet, k: int, fold_seed: int = 0) -> list[dict[str, np.ndarray]]:
     """K {train, valid} row-index splits over the official train + valid rows, stratified on DIAG."""
     if k < 2:
         raise ValueError(f"--folds: need at least 2, got {k}")
     rows = np.concatenate([data.splits[s] for s in TRAIN_SPLITS])
     diag = np.array([data.cases[i].targets[DIAG_INDEX] for i in rows])
-    # classes rarer than k cannot be spread over every fold; stratify them together with the rest
-    counts = np.bincount(diag)
-    strata = np.where(counts[diag] >= k, diag, -1)
+    # classes rarer than k (and unlabelled cases) cannot be spread over every fold; stratify them together
+    counts = np.bincount(diag[diag >= 0], minlength=diag.max(initial=0) + 1)
+    strata = np.where((diag >= 0) & (counts[diag.clip(0)] >= k), diag, -1)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=fold_seed)
     return [{"train": np.sort(rows[a]), "valid": np.sort(rows[b])} for a, b in splitter.split(rows, strata)]
 
@@ -40,7 +40,7 @@ def run_cv(cfg: RunConfig, data_dir: str | os.PathLike, out: str | os.PathLike, 
            fold_seed: int = 0, progress: bool = True) -> dict:
     """Train one model per fold; write `cv.json` and `cv.md` (per-fold and mean ± sd validation accuracy)."""
     out = Path(out)
-    data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+    data = load_dataset(data_dir, cfg.data.format, include_leaky_meta=cfg.data.include_leaky_meta)
     splits = make_folds(data, folds, fold_seed)
     scores = []
     for i, split in enumerate(splits):

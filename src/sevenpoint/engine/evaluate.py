@@ -15,11 +15,11 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_model
 from ..config import RunConfig
-from ..data import Derm7pt, Derm7ptDataset
+from ..data import CaseDataset, CaseSet, DatasetError, load_dataset
 from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
-from ..schema import TASKS
+from ..schema import TASKS, annotated, correct
 from .metrics import apply_temperature, compute_metrics, ece, fit_temperature, nll
 from .module import forward_batch
 from .report import plot_confusion, plot_roc, write_report
@@ -73,12 +73,12 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
                        {b: np.concatenate(m) for b, m in masks.items()})
 
 
-def predict_split(model: FusionModel, cfg: RunConfig, data: Derm7pt, split: str, tta: str = "none",
+def predict_split(model: FusionModel, cfg: RunConfig, data: CaseSet, split: str, tta: str = "none",
                   batch_size: int = 32, bf16: bool = False, channels_last: bool = False, progress: bool = True,
                   device: str = "cpu") -> Predictions:
     """`predict_loader` over one split, with the images prepared exactly as for validation in training."""
-    ds = Derm7ptDataset(data, split, make_cache(cfg), transforms_for(cfg.data)[1],
-                        clinic_fallback=cfg.model.clinic_only)
+    ds = CaseDataset(data, split, make_cache(cfg), transforms_for(cfg.data)[1],
+                     clinic_fallback=cfg.model.clinic_only, meta_dim=cfg.meta_dim)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
 
@@ -91,35 +91,56 @@ def branch_accuracy(pred: Predictions) -> dict[str, dict]:
         if not m.any():
             out[b] = {"cases": 0, "average_accuracy": None, "tasks": {}}
             continue
-        accs = [float((probs[t][m].argmax(axis=1) == pred.targets[m, t]).mean()) for t in range(len(TASKS))]
-        out[b] = {"cases": int(m.sum()), "average_accuracy": float(np.mean(accs)),
-                  "tasks": {task.name: {"accuracy": a} for task, a in zip(TASKS, accs)}}
+        accs = {}
+        for t, task in enumerate(TASKS):
+            y = pred.targets[m, t]
+            if annotated(y).any():
+                accs[task.name] = float(correct(probs[t][m].argmax(axis=1), y)[annotated(y)].mean())
+        out[b] = {"cases": int(m.sum()), "average_accuracy": float(np.mean(list(accs.values()))) if accs else None,
+                  "tasks": {name: {"accuracy": accs.get(name)} for name in (t.name for t in TASKS)}}
     return out
 
 
-def majority_baseline(data: Derm7pt, split: str) -> dict[str, float]:
-    """Accuracy of predicting each task's most frequent TRAINING class on `split`."""
-    train, target = data.targets("train"), data.targets(split)
-    out = {}
+def train_majority(targets: np.ndarray) -> list[int]:
+    """Each task's most frequent annotated class in (N, 8) training targets (-1: none annotated)."""
+    out = []
     for t, task in enumerate(TASKS):
-        mode = np.bincount(train[:, t], minlength=task.num_classes).argmax()
-        out[task.name] = float((target[:, t] == mode).mean())
-    out["AVG"] = float(np.mean([out[t.name] for t in TASKS]))
+        y = targets[:, t]
+        out.append(int(np.bincount(y[y >= 0], minlength=task.num_classes).argmax()) if (y >= 0).any() else -1)
+    return out
+
+
+def majority_baseline(majority: list[int], targets: np.ndarray) -> dict[str, float | None]:
+    """Accuracy of answering each task's training majority class, on the annotated `targets`."""
+    out: dict[str, float | None] = {}
+    for t, task in enumerate(TASKS):
+        y = targets[:, t]
+        scored = annotated(y)
+        out[task.name] = float(correct(np.full(len(y), majority[t]), y)[scored].mean()) \
+            if scored.any() and majority[t] >= 0 else None
+    scored_values = [v for v in out.values() if v is not None]
+    out["AVG"] = float(np.mean(scored_values)) if scored_values else None
     return out
 
 
 def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
              split: str = "test", tta: str | None = None, calibrate: bool = False, batch_size: int = 32,
-             precision: str = "auto", progress: bool = True, device: str = "auto") -> dict:
-    """Evaluate once on `split`. Temperatures (with `calibrate`) are fitted on the validation split.
+             precision: str = "auto", progress: bool = True, device: str = "auto", data_format: str = "auto",
+             skip_missing: bool = False, baseline_data: str | os.PathLike | None = None) -> dict:
+    """Evaluate once on `split` of a dataset in any format (tasks it does not annotate are not
+    scored). Temperatures (with `calibrate`) are fitted on the validation split.
 
-    `tta=None` applies the checkpoint's own inference setting (`infer.tta`).
+    `tta=None` applies the checkpoint's own inference setting (`infer.tta`). The majority-class
+    baseline answers the training split's majority classes: this dataset's own `train` split, else
+    the ones stored in the checkpoint at training time, else `baseline_data`'s train split.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, cfg, _ = load_model(checkpoint)
+    model, cfg, extra = load_model(checkpoint)
     tta = cfg.infer.tta if tta is None else tta
-    data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+    data = load_dataset(data_dir, data_format, include_leaky_meta=cfg.data.include_leaky_meta,
+                        skip_missing=skip_missing)
+    data.split_cases(split)  # an unknown split fails here, before any work
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=device.startswith("cuda"))
@@ -136,26 +157,44 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "attention": cfg.model.attention})
+    metrics["format"] = data.format
     if calibrate:
+        if "valid" not in data.splits:
+            raise DatasetError(f"{data.root}: --calibrate fits temperatures on the validation split; "
+                               f"this {data.format} dataset has none")
         val = run("valid")
         val_probs, val_targets = val.probs, val.targets
         cal = {}
+        val_metrics = compute_metrics(val_probs, val_targets)["tasks"]
         for t, task in enumerate(TASKS):
-            temp = fit_temperature(val_probs[t], val_targets[:, t])
-            before = compute_metrics(val_probs, val_targets)["tasks"][task.name]
-            scaled_val = apply_temperature(val_probs[t], temp)
+            exact = val_targets[:, t] >= 0
+            if not exact.any():
+                continue  # not annotated in validation: nothing to fit, probabilities left as they are
+            vp, vy = val_probs[t][exact], val_targets[exact, t]
+            temp = fit_temperature(vp, vy)
+            scaled_val = apply_temperature(vp, temp)
             cal[task.name] = {
                 "temperature": temp,
-                "valid_nll_before": before["nll"],
-                "valid_nll_after": nll(scaled_val, val_targets[:, t]),
-                "valid_ece_before": before["ece"], "valid_ece_after": ece(val_targets[:, t], scaled_val),
-                f"{split}_ece_before": metrics["tasks"][task.name]["ece"],
+                "valid_nll_before": val_metrics[task.name]["nll"], "valid_nll_after": nll(scaled_val, vy),
+                "valid_ece_before": val_metrics[task.name]["ece"], "valid_ece_after": ece(vy, scaled_val),
+                f"{split}_ece_before": metrics["tasks"][task.name].get("ece"),
             }
             probs[t] = apply_temperature(probs[t], temp)
-            cal[task.name][f"{split}_ece_after"] = ece(targets[:, t], probs[t])
+            here = targets[:, t] >= 0
+            cal[task.name][f"{split}_ece_after"] = ece(targets[here, t], probs[t][here]) if here.any() else None
         metrics["calibration"] = cal  # argmax is unchanged by a temperature: accuracies stay the same
-    baseline = majority_baseline(data, split)
+    if "train" in data.splits:
+        majority, source = train_majority(data.targets("train")), f"{data.format} train split"
+    elif extra.get("train_majority"):
+        majority, source = extra["train_majority"], "the checkpoint's training data"
+    elif baseline_data is not None:
+        majority = train_majority(load_dataset(baseline_data, check_images=False).targets("train"))
+        source = f"train split of {baseline_data}"
+    else:
+        majority, source = None, None
+    baseline = majority_baseline(majority, targets) if majority else {}
     metrics["majority_baseline"] = baseline
+    metrics["majority_baseline_from"] = source
 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_predictions(out_dir / "predictions.csv", ids, probs, targets)

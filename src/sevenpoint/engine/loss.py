@@ -1,4 +1,9 @@
-"""The training loss: cross-entropy per task, summed over tasks and over the branches that ran."""
+"""The training loss: cross-entropy per task, summed over tasks and over the branches that ran.
+
+Partial labels: a target below 0 (schema.NOT_ANNOTATED, schema.PRESENT) is left out of its
+task's mean; a task with no label among a branch's cases adds an exact zero (its heads get no
+gradient), still through the graph so every parameter takes part in the step (DDP needs that).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from ..models import FusionOutput
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+              label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the labelled rows (y >= 0), the (class-weighted) mean like F.cross_entropy's."""
+    labelled = y >= 0
+    per_case = F.cross_entropy(logits.float(), torch.where(labelled, y, torch.zeros_like(y)), weight=weight,
+                               label_smoothing=label_smoothing, reduction="none")
+    per_case = per_case * labelled
+    norm = labelled.to(per_case.dtype) if weight is None else weight[y.clamp_min(0)] * labelled
+    return per_case.sum() / norm.sum().clamp_min(1e-12)
 
 
 def multitask_loss(out: FusionOutput, targets: torch.Tensor, class_weights: list[torch.Tensor] | None = None,
@@ -20,8 +36,7 @@ def multitask_loss(out: FusionOutput, targets: torch.Tensor, class_weights: list
         branch_loss = total.new_zeros(())
         for t, lg in enumerate(logits):
             w = None if class_weights is None else class_weights[t].to(lg.device)
-            branch_loss = branch_loss + F.cross_entropy(lg[mask].float(), targets[mask, t], weight=w,
-                                                        label_smoothing=label_smoothing)
+            branch_loss = branch_loss + task_loss(lg[mask], targets[mask, t], w, label_smoothing)
         parts[branch] = float(branch_loss.detach())
         total = total + branch_loss
     return total, parts

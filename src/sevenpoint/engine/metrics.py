@@ -9,7 +9,8 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from ..schema import DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, TASKS, seven_point_score
+from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, PRESENT, TASKS, annotated, correct,
+                      seven_point_score)
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -44,35 +45,55 @@ def ece(y: np.ndarray, prob: np.ndarray, bins: int = 15) -> float:
 
 
 def compute_metrics(probs: list[np.ndarray], targets: np.ndarray) -> dict:
-    """All task metrics, the average accuracy and the melanoma decision; accuracies are fractions."""
+    """All task metrics, the average accuracy and the melanoma decision; accuracies are fractions.
+
+    Partial labels (schema.NOT_ANNOTATED, PRESENT): each task is scored on its annotated cases
+    only; a task with none has accuracy None and stays out of the average. PRESENT targets count
+    in the accuracy (any class but ABS is right) and in `presence_confusion`; the per-class
+    figures, confusion matrix, ECE and NLL use the exactly labelled cases.
+    """
     tasks = {}
     preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)  # (N, 8)
     for t, task in enumerate(TASKS):
-        y, p = targets[:, t], probs[t]
-        classes = per_class(y, p, task.num_classes)
-        tasks[task.name] = {
-            "accuracy": float((preds[:, t] == y).mean()),
-            "confusion_matrix": confusion_matrix(y, preds[:, t], labels=list(range(task.num_classes))).tolist(),
-            "classes": {task.classes[int(k)]: v for k, v in classes.items()},
-            "ece": ece(y, p),
-            "nll": nll(p, y),
-        }
-    truth_mel = targets[:, DIAG_INDEX] == MEL_CLASS
-    score = seven_point_score(preds)
+        y, p, pred = targets[:, t], probs[t], preds[:, t]
+        scored, exact = annotated(y), y >= 0
+        entry: dict = {"annotated": int(scored.sum()), "accuracy": None}
+        if scored.any():
+            entry["accuracy"] = float(correct(pred[scored], y[scored]).mean())
+        if exact.any():
+            ye, pe = y[exact], p[exact]
+            entry.update({
+                "confusion_matrix": confusion_matrix(ye, pred[exact], labels=list(range(task.num_classes))).tolist(),
+                "classes": {task.classes[int(k)]: v for k, v in per_class(ye, pe, task.num_classes).items()},
+                "ece": ece(ye, pe), "nll": nll(pe, ye),
+            })
+        if (y == PRESENT).any():
+            truth, said = y[scored] != 0, pred[scored] != 0
+            entry["presence_confusion"] = {"rows": "true absent / present", "columns": "predicted absent / present",
+                                           "matrix": confusion_matrix(truth, said, labels=[False, True]).tolist()}
+        tasks[task.name] = entry
+    scored_tasks = [t.name for t in TASKS if tasks[t.name]["accuracy"] is not None]
+    has_diag = targets[:, DIAG_INDEX] >= 0
+    truth_mel = targets[has_diag, DIAG_INDEX] == MEL_CLASS
+    score = seven_point_score(preds[has_diag])
     flag = score >= MELANOMA_THRESHOLD
+    both = 0 < truth_mel.sum() < len(truth_mel)
     mel = {
         "rule": f"7-point score from predicted criteria >= {MELANOMA_THRESHOLD}",
-        "accuracy": float((flag == truth_mel).mean()),
+        "cases": int(has_diag.sum()),
+        "accuracy": _nan_to_none(float((flag == truth_mel).mean()) if has_diag.any() else float("nan")),
         "sensitivity": _nan_to_none(float(flag[truth_mel].mean()) if truth_mel.any() else float("nan")),
         "specificity": _nan_to_none(float((~flag[~truth_mel]).mean()) if (~truth_mel).any() else float("nan")),
-        "score_auc": _nan_to_none(roc_auc_score(truth_mel, _expected_score(probs))
-                                  if 0 < truth_mel.sum() < len(truth_mel) else float("nan")),
-        "diag_head_auc": _nan_to_none(roc_auc_score(truth_mel, probs[DIAG_INDEX][:, MEL_CLASS])
-                                      if 0 < truth_mel.sum() < len(truth_mel) else float("nan")),
+        "score_auc": _nan_to_none(roc_auc_score(truth_mel, _expected_score([p[has_diag] for p in probs]))
+                                  if both else float("nan")),
+        "diag_head_auc": _nan_to_none(roc_auc_score(truth_mel, probs[DIAG_INDEX][has_diag, MEL_CLASS])
+                                      if both else float("nan")),
     }
     return {
         "cases": int(len(targets)),
-        "average_accuracy": float(np.mean([tasks[t.name]["accuracy"] for t in TASKS])),
+        "average_accuracy": float(np.mean([tasks[name]["accuracy"] for name in scored_tasks])) if scored_tasks else None,
+        "scored_tasks": scored_tasks,
+        "not_annotated": [t.name for t in TASKS if t.name not in scored_tasks],
         "tasks": tasks,
         "melanoma": mel,
     }

@@ -7,13 +7,13 @@ import math
 
 import lightning as L
 import torch
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import SumMetric
 
 from ..checkpoint import SCHEMA_FINGERPRINT
 from ..config import RunConfig
 from ..models import FusionModel, FusionOutput
 from .loss import multitask_loss
-from ..schema import TASK_NAMES, TASKS
+from ..schema import TASK_NAMES, TASKS, annotated, correct
 
 
 def forward_batch(model: FusionModel, batch: dict, channels_last: bool = False,
@@ -45,9 +45,10 @@ class SevenPointModule(L.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        # Validation accuracy per task (torchmetrics: exact over all cases, also across DDP ranks).
-        self.val_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes=t.num_classes, average="micro")
-                                           for t in TASKS)
+        # Validation accuracy per task over its annotated cases: correct and scored counts as
+        # torchmetrics sums, so they are exact over all cases, also across DDP ranks.
+        self.val_correct = torch.nn.ModuleList(SumMetric() for _ in TASKS)
+        self.val_scored = torch.nn.ModuleList(SumMetric() for _ in TASKS)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if not self.model.can_run(batch["has_derm"], batch["has_clinic"]):
@@ -64,19 +65,28 @@ class SevenPointModule(L.LightningModule):
         out = forward_batch(self.model, batch, self.channels_last)
         loss, _ = multitask_loss(out, batch["targets"])
         self.log("val/loss", loss, on_epoch=True, batch_size=batch["targets"].shape[0], sync_dist=True)
-        for t, metric in enumerate(self.val_acc):
-            metric.update(out.probs[t].detach().float().argmax(dim=1), batch["targets"][:, t])
+        for t in range(len(TASKS)):
+            y = batch["targets"][:, t]
+            scored = annotated(y)
+            hit = correct(out.probs[t].detach().float().argmax(dim=1), y) & scored
+            self.val_correct[t].update(hit.sum().float())
+            self.val_scored[t].update(scored.sum().float())
 
     def on_validation_epoch_end(self) -> None:
-        if not self.val_acc[0].update_called:
+        if not self.val_scored[0].update_called:
             return
-        accs = [metric.compute() for metric in self.val_acc]
-        for name, acc in zip(TASK_NAMES, accs):
-            self.log(f"val/acc_{name}", acc)
-        # The checkpoint-selection metric: validation average accuracy over the tasks.
+        accs = []
+        for name, hits, scored in zip(TASK_NAMES, self.val_correct, self.val_scored):
+            n = scored.compute()
+            if n > 0:  # a task the validation data does not annotate is left out of the average
+                accs.append(hits.compute() / n)
+                self.log(f"val/acc_{name}", accs[-1])
+            hits.reset()
+            scored.reset()
+        if not accs:
+            return
+        # The checkpoint-selection metric: validation average accuracy over the (annotated) tasks.
         self.log("val/avg_acc", torch.stack(accs).mean(), prog_bar=True)
-        for metric in self.val_acc:
-            metric.reset()
 
     def configure_optimizers(self):
         tc = self.cfg.train

@@ -50,34 +50,46 @@ def table(rows: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def metrics_row(metrics: dict) -> dict[str, float]:
-    row = {name: 100 * metrics["tasks"][name]["accuracy"] for name in PAPER_ORDER}
-    row["AVG"] = 100 * metrics["average_accuracy"]
+def _pct(v: float | None) -> float | None:
+    return None if v is None else 100 * v
+
+
+def metrics_row(metrics: dict) -> dict[str, float | None]:
+    """Accuracy (%) per task and the average; None for a task the data does not annotate."""
+    row = {name: _pct(metrics["tasks"][name]["accuracy"]) for name in PAPER_ORDER}
+    row["AVG"] = _pct(metrics["average_accuracy"])
     return row
 
 
 def write_report(path: Path, ours: dict[str, dict], baseline: dict[str, float], split: str) -> None:
     rows = {name: metrics_row(m) for name, m in ours.items()}
-    rows["majority class (train mode)"] = {k: 100 * v for k, v in baseline.items()}
     first = next(iter(ours.values()))
-    published = table(PUBLISHED)
+    if baseline:
+        rows[f"majority class ({first.get('majority_baseline_from') or 'train mode'})"] = \
+            {k: _pct(v) for k, v in baseline.items()}
     mel = first["melanoma"]
+    fmt = first.get("format", "derm7pt")
     text = [
-        f"# sevenpoint evaluation — split `{split}` ({first['cases']} cases)",
+        f"# sevenpoint evaluation — {fmt} split `{split}` ({first['cases']} cases)",
         "",
-        "Accuracy (%) per task in the paper's column order.",
-        "",
-        table(rows),
-        "",
-        "Published on the official Derm7pt test split (for reference; only comparable when this is the real test split):",
-        "",
-        published,
-        "",
+        "Accuracy (%) per task in the paper's column order"
+        + (f"; not annotated in this data (–): {', '.join(first['not_annotated'])}; AVG over the other tasks."
+           if first.get("not_annotated") else "."),
+    ]
+    presence = [name for name, t in first["tasks"].items() if "presence_confusion" in t]
+    if presence:
+        text.append(f"Scored as absent vs present (the data says only 'present'): {', '.join(presence)}.")
+    if not baseline:
+        text.append("No majority-class baseline: no training split to take it from (see `evaluate --help`).")
+    text += ["", table(rows), ""]
+    if fmt == "derm7pt":
+        text += ["Published on the official Derm7pt test split (for reference; only comparable when this is the "
+                 "real test split):", "", table(PUBLISHED), ""]
+    text += [
         "## Melanoma decision",
         "",
-        f"- rule: {mel['rule']}: accuracy {_fmt(100 * mel['accuracy'])} %, sensitivity "
-        f"{_fmt(None if mel['sensitivity'] is None else 100 * mel['sensitivity'])} %, specificity "
-        f"{_fmt(None if mel['specificity'] is None else 100 * mel['specificity'])} %",
+        f"- rule: {mel['rule']}: accuracy {_fmt(_pct(mel['accuracy']))} %, sensitivity "
+        f"{_fmt(_pct(mel['sensitivity']))} %, specificity {_fmt(_pct(mel['specificity']))} %",
         f"- DIAG head melanoma AUC: {_fmt(mel['diag_head_auc'])}; expected-score AUC: {_fmt(mel['score_auc'])}",
         "",
         "Plots: `confusion_matrices.png`, `roc_curves.png`. Per-case probabilities: `predictions.csv`.",
@@ -101,9 +113,15 @@ def _task_grid():
 def plot_confusion(metrics: dict, path: Path) -> None:
     fig, axes = _task_grid()
     for ax, task in zip(axes.flat, TASKS):
-        cm = np.array(metrics["tasks"][task.name]["confusion_matrix"])
+        entry = metrics["tasks"][task.name]
+        if "confusion_matrix" not in entry:
+            ax.set_title(f"{task.name}  not annotated" if entry["accuracy"] is None else
+                         f"{task.name}  acc {100 * entry['accuracy']:.1f}% (absent vs present)")
+            ax.axis("off")
+            continue
+        cm = np.array(entry["confusion_matrix"])
         ax.imshow(cm, cmap="Blues")
-        ax.set_title(f"{task.name}  acc {100 * metrics['tasks'][task.name]['accuracy']:.1f}%")
+        ax.set_title(f"{task.name}  acc {100 * entry['accuracy']:.1f}%")
         ax.set_xticks(range(task.num_classes), task.classes)
         ax.set_yticks(range(task.num_classes), task.classes)
         ax.set_xlabel("predicted")
@@ -120,16 +138,18 @@ def plot_confusion(metrics: dict, path: Path) -> None:
 def plot_roc(probs: list[np.ndarray], targets: np.ndarray, path: Path) -> None:
     fig, axes = _task_grid()
     for t, (ax, task) in enumerate(zip(axes.flat, TASKS)):
+        exact = targets[:, t] >= 0  # exactly labelled cases only
         for c, name in enumerate(task.classes):
-            pos = targets[:, t] == c
+            pos = targets[exact, t] == c
             if 0 < pos.sum() < len(pos):
-                fpr, tpr, _ = roc_curve(pos, probs[t][:, c])
+                fpr, tpr, _ = roc_curve(pos, probs[t][exact, c])
                 ax.plot(fpr, tpr, label=name)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set_title(task.name)
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
-        ax.legend(fontsize=8, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

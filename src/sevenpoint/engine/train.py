@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from ..atomic import write_json
 from ..checkpoint import atomic_torch_save
 from ..config import RunConfig, config_from_dict
-from ..data import Derm7pt, Derm7ptDataset, EpochSampler, balanced_weights
+from ..data import CaseDataset, CaseSet, EpochSampler, balanced_weights, load_dataset
+from ..data.base import DatasetError, with_extra
 from ..data.cache import make_cache
 from ..ood import OODModel, descriptor
 from ..data.transforms import transforms_for
@@ -54,13 +55,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
-                       splits: dict[str, np.ndarray] | None = None) -> Derm7pt:
-    """The dataset with the test split dropped, so nothing downstream can select on it.
+                       splits: dict[str, np.ndarray] | None = None, extra: bool = True) -> CaseSet:
+    """The dataset with the test split dropped, so nothing downstream can select on it, and
+    `data.extra`'s cases added to the training split (with `extra`).
 
     `splits` replaces the official train / valid rows (cross-validation folds); it may only
     use rows of the official train and valid splits.
     """
-    data = Derm7pt.load(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+    data = load_dataset(data_dir, cfg.data.format, include_leaky_meta=cfg.data.include_leaky_meta)
+    missing = [s for s in TRAIN_SPLITS if s not in data.splits]
+    if missing:
+        raise DatasetError(f"{data.root}: a {data.format} dataset without a {' or '.join(missing)} split cannot be "
+                           "trained on (PH2 is an external test set: evaluate on it with --split all)")
     if splits is not None:
         allowed = np.concatenate([data.splits[k] for k in TRAIN_SPLITS])
         for name in TRAIN_SPLITS:
@@ -70,27 +76,42 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
                                  "splits (the test split is never trained or selected on)")
         data.splits = {k: np.asarray(splits[k]) for k in TRAIN_SPLITS}
     data.splits = {k: v for k, v in data.splits.items() if k in TRAIN_SPLITS}
+    if extra and cfg.data.extra:
+        more = load_dataset(cfg.data.extra, cfg.data.extra_format)
+        if more.format == "ph2":
+            raise DatasetError(f"{more.root}: PH2 is an external test set; it is never trained on")
+        if more.meta_dim and more.meta_dim != data.meta_dim:
+            raise DatasetError(f"{more.root}: metadata has {more.meta_dim} values, {data.root}'s {data.meta_dim}")
+        data = with_extra(data, more)
     return data
 
 
-def build_loaders(data: Derm7pt, cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
+def build_loaders(data: CaseSet, cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders. Both use `EpochSampler`, which also splits the cases between
+    processes under DDP (Lightning's own sampler replacement is switched off in `train`)."""
     cache = make_cache(cfg)
     train_tf, eval_tf = transforms_for(cfg.data)
-    train_ds = Derm7ptDataset(data, "train", cache, train_tf)
-    valid_ds = Derm7ptDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.clinic_only)
+    train_ds = CaseDataset(data, "train", cache, train_tf, meta_dim=cfg.meta_dim)
+    valid_ds = CaseDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.clinic_only, meta_dim=cfg.meta_dim)
     weights = balanced_weights(data.targets("train")) if cfg.train.balanced_sampling else None
     sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, weights=weights)
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
     train_dl = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=False, **common)
-    valid_dl = DataLoader(valid_ds, batch_size=cfg.train.batch_size, shuffle=False, **common)
+    valid_dl = DataLoader(valid_ds, batch_size=cfg.train.batch_size,
+                          sampler=EpochSampler(len(valid_ds), cfg.seed, shuffle=False, pad=False), **common)
     return train_dl, valid_dl
 
 
 def class_weights_for(targets: np.ndarray) -> list[torch.Tensor]:
-    """Inverse-frequency weights per task, normalised to mean 1 over the classes present."""
+    """Inverse-frequency weights per task over its annotated cases, normalised to mean 1 over the
+    classes present (all ones for a task with no annotated case)."""
     out = []
     for t, task in enumerate(TASKS):
-        counts = np.bincount(targets[:, t], minlength=task.num_classes).astype(np.float64)
+        y = targets[:, t]
+        if not (y >= 0).any():
+            out.append(torch.ones(task.num_classes))
+            continue
+        counts = np.bincount(y[y >= 0], minlength=task.num_classes).astype(np.float64)
         w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / task.num_classes, 0.0)
         out.append(torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32))
     return out
@@ -211,7 +232,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         logger=CSVLogger(run_dir, name="logs", version=_log_version(run_dir, resume)), plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=cfg.train.deterministic, log_every_n_steps=1,
-        limit_train_batches=cfg.train.limit_train_batches,
+        limit_train_batches=cfg.train.limit_train_batches, use_distributed_sampler=False,
     )
     if cfg.model.freeze_blocks:  # frozen early layers are in eval mode on purpose (BN statistics kept)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -219,7 +240,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file():
-        add_ood_statistics(ckpt_dir / "best.ckpt", data, cfg)
+        add_training_statistics(ckpt_dir / "best.ckpt", data, cfg)
     summary = {
         "best_checkpoint": str(ckpt_dir / "best.ckpt"),
         "last_checkpoint": str(last),
@@ -237,15 +258,21 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     return summary
 
 
-def add_ood_statistics(checkpoint: Path, data: Derm7pt, cfg: RunConfig) -> OODModel:
-    """Fit the out-of-distribution score on the training dermoscopy images (threshold from the
-    validation ones) and store it in `checkpoint` (rewritten atomically)."""
+def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig) -> OODModel:
+    """Store in `checkpoint` (rewritten atomically) what inference needs from the training data:
+    the out-of-distribution score, fitted on the training dermoscopy images (threshold from the
+    validation ones), and each task's training majority class (the no-skill baseline that
+    `evaluate` reports on data without a training split, e.g. PH2)."""
+    from .evaluate import train_majority
+
     cache = make_cache(cfg)
-    desc = {split: np.stack([descriptor(cache.load(c.derm)) for c in data.split_cases(split)])
+    desc = {split: np.stack([descriptor(cache.load(c.derm, c.crop)) for c in data.split_cases(split)
+                             if c.derm is not None])
             for split in TRAIN_SPLITS}
     model = OODModel.fit(desc["train"], desc["valid"])
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     ckpt["sevenpoint"]["ood"] = model.to_dict()
+    ckpt["sevenpoint"]["train_majority"] = train_majority(data.targets("train"))
     atomic_torch_save(ckpt, checkpoint)
     return model
 
@@ -300,7 +327,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     members = [finished[f"m{i}"]["best_checkpoint"] for i in range(cfg.train.ensemble)]
     assemble_ensemble(members, best, infer=dataclasses.asdict(cfg.infer))
     model, ens_cfg, _ = load_model(best)
-    data = load_training_data(data_dir, cfg, splits)
+    data = load_training_data(data_dir, cfg, splits, extra=False)
     pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size,
                          channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
     summary = {

@@ -1,0 +1,360 @@
+"""The dataset seam: format detection, the PH2 and ISIC readers (with their real layouts' quirks),
+partial labels through loss, metrics, weights and baselines, and PH2 / ISIC end to end."""
+
+import shutil
+
+import numpy as np
+import openpyxl
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sevenpoint.data import DatasetError, detect_format, load_dataset
+from sevenpoint.data.synthetic import make_synthetic_isic, make_synthetic_ph2
+from sevenpoint.engine.loss import multitask_loss, task_loss
+from sevenpoint.engine.metrics import compute_metrics
+from sevenpoint.schema import NOT_ANNOTATED, PRESENT, TASK_NAMES, TASKS
+
+from test_hostile import cli
+
+T = {name: i for i, name in enumerate(TASK_NAMES)}
+
+
+@pytest.fixture(scope="module")
+def ph2_root(tmp_path_factory):
+    return make_synthetic_ph2(tmp_path_factory.mktemp("ph2"), cases=30, size=64, seed=2)
+
+
+@pytest.fixture()
+def ph2_copy(ph2_root, tmp_path):
+    return shutil.copytree(ph2_root, tmp_path / "PH2Dataset")
+
+
+def _sheet_rows(xlsx):
+    """The image rows of a PH2 spreadsheet read cell by cell, independently of the reader."""
+    ws = openpyxl.load_workbook(xlsx).active
+    return {r[0]: r for r in ws.iter_rows(values_only=True) if isinstance(r[0], str) and r[0].startswith("IMD")}
+
+
+# --- detection and the registry
+
+def test_each_layout_is_detected_and_can_be_forced(synth_root, ph2_root, tmp_path):
+    isic = make_synthetic_isic(tmp_path, cases=20, size=48)
+    assert detect_format(synth_root) == "derm7pt" and detect_format(synth_root.parent) == "derm7pt"
+    assert detect_format(ph2_root) == "ph2" and detect_format(ph2_root.parent) == "ph2"
+    assert detect_format(isic) == "isic"
+    assert load_dataset(isic, "isic").format == "isic"
+    with pytest.raises(DatasetError, match="not a Derm7pt folder"):
+        load_dataset(isic, "derm7pt")
+    with pytest.raises(DatasetError, match="not a dataset folder this version reads"):
+        detect_format(tmp_path)
+    both = shutil.copytree(synth_root, tmp_path / "both")
+    shutil.copy(next(isic.glob("*Training*.csv")), both / "gt.csv")
+    with pytest.raises(DatasetError, match=r"several formats \(derm7pt, isic\); pick one with --format"):
+        detect_format(both)
+    assert load_dataset(both, "derm7pt").format == "derm7pt"
+
+
+# --- PH2
+
+def test_ph2_reader_reads_the_real_spreadsheet_layout(ph2_root):
+    data = load_dataset(ph2_root)
+    sheet = _sheet_rows(ph2_root / "PH2_dataset.xlsx")
+    assert len(data.cases) == len(sheet) == 30 and list(data.splits) == ["all"]
+    assert data.annotated_tasks() == ["DIAG", "PN", "BWV", "STR", "DaG", "RS"]  # VS, PIG: not in PH2
+    letters = {"PN": {"T": 1, "AT": 2}, "DaG": {"A": 0, "T": 1, "AT": 2}, "STR": {"A": 0, "P": PRESENT},
+               "RS": {"A": 0, "P": 1}, "BWV": {"A": 0, "P": 1}}
+    columns = {"PN": 6, "DaG": 7, "STR": 8, "RS": 9, "BWV": 10}  # 0-based, as the synthetic sheet writes them
+    for case in data.cases:
+        row = sheet[case.case_id]
+        assert case.targets[T["DIAG"]] == (2 if row[4] == "X" else 1)
+        for task, col in columns.items():
+            assert case.targets[T[task]] == letters[task][row[col]], (case.case_id, task)
+        assert case.targets[T["VS"]] == case.targets[T["PIG"]] == NOT_ANNOTATED
+        assert case.clinic is None and case.meta is None and case.derm.name == f"{case.case_id}.bmp"
+    assert data.verify_images() == 30
+
+
+def test_ph2_header_may_carry_the_diagnosis_names_itself(ph2_copy):
+    """Another layout of the same header: the three names in the header row, a title row above it."""
+    xlsx = ph2_copy / "PH2_dataset.xlsx"
+    book = openpyxl.load_workbook(xlsx)
+    ws = book.active
+    ws.unmerge_cells("C12:D12")
+    ws["C11"], ws["C12"], ws["D12"], ws["C13"], ws["D13"] = "Clinical Diagnosis", "Common Nevus", "Atypical\nNevus", None, None
+    book.save(xlsx)
+    assert [c.targets for c in load_dataset(ph2_copy).cases] == [c.targets for c in load_dataset(ph2_copy.parent).cases]
+    assert load_dataset(ph2_copy).annotated_tasks() == ["DIAG", "PN", "BWV", "STR", "DaG", "RS"]
+
+
+def test_ph2_reduced_copies(ph2_copy):
+    xlsx = ph2_copy / "PH2_dataset.xlsx"
+    # a spreadsheet without the criteria columns: diagnosis only, and it says so
+    book = openpyxl.load_workbook(xlsx)
+    book.active.delete_cols(6, 6)
+    book.save(ph2_copy / "reduced.xlsx")
+    shutil.move(ph2_copy / "reduced.xlsx", xlsx)
+    data = load_dataset(ph2_copy)
+    assert data.annotated_tasks() == ["DIAG"]
+    assert any("no column for PN, DaG, STR, RS, BWV" in q for q in data.quirks)
+    # the txt some copies ship, without the xlsx: refused, pointing at the xlsx
+    xlsx.unlink()
+    (ph2_copy / "PH2_dataset.txt").write_text("Name\tClinical Diagnosis\tAsymmetry\nIMD003\t0\t0\n")
+    with pytest.raises(DatasetError, match=r"PH2_dataset.txt: a reduced copy.*put the distributed PH2_dataset.xlsx"):
+        load_dataset(ph2_copy)
+
+
+def test_ph2_bad_cells_and_missing_images_are_named(ph2_copy):
+    xlsx = ph2_copy / "PH2_dataset.xlsx"
+    book = openpyxl.load_workbook(xlsx)
+    ws = book.active
+    ws["I15"] = "maybe"  # streaks, third image row
+    ws["C16"] = "X"      # a second diagnosis on the fourth
+    book.save(xlsx)
+    with pytest.raises(DatasetError, match=r"2 problem\(s\)(.|\n)*row 15 \(IMD\d+\), column 'streaks \(a/p\)': unknown "
+                                           r"value 'MAYBE'(.|\n)*row 16 \(IMD\d+\): 2 of Common Nevus"):
+        load_dataset(ph2_copy)
+    book = openpyxl.load_workbook(xlsx)
+    book.active["I15"], book.active["C16"] = "A", None
+    book.save(xlsx)
+    gone = sorted((ph2_copy / "PH2 Dataset images").iterdir())[:2]
+    for folder in gone:
+        shutil.rmtree(folder)
+    with pytest.raises(DatasetError, match=r"2 image file\(s\) not found") as err:
+        load_dataset(ph2_copy)
+    assert all(f.name in str(err.value) for f in gone)
+    data = load_dataset(ph2_copy, skip_missing=True)
+    assert len(data.cases) == 28 and sum("left out" in q for q in data.quirks) == 2
+
+
+def test_derm7pt_skip_missing_leaves_the_case_out_of_its_split(synth_copy):
+    data = load_dataset(synth_copy)
+    gone = data.split_cases("valid")[0]
+    gone.derm.unlink()
+    kept = load_dataset(synth_copy, skip_missing=True)
+    assert len(kept.cases) == len(data.cases) - 1 and gone.case_id not in {c.case_id for c in kept.cases}
+    assert len(kept.splits["valid"]) == len(data.splits["valid"]) - 1
+    assert [c.case_id for c in kept.split_cases("test")] == [c.case_id for c in data.split_cases("test")]
+    assert any("case left out, image not found" in q and gone.derm.name in q for q in kept.quirks)
+
+
+# --- ISIC
+
+@pytest.mark.parametrize("variant", ["2017", "2018", "2019"])
+def test_isic_variants_map_onto_diag(variant, tmp_path):
+    root = make_synthetic_isic(tmp_path, cases=40, size=48, variant=variant)
+    data = load_dataset(root)
+    assert set(data.splits) == {"train", "valid", "all"} and data.annotated_tasks() == ["DIAG"]
+    mapping = {"melanoma": 2, "seborrheic_keratosis": 4, "MEL": 2, "NV": 1, "BCC": 0, "BKL": 4, "DF": 3, "VASC": 3}
+    expected, skipped = {}, 0
+    for csv in sorted(root.glob("*GroundTruth.csv")):
+        frame = pd.read_csv(csv)
+        for rec in frame.to_dict("records"):
+            marked = [c for c in frame.columns[1:] if rec[c] == 1.0]
+            if marked and marked[0] not in mapping:
+                skipped += 1
+                continue
+            expected[rec[frame.columns[0]]] = mapping[marked[0]] if marked else 1
+    assert {c.case_id: c.targets[0] for c in data.cases} == expected
+    assert all(set(c.targets[1:]) == {NOT_ANNOTATED} and c.crop == 0 for c in data.cases)
+    assert (skipped > 0) == (variant != "2017")
+    assert any(f"{skipped} image(s) left out" in q for q in data.quirks) == (skipped > 0)
+
+
+def test_isic_bad_rows_are_named(tmp_path):
+    root = make_synthetic_isic(tmp_path, cases=20, size=48, variant="2018")
+    csv = next(root.glob("*Training*.csv"))
+    frame = pd.read_csv(csv, dtype=str)
+    frame.loc[2, "NV"] = frame.loc[2, "MEL"] = "1.0"
+    frame.loc[4, "BCC"] = "yes"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match=r"line 4: 2 classes marked(.|\n)*line 6, column 'bcc': 'yes' is not 0 or 1"):
+        load_dataset(root)
+    # the 2017 files some copies ship without the keratosis column: said, non-melanomas read as nevi
+    root17 = make_synthetic_isic(tmp_path / "b", cases=20, size=48)
+    for csv in root17.glob("*.csv"):
+        pd.read_csv(csv).drop(columns="seborrheic_keratosis").to_csv(csv, index=False)
+    data = load_dataset(root17)
+    assert any("no seborrheic_keratosis column" in q for q in data.quirks)
+    assert set(c.targets[0] for c in data.cases) == {1, 2}
+
+
+# --- partial labels
+
+def test_task_loss_equals_cross_entropy_and_ignores_unannotated():
+    torch.manual_seed(0)
+    logits, y, w = torch.randn(12, 3), torch.randint(0, 3, (12,)), torch.tensor([0.5, 1.0, 2.0])
+    for weight in (None, w):
+        for smoothing in (0.0, 0.1):
+            full = F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+            assert torch.allclose(task_loss(logits, y, weight, smoothing), full, atol=1e-6)
+            part = y.clone()
+            part[:5] = NOT_ANNOTATED
+            part[5] = PRESENT
+            assert torch.allclose(task_loss(logits, part, weight, smoothing),
+                                  F.cross_entropy(logits[6:], y[6:], weight=weight, label_smoothing=smoothing), atol=1e-6)
+
+
+def test_a_task_without_labels_in_the_batch_gives_its_heads_no_gradient():
+    from sevenpoint.config import load_config
+    from sevenpoint.engine.module import forward_batch
+    from sevenpoint.models import FusionModel
+
+    cfg = load_config("tiny")
+    model = FusionModel(cfg.model, 64, cfg.meta_dim).train()
+    n = 4
+    batch = {"derm": torch.rand(n, 3, 64, 64), "clinic": torch.rand(n, 3, 64, 64), "meta": torch.zeros(n, 14),
+             "has_derm": torch.ones(n, dtype=torch.bool), "has_clinic": torch.ones(n, dtype=torch.bool),
+             "has_meta": torch.ones(n, dtype=torch.bool)}
+    targets = torch.zeros(n, 8, dtype=torch.long)
+    targets[:, T["PN"]] = NOT_ANNOTATED
+    targets[:, T["STR"]] = PRESENT
+    loss, _ = multitask_loss(forward_batch(model, batch), targets)
+    loss.backward()
+    for branch in ("derm", "clinic", "hybrid"):
+        heads = getattr(model, branch).heads.heads
+        for task in ("PN", "STR"):
+            assert heads[T[task]].weight.grad is not None and torch.count_nonzero(heads[T[task]].weight.grad) == 0
+        assert torch.count_nonzero(heads[T["DIAG"]].weight.grad) > 0
+    assert torch.isfinite(loss)
+
+
+def test_metrics_weights_and_baselines_skip_unannotated_targets():
+    from sevenpoint.data.dataset import balanced_weights
+    from sevenpoint.engine.evaluate import majority_baseline, train_majority
+    from sevenpoint.engine.train import class_weights_for
+
+    rng = np.random.default_rng(0)
+    n = 40
+    probs = [rng.dirichlet(np.ones(t.num_classes), n) for t in TASKS]
+    targets = np.stack([rng.integers(0, t.num_classes, n) for t in TASKS], axis=1)
+    targets[:, T["VS"]] = NOT_ANNOTATED
+    targets[:10, T["PN"]] = NOT_ANNOTATED
+    targets[:, T["STR"]] = np.where(targets[:, T["STR"]] > 0, PRESENT, 0)
+    m = compute_metrics(probs, targets)
+    pred = {t.name: probs[i].argmax(1) for i, t in enumerate(TASKS)}
+    assert m["tasks"]["VS"]["accuracy"] is None and m["not_annotated"] == ["VS"]
+    assert m["tasks"]["PN"]["annotated"] == 30
+    assert m["tasks"]["PN"]["accuracy"] == pytest.approx((pred["PN"][10:] == targets[10:, T["PN"]]).mean())
+    y = targets[:, T["STR"]]
+    assert m["tasks"]["STR"]["accuracy"] == pytest.approx(np.where(y == 0, pred["STR"] == 0, pred["STR"] != 0).mean())
+    assert np.array(m["tasks"]["STR"]["presence_confusion"]["matrix"]).sum() == n
+    assert m["average_accuracy"] == pytest.approx(np.mean([m["tasks"][k]["accuracy"] for k in m["scored_tasks"]]))
+    # class weights, majority and balanced sampling count annotated labels only
+    w = class_weights_for(targets)
+    counts = np.bincount(targets[10:, T["PN"]], minlength=3)
+    assert torch.allclose(w[T["PN"]], torch.tensor(counts.sum() / counts / 3 / (counts.sum() / counts / 3).mean(),
+                                                   dtype=torch.float32))
+    assert torch.equal(w[T["VS"]], torch.ones(3))
+    majority = train_majority(targets)
+    assert majority[T["VS"]] == -1 and majority[T["PN"]] == np.bincount(targets[10:, T["PN"]]).argmax()
+    base = majority_baseline(majority, targets)
+    assert base["VS"] is None and base["PN"] == pytest.approx((targets[10:, T["PN"]] == majority[T["PN"]]).mean())
+    bw = balanced_weights(targets, T["PN"])
+    assert np.all(np.isfinite(bw)) and bw.shape == (n,)
+
+
+# --- end to end
+
+def test_check_data_summarises_ph2_and_refuses_to_train_on_it(ph2_root, tmp_path, capsys):
+    code, out = cli(capsys, "check-data", ph2_root)
+    assert code == 0, out
+    assert "ph2 dataset at" in out and "not annotated (not trained or scored on): VS, PIG" in out
+    assert "present (kind not given)" in out and "clinical photo 0" in out
+    code, out = cli(capsys, "train", "--data", ph2_root, "--out", tmp_path / "run", "--config", "tiny")
+    assert code == 2 and "external test set" in out
+
+
+def test_evaluate_on_ph2_scores_the_shared_tasks(tiny_run, ph2_root, tmp_path, capsys):
+    out = tmp_path / "ph2eval"
+    code, text = cli(capsys, "evaluate", "--checkpoint", tiny_run["best_checkpoint"], "--data", ph2_root,
+                     "--split", "all", "--out", out, "--no-progress")
+    assert code == 0, text
+    import json
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["format"] == "ph2" and m["cases"] == 30 and m["not_annotated"] == ["VS", "PIG"]
+    assert m["majority_baseline_from"] == "the checkpoint's training data"
+    assert m["majority_baseline"]["VS"] is None and m["majority_baseline"]["PN"] is not None
+    pred = pd.read_csv(out / "predictions.csv")
+    for name in ("DIAG", "PN", "STR", "BWV"):
+        y, p = pred[f"{name}_true"].to_numpy(), pred[f"{name}_pred"].to_numpy()
+        assert m["tasks"][name]["accuracy"] == pytest.approx(np.where(y == PRESENT, p != 0, p == y).mean())
+    assert m["melanoma"]["sensitivity"] is not None and m["melanoma"]["diag_head_auc"] is not None
+    report = (out / "report.md").read_text()
+    assert "not annotated in this data (–): VS, PIG" in report and "absent vs present" in report
+    assert "Published on the official Derm7pt" not in report
+
+
+def test_isic_as_extra_training_data_joins_the_train_split_only(synth_root, tmp_path):
+    from sevenpoint.config import load_config
+    from sevenpoint.engine.train import load_training_data, train
+
+    isic = make_synthetic_isic(tmp_path, cases=24, size=48)
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={isic}", "train.epochs=1"])
+    data = load_training_data(synth_root, cfg)
+    plain = load_training_data(synth_root, load_config("tiny"))
+    n_isic_train = len(load_dataset(isic).splits["train"])
+    assert len(data.splits["train"]) == len(plain.splits["train"]) + n_isic_train
+    assert np.array_equal(data.splits["valid"], plain.splits["valid"])  # selection stays on Derm7pt
+    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+    assert summary["train_cases"] == len(data.splits["train"]) and summary["valid_cases"] == len(plain.splits["valid"])
+    cfg_ph2 = load_config("tiny", [f"data.extra={make_synthetic_ph2(tmp_path, cases=10, size=48)}"])
+    with pytest.raises(DatasetError, match="never trained on"):
+        load_training_data(synth_root, cfg_ph2)
+
+
+def test_ddp_on_two_cpu_processes_trains_on_isic_and_shares_the_cache_safely(tmp_path):
+    """The scale-out command (README) with 2 CPU processes instead of GPUs: it trains, writes one
+    best.ckpt, and the decoded-image cache both processes filled holds only valid entries."""
+    import os
+    import subprocess
+    import sys
+
+    from sevenpoint.data.cache import _read_entry
+
+    isic = make_synthetic_isic(tmp_path, cases=48, size=48)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "sevenpoint.cli", "train", "--data", str(isic), "--out", str(tmp_path / "run"),
+           "--config", "tiny", "--no-progress", "model.variant=DIM", "train.epochs=2", "train.accelerator=cpu",
+           "train.devices=2", "train.strategy=ddp", f"data.cache_dir={cache}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "train_summary.json").is_file()
+    import json
+    import math
+
+    best = json.loads((run / "train_summary.json").read_text())["best_val_avg_acc"]
+    assert best is not None and math.isfinite(best) and best > 0  # selection on DIAG, the one task ISIC annotates
+    # each process took its half of every epoch: 2 epochs x ceil(ceil(n / 2) / batch 16) optimiser steps
+    n_train = len(load_dataset(isic).splits["train"])
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 * -(-(-(-n_train // 2)) // 16)
+    entries = list(cache.rglob("*.img"))
+    assert len(entries) == len(load_dataset(isic).splits["train"]) + len(load_dataset(isic).splits["valid"])
+    assert all(_read_entry(e, 64) is not None for e in entries)
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".img"]  # no temp files left
+
+
+def test_epoch_sampler_splits_each_epoch_between_processes(monkeypatch):
+    """Under DDP every process takes every world-th pair of the same seeded sequence: disjoint shares
+    that cover the epoch, padded to equal length for training, unpadded (exact) for validation."""
+    from sevenpoint.data import dataset
+
+    full = list(dataset.EpochSampler(37, seed=4))
+    for pad in (True, False):
+        shares = []
+        for rank in range(3):
+            monkeypatch.setattr(dataset, "rank_and_world", lambda rank=rank: (rank, 3))
+            sampler = dataset.EpochSampler(37, seed=4, pad=pad)
+            shares.append(list(sampler))
+            assert len(sampler) == len(shares[-1])
+        if pad:
+            assert [len(s) for s in shares] == [13, 13, 13]
+            assert sorted(p for s in shares for p in s) == sorted(full + full[:2])
+        else:
+            assert sorted(p for s in shares for p in s) == sorted(full) and sum(map(len, shares)) == 37
