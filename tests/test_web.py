@@ -240,8 +240,6 @@ def test_serve_refuses_to_bind_beyond_loopback_without_a_token(tiny_run):
 def test_slow_uploads_and_slow_predictions_time_out(tiny_run, case_files, monkeypatch):
     import time
 
-    import sevenpoint.web.app as web
-
     predictor = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
     slow_body = TestClient(create_app(predictor, request_timeout=0.3))
 
@@ -253,8 +251,8 @@ def test_slow_uploads_and_slow_predictions_time_out(tiny_run, case_files, monkey
     r = slow_body.post("/api/predict", content=dribble(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 408 and "0.3 s" in r.json()["error"]
 
-    real = web._locked_predict
-    monkeypatch.setattr(web, "_locked_predict", lambda *a: time.sleep(1.0) or real(*a))
+    real = predictor.run
+    monkeypatch.setattr(predictor, "run", lambda prepared: time.sleep(1.0) or real(prepared))
     slow_model = TestClient(create_app(predictor, predict_timeout=0.3))
     r = slow_model.post("/api/predict", files={"derm": ("d.jpg", case_files[0], "image/jpeg")})
     assert r.status_code == 504 and "0.3 s" in r.json()["error"] and r.headers["retry-after"] == "5"

@@ -352,6 +352,10 @@ def serve(
                                         "required to bind beyond loopback.")] = None,
     request_timeout: Annotated[float, typer.Option(help="Seconds to receive an upload (408 after).")] = 30.0,
     predict_timeout: Annotated[float, typer.Option(help="Seconds for one prediction, queue included (504 after).")] = 60.0,
+    max_batch: Annotated[int, typer.Option(help="Concurrent requests gathered into one forward pass, at most "
+                                                "(1: one at a time).")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its "
+                                                      "forward pass, at most.")] = 5.0,
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
     from .web.app import is_loopback
@@ -373,8 +377,11 @@ def serve(
     predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta)
     link = f"http://{host}:{port}/" + (f"#token={token}" if token else "")
     console.print(f"serving {predictor.info} on {link}")
+    if max_batch < 1 or batch_wait_ms < 0:
+        raise typer.BadParameter(f"--max-batch {max_batch} must be >= 1 and --batch-wait-ms {batch_wait_ms} >= 0")
     app_ = create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue, token=token,
-                      request_timeout=request_timeout, predict_timeout=predict_timeout)
+                      request_timeout=request_timeout, predict_timeout=predict_timeout, max_batch=max_batch,
+                      batch_wait_ms=batch_wait_ms)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

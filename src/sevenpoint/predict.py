@@ -174,6 +174,17 @@ class _OnnxBackend:
         return out[:n_tasks], used, attention, {}
 
 
+@dataclass
+class Prepared:
+    """One case's model inputs after `Predictor.prepare` (decoded, checked, resized)."""
+
+    derm: torch.Tensor
+    clinic: torch.Tensor
+    meta: torch.Tensor
+    has: dict[str, bool]
+    ood: float | None
+
+
 class Predictor:
     """`Predictor.from_checkpoint(path)` (PyTorch) or `Predictor.from_onnx(path)` (ONNX Runtime)."""
 
@@ -235,39 +246,50 @@ class Predictor:
         """Many cases, one forward pass per `batch_size` of them."""
         results: list[Prediction] = []
         for start in range(0, len(cases), batch_size):
-            results += self._predict_chunk(cases[start:start + batch_size], start)
+            chunk = cases[start:start + batch_size]
+            labels = [f"case {start + i}" if len(cases) > 1 else "input" for i in range(len(chunk))]
+            results += self.run([self.prepare(case, label) for case, label in zip(chunk, labels)])
         return results
 
-    def _predict_chunk(self, cases: Sequence[Mapping[str, object]], offset: int) -> list[Prediction]:
-        n, s = len(cases), self.size
-        derm, clinic = torch.zeros(n, 3, s, s), torch.zeros(n, 3, s, s)
-        meta = torch.zeros(n, self.cfg.meta_dim)
-        has = {k: torch.zeros(n, dtype=torch.bool) for k in ("derm", "clinic", "meta")}
-        ood: list[float | None] = [None] * n
-        for i, case in enumerate(cases):
-            label = f"case {offset + i}" if n > 1 or offset else "input"
-            for key, target in (("derm", derm), ("clinic", clinic)):
-                done = self.preprocess(case.get(key), f"{label} {key}")
-                if done is not None:
-                    target[i], has[key][i] = done[0], True
-                    if key == "derm" and self.ood is not None:
-                        ood[i] = float(self.ood.scores(descriptor(done[1]))[0])
-            m = validate_meta(case.get("meta"))
-            if m is not None:
-                meta[i], has["meta"][i] = torch.from_numpy(m), True
-            if not (has["derm"][i] or has["clinic"][i]):
-                raise PredictError(f"{label}: give a dermoscopy image, a clinical photo, or both")
+    def prepare(self, case: Mapping[str, object], label: str = "input") -> Prepared:
+        """Decode, check and resize one case's inputs (and score its OOD distance), without the model:
+        every per-case error (`PredictError`) is raised here, so `run` can batch any prepared cases."""
+        s = self.size
+        derm, clinic = torch.zeros(3, s, s), torch.zeros(3, s, s)
+        has = {"derm": False, "clinic": False, "meta": False}
+        ood = None
+        for key in ("derm", "clinic"):
+            done = self.preprocess(case.get(key), f"{label} {key}")
+            if done is not None:
+                (derm if key == "derm" else clinic).copy_(done[0])
+                has[key] = True
+                if key == "derm" and self.ood is not None:
+                    ood = float(self.ood.scores(descriptor(done[1]))[0])
+        m = validate_meta(case.get("meta"))
+        meta = torch.zeros(self.cfg.meta_dim)
+        if m is not None:
+            meta, has["meta"] = torch.from_numpy(m), True
+        if not (has["derm"] or has["clinic"]):
+            raise PredictError(f"{label}: give a dermoscopy image, a clinical photo, or both")
+        if not any(has[k] for k in self.cfg.model.images):
+            need = " or ".join({"derm": "a dermoscopy image", "clinic": "a clinical photo"}[k]
+                               for k in self.cfg.model.images)
+            raise PredictError(f"{label}: this {self.cfg.model.variant} model needs {need}")
+        return Prepared(derm, clinic, meta, has, ood)
+
+    def run(self, prepared: Sequence[Prepared]) -> list[Prediction]:
+        """One forward pass (per test-time view) over prepared cases; a result per case, in order."""
+        n = len(prepared)
+        derm = torch.stack([p.derm for p in prepared])
+        clinic = torch.stack([p.clinic for p in prepared])
+        meta = torch.stack([p.meta for p in prepared])
+        has = {k: torch.tensor([p.has[k] for p in prepared]) for k in ("derm", "clinic", "meta")}
         # Test-time views: probabilities averaged over the views, attention maps from the original one.
         views = list(zip(tta_views(derm, self.tta), tta_views(clinic, self.tta)))
         probs, used, attention, heads = self.backend(derm, clinic, meta, has)
         for view_derm, view_clinic in views[1:]:
             probs = [a + b for a, b in zip(probs, self.backend(view_derm, view_clinic, meta, has)[0])]
         probs = [p / len(views) for p in probs]
-        for i in range(n):
-            if not bool(used[i].any()):
-                need = " or ".join({"derm": "a dermoscopy image", "clinic": "a clinical photo"}[k]
-                                   for k in self.cfg.model.images)
-                raise PredictError(f"case {offset + i}: this {self.cfg.model.variant} model needs {need}")
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)
         results = []
@@ -280,6 +302,7 @@ class Predictor:
             d = int(preds[i, DIAG_INDEX])
             branch_ok = dict(zip(BRANCHES, used[i].tolist()))
             keep = [key for key in attention if branch_ok.get(key.split(".")[0])]
+            ood = prepared[i].ood
             results.append(Prediction(
                 tasks=tasks, diagnosis=TASKS[DIAG_INDEX].classes[d], diagnosis_name=TASKS[DIAG_INDEX].long_names[d],
                 seven_point_score=int(scores[i]), melanoma_flag=bool(scores[i] >= MELANOMA_THRESHOLD),
@@ -288,8 +311,8 @@ class Predictor:
                 inputs_used={k: bool(v[i]) for k, v in has.items()},
                 attention={k: np.asarray(attention[k][i]) for k in keep},
                 attention_heads={k: np.asarray(heads[k][i]) for k in keep if k in heads},
-                ood_score=ood[i], ood_threshold=self.ood.threshold if self.ood is not None else None,
-                ood_warning=ood[i] is not None and ood[i] > self.ood.threshold,
+                ood_score=ood, ood_threshold=self.ood.threshold if self.ood is not None else None,
+                ood_warning=ood is not None and ood > self.ood.threshold,
             ))
         return results
 

@@ -2,7 +2,8 @@
 
 Uploads stay in memory (never written to disk, never logged); bodies over the limit are
 refused from their Content-Length before being read, and while streaming otherwise.
-Predictions run in a worker thread behind a bounded queue: requests beyond it get 503.
+Predictions run in one worker thread behind a bounded queue (requests beyond it get 503); requests
+that arrive together share a forward pass (micro-batches, web/batching.py).
 Every response carries security headers (a Content-Security-Policy without inline script,
 nosniff, no framing); with a token, every /api call must present it (constant-time compare);
 reading a body and running a prediction each have a time limit.
@@ -15,7 +16,6 @@ import base64
 import hmac
 import io
 import ipaddress
-import threading
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.formparsers import MultiPartParser
 
 from ..data.images import open_rgb
+from .batching import MicroBatcher
 from ..predict import Prediction, Predictor, PredictError
 from ..schema import META_FIELDS
 from ..viz import overlay_attention
@@ -103,15 +104,16 @@ def result_json(result: Prediction, images: dict) -> dict:
 
 def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: int = 25_000_000,
                max_queue: int = 64, token: str | None = None, request_timeout: float = 30.0,
-               predict_timeout: float = 60.0) -> FastAPI:
+               predict_timeout: float = 60.0, max_batch: int = 8, batch_wait_ms: float = 5.0) -> FastAPI:
     """`token`: required as `Authorization: Bearer TOKEN` on every /api call. `request_timeout`:
     seconds to receive a request body (408 after); `predict_timeout`: seconds for a prediction,
-    queueing included (504 after)."""
+    queueing included (504 after). Concurrent predictions are gathered into batches of at most
+    `max_batch`, waiting at most `batch_wait_ms` for company (web/batching.py); 1 = one at a time."""
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files over 1 MB to a temp file on disk; keep them in memory.
     MultiPartParser.spool_max_size = max_bytes + 1
     app = FastAPI(title="sevenpoint", docs_url="/docs", redoc_url=None)
-    lock = threading.Lock()  # one forward pass at a time: the model's threads already use every core
+    batcher = MicroBatcher(predictor.run, max_batch=max_batch, max_wait_ms=batch_wait_ms)
     state = {"waiting": 0}
     expected = f"Bearer {token}".encode() if token else None
 
@@ -144,7 +146,8 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": predictor.info, "queue": state["waiting"], "max_queue": max_queue}
+        return {"status": "ok", "model": predictor.info, "queue": state["waiting"], "max_queue": max_queue,
+                "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms, **batcher.stats.to_dict()}}
 
     @app.post("/api/predict")
     async def api_predict(request: Request):
@@ -173,8 +176,10 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
                 images = {k: _check_image(k, fields[k], max_pixels) for k in ("derm", "clinic")
                           if isinstance(fields.get(k), bytes)}
                 meta = {k: (fields.get(k) or None) for k in META_FIELDS}
-                result = await asyncio.wait_for(asyncio.to_thread(_locked_predict, lock, predictor, images, meta),
-                                                predict_timeout)
+                async with asyncio.timeout(predict_timeout):
+                    case = {"derm": images.get("derm"), "clinic": images.get("clinic"), "meta": meta}
+                    prepared = await asyncio.to_thread(predictor.prepare, case)
+                    result = await asyncio.wrap_future(batcher.submit(prepared))
             except TimeoutError:
                 return JSONResponse({"error": f"prediction did not finish within {predict_timeout:g} s; "
                                               "the server is overloaded, retry later"}, status_code=504,
@@ -188,11 +193,6 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
             state["waiting"] -= 1
 
     return app
-
-
-def _locked_predict(lock: threading.Lock, predictor: Predictor, images: dict, meta: dict) -> Prediction:
-    with lock:
-        return predictor.predict(derm=images.get("derm"), clinic=images.get("clinic"), meta=meta)
 
 
 async def _parse_form(request: Request, body: bytes, max_bytes: int) -> dict:
