@@ -48,7 +48,7 @@ def test_json_endpoint_returns_all_tasks(client, case_files):
     for t in body["tasks"].values():
         assert sum(t["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert body["branches_used"] == ["derm", "clinic", "hybrid"]
-    assert body["attention_overlays"]["derm.exit"].startswith("data:image/png;base64,")
+    assert body["attention_overlays"]["derm.exit"].startswith("data:image/jpeg;base64,")
 
 
 def test_derm_only_and_no_metadata(client, case_files):

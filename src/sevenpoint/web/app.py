@@ -57,10 +57,11 @@ class UploadError(Exception):
         self.status, self.message = status, message
 
 
-def _png_data_url(img) -> str:
+def _jpeg_data_url(img) -> str:
+    """A JPEG data URL: a photo with a heatmap on it encodes ~10x faster than as PNG, and smaller."""
     buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    img.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _check_image(name: str, data: bytes, max_pixels: int):
@@ -89,14 +90,17 @@ def _check_image(name: str, data: bytes, max_pixels: int):
 
 
 def result_json(result: Prediction, images: dict) -> dict:
+    """The API's answer: the prediction plus each attention map over a 320 px copy of its image."""
     body = result.to_dict()
-    overlays = {}
+    overlays, small = {}, {}
+    for name, img in images.items():
+        small[name] = img.copy()
+        small[name].thumbnail((320, 320))
+        small[name] = small[name].convert("RGB")
     for key, amap in result.attention.items():
-        source = images.get(key.split(".")[0]) or images.get("derm")
+        source = small.get(key.split(".")[0]) or small.get("derm")
         if source is not None:
-            small = source.copy()
-            small.thumbnail((320, 320))
-            overlays[key] = _png_data_url(overlay_attention(small, amap))
+            overlays[key] = _jpeg_data_url(overlay_attention(source, amap))
     body["attention_overlays"] = overlays
     body["notice"] = "Research tool, not a medical device. Do not use for diagnosis."
     return body
@@ -188,7 +192,8 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             except PredictError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=422)
-            return JSONResponse(result_json(result, images))
+            # the overlays are the costliest part of an answer: built off the event loop, beside other work
+            return JSONResponse(await asyncio.to_thread(result_json, result, images))
         finally:
             state["waiting"] -= 1
 
