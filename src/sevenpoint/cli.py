@@ -121,6 +121,8 @@ def check_data(data_dir: Path,
         console.print(f"not annotated (not trained or scored on): {', '.join(s['not_annotated'])}")
     table = Table("task", "class", *s["splits"].keys(), title="classes per task per split")
     for task, per_split in s["classes"].items():
+        if task in s["not_annotated"]:
+            continue  # listed above
         classes = next(iter(per_split.values())).keys()
         for c in classes:
             table.add_row(task, c, *(str(per_split[sp][c]) for sp in s["splits"]))
