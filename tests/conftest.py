@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Measured precision choices (runtime.autotune) go to one file per test session, never to ~/.cache:
+# every predictor of a session (and every server it starts) then uses the same choice.
+os.environ.setdefault("SEVENPOINT_AUTOTUNE", os.path.join(tempfile.mkdtemp(prefix="sevenpoint-autotune-"),
+                                                          "autotune.json"))
 
 REPO = Path(__file__).resolve().parents[1]
 # The real Derm7pt meta + splits (no images) shared beside the checkout; tests that need it

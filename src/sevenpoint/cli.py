@@ -296,7 +296,8 @@ def predict(
     out: Annotated[Optional[Path], typer.Option(help="Write the result JSON here.")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for attention overlays (PNG).")] = None,
     batch: Annotated[Optional[Path], typer.Option(help="CSV with columns derm, clinic, sex, location, elevation.")] = None,
-    precision: str = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, the faster kept) | "
+                                                "fp32 | bf16")] = "auto",
     backend: Annotated[str, typer.Option(help="torch (per-head maps) | frozen (fastest) | onnx (from .onnx)")] = "torch",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
@@ -305,6 +306,7 @@ def predict(
     from .predict import Predictor, PredictError, save_heatmaps
 
     predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
+    err.print(f"precision {predictor.choice}", highlight=False)
     if batch is not None:
         import pandas as pd
 
@@ -347,6 +349,8 @@ def serve(
     max_upload_mb: float = 10.0,
     max_queue: Annotated[int, typer.Option(help="Predictions waiting at once; more get 503.")] = 64,
     backend: Annotated[str, typer.Option(help="frozen (fastest on CPU) | torch | onnx (inferred from .onnx)")] = "frozen",
+    precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, the faster kept) | "
+                                                "fp32 | bf16")] = "auto",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
     token: Annotated[Optional[str], typer.Option(
@@ -376,7 +380,7 @@ def serve(
     from .predict import Predictor
     from .web.app import create_app
 
-    predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta)
+    predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta, precision=precision)
     link = f"http://{host}:{port}/" + (f"#token={token}" if token else "")
     console.print(f"serving {predictor.info} on {link}")
     if max_batch < 1 or batch_wait_ms < 0:

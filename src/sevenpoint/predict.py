@@ -8,6 +8,8 @@ prediction runs one forward pass per batch.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -22,7 +24,7 @@ from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
-from .runtime import bf16_autocast, use_bf16, use_channels_last
+from .runtime import autotune, bf16_autocast, cpu_model, cpu_supports_bf16, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta, score_rule,
@@ -196,6 +198,7 @@ class Predictor:
         self.crop = cfg.data.crop
         self.eval_transform = transforms_for(cfg.data)[1]  # the same centred window as `evaluate`
         self.tta = cfg.infer.tta if tta is None else tta  # the checkpoint's own setting by default
+        self.choice = "as given"  # how the numeric path was chosen (from_checkpoint fills it in)
         if self.tta not in TTA_MODES:
             raise PredictError(f"tta {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
 
@@ -204,14 +207,34 @@ class Predictor:
                         tta: str | None = None) -> Predictor:
         """`backend`: torch (eager, per-head attention maps), frozen (traced + frozen graph, fastest
         at batch 1 on CPU, aggregated maps only) or onnx (an exported .onnx file). `tta=None`
-        applies the checkpoint's `infer.tta`."""
+        applies the checkpoint's `infer.tta`. `precision="auto"`: on a CPU with bf16 units, fp32 and
+        bf16 are timed at batch 1 and the faster kept (cached per CPU, torch version and model;
+        `choice` says which and why); fp32 elsewhere. `fp32` / `bf16` force one."""
         if backend == "onnx" or str(path).endswith(".onnx"):
             return cls.from_onnx(path, tta)
         if backend not in ("torch", "frozen"):
             raise PredictError(f"backend {backend!r}: expected torch, frozen or onnx")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise PredictError(f"precision {precision!r}: expected auto, fp32 or bf16")
         model, cfg, section = load_model(path)
-        impl = _FrozenBackend(model, cfg, precision) if backend == "frozen" else _TorchBackend(model, cfg, precision)
-        return cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")))
+        make = _FrozenBackend if backend == "frozen" else _TorchBackend
+        if precision != "auto":
+            impl, why = make(model, cfg, precision), f"{precision}: requested"
+        elif not cpu_supports_bf16():
+            impl, why = make(model, cfg, "fp32"), "fp32: this CPU has no bf16 units (AVX512-BF16 / AMX)"
+        else:
+            impls = {p: make(model, cfg, p) for p in ("fp32", "bf16")}
+            x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
+            inputs = (x, x.clone(), torch.zeros(1, cfg.meta_dim), {k: torch.ones(1, dtype=torch.bool)
+                                                                   for k in ("derm", "clinic", "meta")})
+            key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), backend, "batch1",
+                            json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(cfg.data.image_size),
+                            str(cfg.train.ensemble)])
+            choice, why = autotune(key, {p: functools.partial(b, *inputs) for p, b in impls.items()})
+            impl = impls[choice]
+        predictor = cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")))
+        predictor.choice = why
+        return predictor
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, tta: str | None = None) -> Predictor:
@@ -223,7 +246,7 @@ class Predictor:
         m = self.cfg.model
         return {"variant": m.variant, "backbone": m.backbone, "attention": m.attention,
                 "image_size": self.size, "tta": self.tta, "members": self.cfg.train.ensemble,
-                "clinic_weight": self.cfg.infer.clinic_weight,
+                "clinic_weight": self.cfg.infer.clinic_weight, "precision": self.choice,
                 "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch")}
 
     def preprocess(self, image: ImageInput | None, name: str) -> tuple[torch.Tensor, np.ndarray] | None:

@@ -77,3 +77,51 @@ def bf16_autocast(enabled: bool, device_type: str = "cpu", tracing: bool = False
     """The one autocast context of the package: bf16 when `enabled`, a no-op otherwise. `tracing`
     turns the weight-cast cache off, which traced / frozen graphs need."""
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False if tracing else None)
+
+
+def autotune_cache_file() -> Path:
+    """Where measured path choices are kept ($SEVENPOINT_AUTOTUNE, else ~/.cache/sevenpoint/autotune.json)."""
+    return Path(os.environ.get("SEVENPOINT_AUTOTUNE", Path.home() / ".cache" / "sevenpoint" / "autotune.json"))
+
+
+def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = None) -> tuple[str, str]:
+    """The fastest of `candidates` (name -> zero-argument callable running one forward pass) for `key`,
+    timed round robin (`rounds` rounds after one warm-up each, median per candidate), and why.
+
+    The answer is cached under `key` (which should name the CPU model, torch version, threads and
+    model config): a second call returns it without timing. A single candidate is returned untimed.
+    """
+    import json
+    import statistics
+    import time
+
+    from .atomic import write_json
+
+    if len(candidates) == 1:
+        name = next(iter(candidates))
+        return name, f"{name}: the only candidate"
+    cache = cache or autotune_cache_file()
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}  # an unreadable cache is re-measured, never trusted
+    hit = known.get(key)
+    if isinstance(hit, dict) and hit.get("choice") in candidates:
+        return hit["choice"], f"{hit['choice']}: measured earlier on this machine ({hit['why']}; cache {cache})"
+    for fn in candidates.values():
+        fn()  # warm-up: first calls allocate and pick kernels
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    choice = min(medians, key=medians.get)
+    why = ", ".join(f"{n} {1000 * m:.1f} ms" for n, m in sorted(medians.items(), key=lambda kv: kv[1]))
+    known[key] = {"choice": choice, "why": f"median per forward: {why}"}
+    try:
+        write_json(cache, known)
+    except OSError:
+        pass  # a read-only home: the choice is still made, just not kept
+    return choice, f"{choice}: measured now (median per forward: {why})"

@@ -1,0 +1,49 @@
+"""Measured path choice: `runtime.autotune` times candidates round robin, keeps the fastest, caches it
+per key; `Predictor.from_checkpoint(precision="auto")` uses it on bf16 CPUs and says why."""
+
+import json
+import time
+
+import pytest
+
+from sevenpoint import predict, runtime
+from sevenpoint.predict import Predictor
+
+
+def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.01)
+
+    def fast():
+        calls["fast"] += 1
+
+    cache = tmp_path / "autotune.json"
+    choice, why = runtime.autotune("cpu|torch|model", {"slow": slow, "fast": fast}, rounds=3, cache=cache)
+    assert choice == "fast" and "measured now" in why and why.index("fast") < why.index("slow")
+    assert calls == {"slow": 4, "fast": 4}  # one warm-up + 3 rounds each
+    assert json.loads(cache.read_text())["cpu|torch|model"]["choice"] == "fast"
+    # cached: answered without timing anything, even if the speeds changed since
+    choice, why = runtime.autotune("cpu|torch|model", {"slow": fast, "fast": slow}, cache=cache)
+    assert choice == "fast" and "measured earlier" in why and calls == {"slow": 4, "fast": 4}
+    # another key (another CPU, torch or model) is measured afresh; a damaged cache is re-measured
+    assert runtime.autotune("other", {"a": slow, "b": fast}, rounds=1, cache=cache)[0] == "b"
+    cache.write_text("{not json")
+    assert "measured now" in runtime.autotune("cpu|torch|model", {"slow": slow, "fast": fast}, rounds=1, cache=cache)[1]
+
+
+def test_predictor_precision_is_measured_on_bf16_cpus_and_said(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEVENPOINT_AUTOTUNE", str(tmp_path / "autotune.json"))
+    ckpt = tiny_run["best_checkpoint"]
+    assert Predictor.from_checkpoint(ckpt, precision="fp32").choice == "fp32: requested"
+    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: False)
+    p = Predictor.from_checkpoint(ckpt)
+    assert p.choice.startswith("fp32: this CPU has no bf16") and not p.backend.bf16
+    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(predict, "autotune", lambda key, candidates: ("bf16", "bf16: measured now (stub)"))
+    p = Predictor.from_checkpoint(ckpt, backend="frozen")
+    assert p.choice == "bf16: measured now (stub)" and p.backend.bf16 and p.info["precision"] == p.choice
+    with pytest.raises(predict.PredictError, match="precision 'fp16'"):
+        Predictor.from_checkpoint(ckpt, precision="fp16")
