@@ -47,3 +47,28 @@ def test_predictor_precision_is_measured_on_bf16_cpus_and_said(tiny_run, tmp_pat
     assert p.choice == "bf16: measured now (stub)" and p.backend.bf16 and p.info["precision"] == p.choice
     with pytest.raises(predict.PredictError, match="precision 'fp16'"):
         Predictor.from_checkpoint(ckpt, precision="fp16")
+
+
+def test_thread_governor_drops_to_one_thread_when_passes_slow_down_and_retries(monkeypatch):
+    import torch
+
+    now = [0.0]
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    gov = runtime.ThreadGovernor(full=2, window=3, slow=1.6, retry_s=10, clock=lambda: now[0])
+    for t in (0.040, 0.041, 0.039, 0.042):  # idle: stays at full width
+        gov.record(1, t)
+    gov.record(8, 0.30)  # another batch size has its own reference
+    assert gov.threads == 2 and threads == []
+    for t in (0.17, 0.18, 0.17):  # a busy neighbour: 4x slower
+        gov.record(1, t)
+    assert gov.threads == 1 and threads == [1]
+    now[0] = 5.0
+    gov.record(1, 0.07)
+    assert gov.threads == 1  # not before retry_s
+    now[0] = 11.0
+    gov.record(1, 0.07)
+    assert gov.threads == 2 and threads == [1, 2]  # tries the full width again
+    for t in (0.041, 0.040, 0.043):  # neighbour gone: fast again, stays
+        gov.record(1, t)
+    assert gov.threads == 2 and gov.switches == 2

@@ -362,6 +362,8 @@ def serve(
                                                 "(1: one at a time).")] = 8,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its "
                                                       "forward pass, at most.")] = 5.0,
+    adaptive_threads: Annotated[bool, typer.Option(help="Drop to one thread while forward passes run much slower "
+                                                        "than the best seen (a busy neighbour process).")] = True,
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
     from .web.app import is_loopback
@@ -381,6 +383,10 @@ def serve(
     from .web.app import create_app
 
     predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta, precision=precision)
+    if adaptive_threads:
+        from .runtime import ThreadGovernor
+
+        predictor.governor = ThreadGovernor()
     link = f"http://{host}:{port}/" + (f"#token={token}" if token else "")
     console.print(f"serving {predictor.info} on {link}")
     if max_batch < 1 or batch_wait_ms < 0:

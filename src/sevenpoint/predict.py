@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
-from .runtime import autotune, bf16_autocast, cpu_model, cpu_supports_bf16, use_bf16, use_channels_last
+from .runtime import ThreadGovernor, autotune, bf16_autocast, cpu_model, cpu_supports_bf16, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta, score_rule,
@@ -199,6 +200,7 @@ class Predictor:
         self.eval_transform = transforms_for(cfg.data)[1]  # the same centred window as `evaluate`
         self.tta = cfg.infer.tta if tta is None else tta  # the checkpoint's own setting by default
         self.choice = "as given"  # how the numeric path was chosen (from_checkpoint fills it in)
+        self.governor: ThreadGovernor | None = None  # serve sets one: fewer threads while a neighbour is busy
         if self.tta not in TTA_MODES:
             raise PredictError(f"tta {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
 
@@ -309,9 +311,12 @@ class Predictor:
         has = {k: torch.tensor([p.has[k] for p in prepared]) for k in ("derm", "clinic", "meta")}
         # Test-time views: probabilities averaged over the views, attention maps from the original one.
         views = list(zip(tta_views(derm, self.tta), tta_views(clinic, self.tta)))
+        start = time.perf_counter()
         probs, used, attention, heads = self.backend(derm, clinic, meta, has)
         for view_derm, view_clinic in views[1:]:
             probs = [a + b for a, b in zip(probs, self.backend(view_derm, view_clinic, meta, has)[0])]
+        if self.governor is not None:
+            self.governor.record(n, time.perf_counter() - start)
         probs = [p / len(views) for p in probs]
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)

@@ -125,3 +125,52 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     except OSError:
         pass  # a read-only home: the choice is still made, just not kept
     return choice, f"{choice}: measured now (median per forward: {why})"
+
+
+class ThreadGovernor:
+    """Keeps batch-1 latency graceful when another process takes a core.
+
+    With every core's thread spin-waiting (OpenMP's default, the fastest alone), a busy neighbour
+    on one core stalls every parallel region: measured 4.4x slower (docs/PERFORMANCE.md), while one
+    thread only loses its share. `record` each forward pass's time for its batch size; when the
+    recent median exceeds `slow` x the best seen at full threads, drop to one thread; after
+    `retry_s` seconds try full threads again (kept if they are fast again).
+    """
+
+    def __init__(self, full: int | None = None, window: int = 5, slow: float = 1.6, retry_s: float = 20.0,
+                 clock=None) -> None:
+        import time
+
+        self.full = full or torch.get_num_threads()
+        self.window, self.slow, self.retry_s = window, slow, retry_s
+        self.clock = clock or time.monotonic
+        self.best: dict[int, float] = {}   # batch size -> fastest time at full threads
+        self.recent: dict[int, list[float]] = {}
+        self.reduced_since: float | None = None
+        self.switches = 0
+
+    @property
+    def threads(self) -> int:
+        return 1 if self.reduced_since is not None else self.full
+
+    def record(self, batch: int, seconds: float) -> None:
+        import statistics
+
+        if self.full <= 1:
+            return
+        if self.reduced_since is not None:
+            if self.clock() - self.reduced_since >= self.retry_s:  # try the full width again
+                self._set(None)
+            return
+        self.best[batch] = min(self.best.get(batch, seconds), seconds)
+        recent = self.recent.setdefault(batch, [])
+        recent.append(seconds)
+        del recent[:-self.window]
+        if len(recent) == self.window and statistics.median(recent) > self.slow * self.best[batch]:
+            self._set(self.clock())
+
+    def _set(self, reduced_since: float | None) -> None:
+        self.reduced_since = reduced_since
+        self.recent.clear()
+        self.switches += 1
+        torch.set_num_threads(self.threads)

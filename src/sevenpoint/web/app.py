@@ -150,7 +150,10 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
 
     @app.get("/health")
     def health() -> dict:
+        gov = predictor.governor
+        threads = None if gov is None else {"now": gov.threads, "full": gov.full, "switches": gov.switches}
         return {"status": "ok", "model": predictor.info, "queue": state["waiting"], "max_queue": max_queue,
+                "threads": threads,
                 "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms, **batcher.stats.to_dict()}}
 
     @app.post("/api/predict")
