@@ -1,4 +1,4 @@
-"""Torch dataset over one split of a `CaseSet` (any format); each item is a dict (STYLE.md habit 4)."""
+"""Torch dataset over one split of a `CaseSet` (any format); each item is a dict of named tensors."""
 
 from __future__ import annotations
 
