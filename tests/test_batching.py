@@ -97,3 +97,11 @@ def test_concurrent_requests_share_forward_passes_and_match_single_predictions(t
         for task, entry in got["tasks"].items():
             np.testing.assert_allclose(list(entry["probabilities"].values()),
                                        list(alone["tasks"][task]["probabilities"].values()), atol=1e-4)
+
+
+def test_close_finishes_queued_work_then_stops_the_worker():
+    batcher = MicroBatcher(lambda items: [x + 1 for x in items], max_batch=2, max_wait_ms=50)
+    futures = [batcher.submit(i) for i in range(5)]
+    batcher.close()
+    assert [f.result(timeout=1) for f in futures] == [1, 2, 3, 4, 5]
+    assert not batcher._worker.is_alive()

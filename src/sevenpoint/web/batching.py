@@ -9,12 +9,26 @@ the model, so forward passes never overlap (the model's threads already use ever
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+
+_STOP = object()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every worker before the interpreter finalises: a daemon thread still parked in torch or
+    in a lock when finalisation kills it can abort the process ("terminate called ...")."""
+    for batcher in list(_LIVE):
+        batcher.close()
 
 
 @dataclass
@@ -40,26 +54,37 @@ class MicroBatcher:
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
         self.stats = BatchStats()
         self._queue: queue.Queue[tuple[object, Future]] = queue.Queue()
+        self._stopping = False
         self._worker = threading.Thread(target=self._loop, name="sevenpoint-batcher", daemon=True)
         self._worker.start()
+        _LIVE.add(self)
 
     def submit(self, item: object) -> Future:
         future: Future = Future()
         self._queue.put((item, future))
         return future
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop the worker."""
+        if self._worker.is_alive():
+            self._queue.put((_STOP, None))
+            self._worker.join(timeout)
+
     def _take(self) -> list[tuple[object, Future]]:
         batch = [self._queue.get()]
         deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch:
+        while len(batch) < self.max_batch and batch[-1][0] is not _STOP:
             try:  # whatever is already waiting joins at once; then wait out the rest of the window
                 batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
+        if batch[-1][0] is _STOP:
+            self._stopping = True
+            batch.pop()
         return batch
 
     def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             batch = [(item, fut) for item, fut in self._take() if fut.set_running_or_notify_cancel()]
             if not batch:
                 continue
