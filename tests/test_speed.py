@@ -43,7 +43,9 @@ def test_bench_times_paths_round_robin_and_ratios_per_round(monkeypatch):
                 clock["round"] += 1
         return call
 
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    import time
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])  # the timer runtime.time_round_robin reads
     times = bench._interleaved({"naive": fn("naive"), "fast": fn("fast")}, warmup=0, repeats=3)
     assert times == {"naive": [1.0, 4.0, 1.0], "fast": [0.25, 1.0, 0.25]}
     r = bench._round_ratios(times, "fast", "naive", batch=1, data_s=lambda name: 0.0)

@@ -79,6 +79,23 @@ def bf16_autocast(enabled: bool, device_type: str = "cpu", tracing: bool = False
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False if tracing else None)
 
 
+def time_round_robin(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed round robin (so a neighbour's load lands on every
+    path alike): `warmup` untimed rounds, then `repeats` rounds each calling every function once."""
+    import time
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def autotune_cache_file() -> Path:
     """Where measured path choices are kept ($SEVENPOINT_AUTOTUNE, else ~/.cache/sevenpoint/autotune.json)."""
     return Path(os.environ.get("SEVENPOINT_AUTOTUNE", Path.home() / ".cache" / "sevenpoint" / "autotune.json"))
@@ -93,7 +110,6 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     """
     import json
     import statistics
-    import time
 
     from .atomic import write_json
 
@@ -108,14 +124,7 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     hit = known.get(key)
     if isinstance(hit, dict) and hit.get("choice") in candidates:
         return hit["choice"], f"{hit['choice']}: measured earlier on this machine ({hit['why']}; cache {cache})"
-    for fn in candidates.values():
-        fn()  # warm-up: first calls allocate and pick kernels
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = time_round_robin(candidates, warmup=1, repeats=rounds)  # warm-up: first calls pick kernels
     medians = {name: statistics.median(t) for name, t in times.items()}
     choice = min(medians, key=medians.get)
     why = ", ".join(f"{n} {1000 * m:.1f} ms" for n, m in sorted(medians.items(), key=lambda kv: kv[1]))

@@ -15,7 +15,6 @@ import os
 import resource
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from ..data.transforms import to_tensor, train_transform
 from ..models import FusionModel
 from ..schema import TASKS
 from .loss import multitask_loss
-from ..runtime import bf16_autocast, cpu_summary, cpu_supports_bf16
+from ..runtime import bf16_autocast, cpu_summary, cpu_supports_bf16, time_round_robin
 
 PATHS = {  # name -> (channels_last, bf16)
     "fp32 (naive)": (False, False),
@@ -45,21 +44,7 @@ def _timeit(fn, warmup: int, repeats: int) -> list[float]:
 
 
 SPREAD_WARN = 0.15  # a speed-up whose rounds spread beyond ±15 % of its median is not conclusive
-
-
-def _interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, timed round robin: `warmup` untimed rounds, then
-    `repeats` rounds each calling every function once."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times
+_interleaved = time_round_robin
 
 
 def _rates(times: list[float], batch: int, data_s: float) -> dict:
