@@ -105,3 +105,17 @@ def test_close_finishes_queued_work_then_stops_the_worker():
     batcher.close()
     assert [f.result(timeout=1) for f in futures] == [1, 2, 3, 4, 5]
     assert not batcher._worker.is_alive()
+
+
+def test_server_shutdown_stops_the_batcher(tiny_run):
+    from fastapi.testclient import TestClient
+
+    from sevenpoint.web import batching
+    from sevenpoint.web.app import create_app
+
+    before = set(batching._LIVE)
+    with TestClient(create_app(Predictor.from_checkpoint(tiny_run["best_checkpoint"]))) as client:
+        assert client.get("/health").status_code == 200
+        (batcher,) = set(batching._LIVE) - before
+        assert batcher._worker.is_alive()
+    assert not batcher._worker.is_alive()

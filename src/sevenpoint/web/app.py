@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import io
 import ipaddress
@@ -116,8 +117,14 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files over 1 MB to a temp file on disk; keep them in memory.
     MultiPartParser.spool_max_size = max_bytes + 1
-    app = FastAPI(title="sevenpoint", docs_url="/docs", redoc_url=None)
     batcher = MicroBatcher(predictor.run, max_batch=max_batch, max_wait_ms=batch_wait_ms)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await asyncio.to_thread(batcher.close)  # server shutdown: finish queued predictions, stop the worker
+
+    app = FastAPI(title="sevenpoint", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     state = {"waiting": 0}
     expected = f"Bearer {token}".encode() if token else None
 
