@@ -88,8 +88,9 @@ class CaseSet:
     def summary(self) -> dict:
         """Counts a human (or `check-data`) wants: cases per split, classes per task per split
         (with "not annotated" and "present" counts where a task has them)."""
+        annotated = self.annotated_tasks()
         out: dict = {"format": self.format, "root": str(self.root), "cases": len(self.cases), "splits": {},
-                     "classes": {}, "not_annotated": [t.name for t in TASKS if t.name not in self.annotated_tasks()],
+                     "classes": {}, "not_annotated": [t.name for t in TASKS if t.name not in annotated],
                      "has": {"derm": sum(c.derm is not None for c in self.cases),
                              "clinic": sum(c.clinic is not None for c in self.cases),
                              "meta": sum(c.meta is not None for c in self.cases)}}
@@ -129,18 +130,22 @@ def listing(items: list[str], limit: int) -> str:
     return f"\n  {shown}{more}"
 
 
-def drop_missing(cases: list, missing: list[tuple[int, str]], skip_missing: bool,
-                 quirks: list[str]) -> list:
+def drop_missing(cases: list[Case], splits: dict[str, np.ndarray], missing: list[tuple[int, str]],
+                 skip_missing: bool, quirks: list[str]) -> tuple[list[Case], dict[str, np.ndarray]]:
     """Cases with a missing image (`missing`: (case position, message) per file): an error listing
-    every file, or, with `skip_missing`, those cases left out and each file named in `quirks`."""
+    every file, or, with `skip_missing`, those cases left out of the cases and of every split
+    (`splits` hold case positions, renumbered here) and each file named in `quirks`."""
     if not missing:
-        return cases
+        return cases, splits
     if not skip_missing:
         raise DatasetError(f"{len(missing)} image file(s) not found (--skip-missing leaves those cases out):"
                            + listing([m for _, m in missing], 50))
     quirks += [f"case left out, image not found: {m}" for _, m in missing]
     gone = {i for i, _ in missing}
-    return [c for i, c in enumerate(cases) if i not in gone]
+    kept = [i for i in range(len(cases)) if i not in gone]
+    position = {old: new for new, old in enumerate(kept)}
+    return ([cases[i] for i in kept],
+            {s: np.array([position[i] for i in idx if i in position], dtype=np.int64) for s, idx in splits.items()})
 
 
 def image_index(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:

@@ -152,11 +152,10 @@ class Derm7pt:
             ))
         if errors:
             raise DatasetError(f"{len(errors)} problem(s) in {meta_dir / 'meta.csv'}:" + listing(errors, 20))
+        # index files hold meta.csv rows, which are the case positions here (a bad row raised above)
         splits = {s: _read_index(meta_dir / f"{s}_indexes.csv", len(frame)) for s in SPLITS}
         _check_disjoint(splits)
-        cases = drop_missing(cases, missing, skip_missing, quirks)
-        position = {c.row: k for k, c in enumerate(cases)}  # a left-out case leaves its split too
-        splits = {s: np.array([position[r] for r in idx if r in position], dtype=np.int64) for s, idx in splits.items()}
+        cases, splits = drop_missing(cases, splits, missing, skip_missing, quirks)
         return CaseSet(NAME, root, cases, splits, quirks, meta_dim(include_leaky_meta), include_leaky_meta)
 
 

@@ -150,9 +150,7 @@ class ISIC:
                 cases.append(Case(case_id=image, derm=derm, clinic=None, targets=tuple(targets), row=line, crop=0))
         if skipped:
             quirks.append(f"{skipped} image(s) left out: AK / AKIEC, SCC or UNK have no Derm7pt diagnosis class")
-        kept = drop_missing(list(range(len(cases))), missing, skip_missing, quirks)
-        position = {k: p for p, k in enumerate(kept)}
-        splits = {s: np.array([position[k] for k in idx if k in position], dtype=np.int64)
-                  for s, idx in split_rows.items() if s != "all"}
-        splits["all"] = np.arange(len(kept))
-        return CaseSet(NAME, root, [cases[k] for k in kept], splits, quirks, meta_dim=0)
+        splits = {s: np.array(idx, dtype=np.int64) for s, idx in split_rows.items() if s != "all"}
+        splits["all"] = np.arange(len(cases))
+        cases, splits = drop_missing(cases, splits, missing, skip_missing, quirks)
+        return CaseSet(NAME, root, cases, splits, quirks, meta_dim=0)

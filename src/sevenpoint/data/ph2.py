@@ -170,5 +170,5 @@ class PH2:
             cases.append(Case(case_id=name, derm=derm, clinic=None, targets=tuple(targets), row=excel_row))
         if errors:
             raise DatasetError(f"{len(errors)} problem(s) in {xlsx}:" + listing(errors, 20))
-        cases = drop_missing(cases, missing, skip_missing, quirks)
-        return CaseSet(NAME, root, cases, {"all": np.arange(len(cases))}, quirks, meta_dim=0)
+        cases, splits = drop_missing(cases, {"all": np.arange(len(cases))}, missing, skip_missing, quirks)
+        return CaseSet(NAME, root, cases, splits, quirks, meta_dim=0)
