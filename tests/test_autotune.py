@@ -21,17 +21,25 @@ def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):
         calls["fast"] += 1
 
     cache = tmp_path / "autotune.json"
-    choice, why = runtime.autotune("cpu|torch|model", {"slow": slow, "fast": fast}, rounds=3, cache=cache)
+    def ready(fn):  # candidates are factories: built only when they must be timed
+        def make():
+            calls["built"] = calls.get("built", 0) + 1
+            return fn
+        return make
+
+    choice, why = runtime.autotune("cpu|torch|model", {"slow": ready(slow), "fast": ready(fast)}, rounds=3,
+                                   cache=cache)
     assert choice == "fast" and "measured now" in why and why.index("fast") < why.index("slow")
-    assert calls == {"slow": 4, "fast": 4}  # one warm-up + 3 rounds each
+    assert calls == {"slow": 4, "fast": 4, "built": 2}  # one warm-up + 3 rounds each
     assert json.loads(cache.read_text())["cpu|torch|model"]["choice"] == "fast"
     # cached: answered without timing anything, even if the speeds changed since
-    choice, why = runtime.autotune("cpu|torch|model", {"slow": fast, "fast": slow}, cache=cache)
-    assert choice == "fast" and "measured earlier" in why and calls == {"slow": 4, "fast": 4}
+    choice, why = runtime.autotune("cpu|torch|model", {"slow": ready(fast), "fast": ready(slow)}, cache=cache)
+    assert choice == "fast" and "measured earlier" in why and calls == {"slow": 4, "fast": 4, "built": 2}
     # another key (another CPU, torch or model) is measured afresh; a damaged cache is re-measured
-    assert runtime.autotune("other", {"a": slow, "b": fast}, rounds=1, cache=cache)[0] == "b"
+    assert runtime.autotune("other", {"a": ready(slow), "b": ready(fast)}, rounds=1, cache=cache)[0] == "b"
     cache.write_text("{not json")
-    assert "measured now" in runtime.autotune("cpu|torch|model", {"slow": slow, "fast": fast}, rounds=1, cache=cache)[1]
+    assert "measured now" in runtime.autotune("cpu|torch|model", {"slow": ready(slow), "fast": ready(fast)}, rounds=1,
+                                              cache=cache)[1]
 
 
 def test_predictor_precision_is_measured_on_bf16_cpus_and_said(tiny_run, tmp_path, monkeypatch):

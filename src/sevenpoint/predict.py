@@ -225,15 +225,22 @@ class Predictor:
         elif not cpu_supports_bf16():
             impl, why = make(model, cfg, "fp32"), "fp32: this CPU has no bf16 units (AVX512-BF16 / AMX)"
         else:
-            impls = {p: make(model, cfg, p) for p in ("fp32", "bf16")}
             x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
             inputs = (x, x.clone(), torch.zeros(1, cfg.meta_dim), {k: torch.ones(1, dtype=torch.bool)
                                                                    for k in ("derm", "clinic", "meta")})
+            built = {}  # backends autotune had to build for timing (none when the choice is cached)
+
+            def timing(p: str):
+                def build():
+                    built[p] = make(model, cfg, p)
+                    return functools.partial(built[p], *inputs)
+                return build
+
             key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), backend, "batch1",
                             json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(cfg.data.image_size),
                             str(cfg.train.ensemble)])
-            choice, why = autotune(key, {p: functools.partial(b, *inputs) for p, b in impls.items()})
-            impl = impls[choice]
+            choice, why = autotune(key, {p: timing(p) for p in ("fp32", "bf16")})
+            impl = built.get(choice) or make(model, cfg, choice)
         predictor = cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")))
         predictor.choice = why
         return predictor

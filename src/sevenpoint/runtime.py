@@ -102,11 +102,13 @@ def autotune_cache_file() -> Path:
 
 
 def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = None) -> tuple[str, str]:
-    """The fastest of `candidates` (name -> zero-argument callable running one forward pass) for `key`,
-    timed round robin (`rounds` rounds after one warm-up each, median per candidate), and why.
+    """The fastest of `candidates` for `key`, timed round robin (`rounds` rounds after one warm-up
+    each, median per candidate), and why. Each candidate is a zero-argument factory returning the
+    callable that runs one forward pass: nothing is built unless it has to be timed.
 
     The answer is cached under `key` (which should name the CPU model, torch version, threads and
-    model config): a second call returns it without timing. A single candidate is returned untimed.
+    model config): a second call returns it without building or timing anything. A single
+    candidate is returned untimed.
     """
     import json
     import statistics
@@ -124,7 +126,8 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     hit = known.get(key)
     if isinstance(hit, dict) and hit.get("choice") in candidates:
         return hit["choice"], f"{hit['choice']}: measured earlier on this machine ({hit['why']}; cache {cache})"
-    times = time_round_robin(candidates, warmup=1, repeats=rounds)  # warm-up: first calls pick kernels
+    runs = {name: make() for name, make in candidates.items()}
+    times = time_round_robin(runs, warmup=1, repeats=rounds)  # warm-up: first calls pick kernels
     medians = {name: statistics.median(t) for name, t in times.items()}
     choice = min(medians, key=medians.get)
     why = ", ".join(f"{n} {1000 * m:.1f} ms" for n, m in sorted(medians.items(), key=lambda kv: kv[1]))
