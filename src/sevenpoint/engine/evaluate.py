@@ -19,8 +19,8 @@ from ..data import CaseDataset, CaseSet, DatasetError, load_dataset
 from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
-from ..schema import TASKS, annotated, correct
-from .metrics import apply_temperature, compute_metrics, ece, fit_temperature, nll
+from ..schema import TASKS
+from .metrics import accuracy, apply_temperature, compute_metrics, ece, fit_temperature, mean_accuracy, nll
 from .module import forward_batch
 from .report import plot_confusion, plot_roc, write_report
 from ..runtime import bf16_autocast, use_bf16, use_channels_last
@@ -91,13 +91,9 @@ def branch_accuracy(pred: Predictions) -> dict[str, dict]:
         if not m.any():
             out[b] = {"cases": 0, "average_accuracy": None, "tasks": {}}
             continue
-        accs = {}
-        for t, task in enumerate(TASKS):
-            y = pred.targets[m, t]
-            if annotated(y).any():
-                accs[task.name] = float(correct(probs[t][m].argmax(axis=1), y)[annotated(y)].mean())
-        out[b] = {"cases": int(m.sum()), "average_accuracy": float(np.mean(list(accs.values()))) if accs else None,
-                  "tasks": {name: {"accuracy": accs.get(name)} for name in (t.name for t in TASKS)}}
+        accs = {task.name: accuracy(probs[t][m].argmax(axis=1), pred.targets[m, t]) for t, task in enumerate(TASKS)}
+        out[b] = {"cases": int(m.sum()), "average_accuracy": mean_accuracy(accs.values()),
+                  "tasks": {name: {"accuracy": acc} for name, acc in accs.items()}}
     return out
 
 
@@ -112,14 +108,10 @@ def train_majority(targets: np.ndarray) -> list[int]:
 
 def majority_baseline(majority: list[int], targets: np.ndarray) -> dict[str, float | None]:
     """Accuracy of answering each task's training majority class, on the annotated `targets`."""
-    out: dict[str, float | None] = {}
-    for t, task in enumerate(TASKS):
-        y = targets[:, t]
-        scored = annotated(y)
-        out[task.name] = float(correct(np.full(len(y), majority[t]), y)[scored].mean()) \
-            if scored.any() and majority[t] >= 0 else None
-    scored_values = [v for v in out.values() if v is not None]
-    out["AVG"] = float(np.mean(scored_values)) if scored_values else None
+    out: dict[str, float | None] = {
+        task.name: accuracy(np.full(len(targets), majority[t]), targets[:, t]) if majority[t] >= 0 else None
+        for t, task in enumerate(TASKS)}
+    out["AVG"] = mean_accuracy(out.values())
     return out
 
 

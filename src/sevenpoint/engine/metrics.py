@@ -44,6 +44,18 @@ def ece(y: np.ndarray, prob: np.ndarray, bins: int = 15) -> float:
                                               num_classes=prob.shape[1], n_bins=bins, norm="l1"))
 
 
+def accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
+    """Fraction of the annotated targets predicted right (PRESENT: any class but ABS); None if none is annotated."""
+    scored = annotated(y)
+    return float(correct(pred[scored], y[scored]).mean()) if scored.any() else None
+
+
+def mean_accuracy(values) -> float | None:
+    """The average over the tasks that were scored (None values left out); None if none was."""
+    scored = [v for v in values if v is not None]
+    return float(np.mean(scored)) if scored else None
+
+
 def compute_metrics(probs: list[np.ndarray], targets: np.ndarray) -> dict:
     """All task metrics, the average accuracy and the melanoma decision; accuracies are fractions.
 
@@ -57,9 +69,7 @@ def compute_metrics(probs: list[np.ndarray], targets: np.ndarray) -> dict:
     for t, task in enumerate(TASKS):
         y, p, pred = targets[:, t], probs[t], preds[:, t]
         scored, exact = annotated(y), y >= 0
-        entry: dict = {"annotated": int(scored.sum()), "accuracy": None}
-        if scored.any():
-            entry["accuracy"] = float(correct(pred[scored], y[scored]).mean())
+        entry: dict = {"annotated": int(scored.sum()), "accuracy": accuracy(pred, y)}
         if exact.any():
             ye, pe = y[exact], p[exact]
             entry.update({
@@ -91,7 +101,7 @@ def compute_metrics(probs: list[np.ndarray], targets: np.ndarray) -> dict:
     }
     return {
         "cases": int(len(targets)),
-        "average_accuracy": float(np.mean([tasks[name]["accuracy"] for name in scored_tasks])) if scored_tasks else None,
+        "average_accuracy": mean_accuracy(tasks[name]["accuracy"] for name in scored_tasks),
         "scored_tasks": scored_tasks,
         "not_annotated": [t.name for t in TASKS if t.name not in scored_tasks],
         "tasks": tasks,
