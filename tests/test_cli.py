@@ -34,6 +34,12 @@ def test_check_data_fails_clearly(tmp_path):
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("seeds", [["0", "1", "2"], ["0 1 2"], ["0,1,2"]], ids=["spaced", "quoted", "commas"])
+def test_seeds_are_read_in_every_written_form(tmp_path, seeds):
+    proc = run("ablate", "--data", tmp_path, "--out", tmp_path / "a", "--seeds", *seeds, "--report-only")
+    assert "# Ablations (seeds [0, 1, 2];" in proc.stdout
+
+
 def test_predict_cli_json_score_and_heatmaps(tiny_run, synth_root, tmp_path):
     case = Derm7pt.load(synth_root).split_cases("test")[0]
     out = tmp_path / "result.json"

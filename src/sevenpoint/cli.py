@@ -41,9 +41,10 @@ def main() -> None:
     if "--seeds" in argv:
         i = argv.index("--seeds")
         j = i + 1
-        while j < len(argv) and re.fullmatch(r"\d+", argv[j]):
+        while j < len(argv) and re.fullmatch(r"\d+([ ,]+\d+)*", argv[j].strip()):  # 0 1 2, "0 1 2", 0,1,2
             j += 1
-        argv = argv[:i + 1] + [",".join(argv[i + 1:j])] + argv[j:]
+        if j > i + 1:
+            argv = argv[:i + 1] + [",".join(argv[i + 1:j])] + argv[j:]
     try:
         app(args=argv, standalone_mode=False)
     except SystemExit:
