@@ -288,3 +288,20 @@ def test_reliability_rows_of_the_web_api(tiny_run, case_files, caplog, capfd):
     assert ok.status_code == 200
     logged = caplog.text + "".join(capfd.readouterr())
     assert "private-name-7" not in logged
+
+
+def test_uploads_stay_in_memory(tiny_run, monkeypatch):
+    """docs/RELIABILITY.md: an upload is never spooled to a temp file on disk (Starlette's default
+    spools multipart files over 1 MB)."""
+    import tempfile
+
+    spooled = []
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", lambda self: spooled.append(self._max_size))
+    big = np.random.default_rng(1).integers(0, 255, (800, 800, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "PNG")
+    assert 2**20 < buf.tell() < 3 * 2**20  # over Starlette's spool threshold, under our limit
+    app = create_app(Predictor.from_checkpoint(tiny_run["best_checkpoint"]), max_upload_mb=4.0)
+    r = TestClient(app).post("/api/predict", files={"derm": ("big.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert spooled == []
