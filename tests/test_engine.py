@@ -183,6 +183,17 @@ def test_ablate_writes_both_paper_tables(synth_root, tmp_path):
     assert set(saved["results"]) == {"DIM", "DIM-noSA", "CIM", "CIM-noSA", "DCIHMM", "DCIHMM-noSA"}
     # every run was evaluated on test from its own best-on-validation checkpoint
     assert (tmp_path / "abl" / "CIM-noSA" / "seed0" / "eval-test" / "metrics.json").is_file()
+    # the per-run table carries each run's own test figures per task, in the paper's column order
+    lines = text.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("| run | seeds | TTA |"))
+    cols = [c.strip() for c in lines[start].strip("|").split("|")]
+    for key in saved["results"]:
+        metrics = json.loads((tmp_path / "abl" / key / "seed0" / "eval-test" / "metrics.json").read_text())
+        row = next(x for x in lines[start:] if x.startswith(f"| {key} | 0 | "))
+        cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+        for task in ("BWV", "DaG", "PIG", "PN", "RS", "STR", "VS", "DIAG"):
+            assert cells[task] == f"{100 * metrics['tasks'][task]['accuracy']:.2f}", (key, task)
+        assert cells["test AVG"] == f"**{100 * metrics['average_accuracy']:.2f}**"
 
 
 def test_ablate_reuses_finished_runs_and_runs_a_subset(synth_root, tmp_path):

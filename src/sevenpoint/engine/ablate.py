@@ -15,6 +15,7 @@ import yaml
 
 from ..config import RunConfig, config_from_dict, load_config
 from .evaluate import evaluate
+from ..schema import PAPER_ORDER
 from .report import PAPER_ABLATIONS, mean_sd
 from .train import train
 
@@ -57,8 +58,8 @@ def _check_same_recipe(cfg: RunConfig, run_dir: Path) -> None:
                          "use another --out to compare configs")
 
 
-def _train_and_test(cfg, data_dir, run_dir: Path, tta: str | None, progress: bool) -> tuple[float, float]:
-    """(best validation, test) average accuracy in %, reusing whatever `run_dir` already holds."""
+def _train_and_test(cfg, data_dir, run_dir: Path, tta: str | None, progress: bool) -> tuple[dict, dict]:
+    """(training summary, test metrics), reusing whatever `run_dir` already holds."""
     _check_same_recipe(cfg, run_dir)
     summary_file, metrics_file = _run_files(run_dir)
     if summary_file.is_file():
@@ -73,7 +74,45 @@ def _train_and_test(cfg, data_dir, run_dir: Path, tta: str | None, progress: boo
             tta = _select_tta(summary["best_checkpoint"], data_dir, run_dir, progress)
         metrics = evaluate(summary["best_checkpoint"], data_dir, metrics_file.parent, split="test", tta=tta,
                            progress=progress)
-    return 100 * summary["best_val_avg_acc"], 100 * metrics["average_accuracy"]
+    return summary, metrics
+
+
+def _record(results: dict, key: str, seed: int, summary: dict, metrics: dict) -> None:
+    """Append one finished (run, seed) to `results[key]`: the figures the tables are made of, in %."""
+    r = results.setdefault(key, {"seeds": [], "test_avg_acc": [], "val_avg_acc": [], "train_seconds": [],
+                                 "test_tasks": {name: [] for name in PAPER_ORDER}, "tta": [],
+                                 "rule_sensitivity": [], "rule_specificity": [], "diag_melanoma_auc": []})
+    r["seeds"].append(seed)
+    r["val_avg_acc"].append(100 * summary["best_val_avg_acc"])
+    r["test_avg_acc"].append(100 * metrics["average_accuracy"])
+    r["train_seconds"].append(summary.get("train_seconds"))
+    r["tta"].append(metrics.get("tta"))
+    for name in PAPER_ORDER:
+        acc = metrics["tasks"].get(name, {}).get("accuracy")
+        r["test_tasks"][name].append(None if acc is None else 100 * acc)
+    mel = metrics.get("melanoma") or {}
+    r["rule_sensitivity"].append(None if mel.get("sensitivity") is None else 100 * mel["sensitivity"])
+    r["rule_specificity"].append(None if mel.get("specificity") is None else 100 * mel["specificity"])
+    r["diag_melanoma_auc"].append(mel.get("diag_head_auc"))
+
+
+def _mean(values: list) -> str:
+    known = [v for v in values if v is not None]
+    return f"{sum(known) / len(known):.2f}" if known else "–"
+
+
+def _per_run_table(results: dict) -> list[str]:
+    """Every run: seeds, train time, validation and test AVG (mean ± sd), per-task test means, rule, AUC."""
+    lines = ["| run | seeds | TTA | train s | val AVG | " + " | ".join(PAPER_ORDER) + " | test AVG | rule sens / spec "
+             "| DIAG mel AUC |", "|---|---|---|---:|---:|" + "---:|" * len(PAPER_ORDER) + "---:|---:|---:|"]
+    for key, r in results.items():
+        secs = ", ".join("?" if t is None else f"{t:.0f}" for t in r["train_seconds"])
+        tasks = " | ".join(_mean(r["test_tasks"][name]) for name in PAPER_ORDER)
+        auc = ", ".join("–" if a is None else f"{a:.2f}" for a in r["diag_melanoma_auc"])
+        lines.append(f"| {key} | {' '.join(map(str, r['seeds']))} | {', '.join(map(str, r['tta']))} | {secs} | "
+                     f"{mean_sd(r['val_avg_acc'])} | {tasks} | **{mean_sd(r['test_avg_acc'])}** | "
+                     f"{_mean(r['rule_sensitivity'])} / {_mean(r['rule_specificity'])} | {auc} |")
+    return lines
 
 
 def _select_tta(checkpoint: str, data_dir, run_dir: Path, progress: bool) -> str:
@@ -113,11 +152,8 @@ def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: st
                 continue
             cfg = load_config(config, [*overrides, f"model.variant={variant}", f"model.attention={attention}"],
                               seed=seed)
-            val, test = _train_and_test(cfg, data_dir, run_dir, tta, progress)
-            results.setdefault(key, {"seeds": [], "test_avg_acc": [], "val_avg_acc": []})
-            results[key]["seeds"].append(seed)
-            results[key]["val_avg_acc"].append(val)
-            results[key]["test_avg_acc"].append(test)
+            summary, metrics = _train_and_test(cfg, data_dir, run_dir, tta, progress)
+            _record(results, key, seed, summary, metrics)
     lines = [f"# Ablations (seeds {seeds}; test average accuracy %, mean ± sd over seeds)", "",
              "## Modality (with soft attention)", "", "| model | ours | paper |", "|---|---:|---:|"]
     for v in VARIANTS:
@@ -132,6 +168,9 @@ def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: st
     for key, r in results.items():
         seeds_done = " ".join(map(str, r["seeds"]))
         lines.append(f"| {key} | {seeds_done} | {mean_sd(r['val_avg_acc'])} | {mean_sd(r['test_avg_acc'])} |")
+    lines += ["", "Per run: test accuracy per task (mean over its seeds), the 7-point rule (score ≥ 3) melanoma "
+              "sensitivity / specificity (mean), the DIAG head's melanoma AUC per seed; train s per seed:", "",
+              *_per_run_table(results)]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
