@@ -220,6 +220,30 @@ def ensemble(
 
 
 @app.command()
+def calibrate(
+    checkpoint: Annotated[Path, typer.Option(help="A trained (or ensemble) checkpoint.")],
+    data: Annotated[Path, typer.Option(help="Dataset with a validation split (the one the model was chosen on).")],
+    out: Annotated[Path, typer.Option(help="Calibrated checkpoint to write (must not exist).")],
+    progress: bool = True,
+) -> None:
+    """Fit one temperature per task on validation and store them in a copy of the checkpoint.
+
+    evaluate, predict, serve and export apply them by default; accuracies do not change.
+    """
+    from .engine.calibrate import calibrate_checkpoint
+
+    report = calibrate_checkpoint(checkpoint, data, out, progress=progress)
+    table = Table("task", "T", "valid NLL before → after", "valid ECE before → after", title=f"{out}")
+    for name, r in report.items():
+        if r["valid_nll_before"] is None:
+            table.add_row(name, f"{r['temperature']:.2f}", "not annotated", "")
+            continue
+        table.add_row(name, f"{r['temperature']:.2f}", f"{r['valid_nll_before']:.3f} → {r['valid_nll_after']:.3f}",
+                      f"{r['valid_ece_before']:.3f} → {r['valid_ece_after']:.3f}")
+    console.print(table)
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="A best.ckpt / last.ckpt file.")],
     data: Annotated[Path, typer.Option(help="Dataset folder: Derm7pt, PH2 or ISIC layout (tasks it does not "

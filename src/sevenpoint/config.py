@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .schema import TASK_NAMES
 from .schema import meta_dim as schema_meta_dim  # schema imports nothing of ours
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
@@ -104,6 +105,8 @@ class InferConfig:
     tta: str = "none"  # none | flip (4 views) | flip_rot (8 dihedral views); probabilities averaged per branch
     clinic_weight: float = 1.0  # the clinical branch's weight in late fusion (derm and hybrid weigh 1);
     #                             validation during training always weighs the branches equally
+    temperature: tuple[float, ...] | None = None  # one per task (schema order), fitted on validation by
+    #                                               `sevenpoint calibrate`; None: the model's probabilities as they are
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,13 @@ class RunConfig:
         return schema_meta_dim(self.data.include_leaky_meta)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain dict for YAML / JSON (tuples as lists)."""
+        def plain(value):
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return list(value) if isinstance(value, tuple) else value
+
+        return plain(dataclasses.asdict(self))
 
 
 class ConfigError(ValueError):
@@ -138,6 +147,12 @@ def _coerce(value: object, annotation: object, key: str) -> object:
         for arg in args:
             if arg is not type(None):
                 return _coerce(value, arg, key)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item, key) for v in items)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -290,6 +305,10 @@ def finalize(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.ensemble: expected >= 1 members, got {cfg.train.ensemble}")
     if not 0.0 < cfg.infer.clinic_weight <= 1.0:
         raise ConfigError(f"infer.clinic_weight: expected a value in (0, 1], got {cfg.infer.clinic_weight}")
+    temps = cfg.infer.temperature
+    if temps is not None and (len(temps) != len(TASK_NAMES) or not all(t > 0 for t in temps)):
+        raise ConfigError(f"infer.temperature: expected {len(TASK_NAMES)} positive values (one per task: "
+                          f"{', '.join(TASK_NAMES)}), got {list(temps)}")
     if cfg.train.channels_last not in ("auto", "on", "off"):
         raise ConfigError(f"train.channels_last: {cfg.train.channels_last!r} is not one of auto, on, off")
     return dataclasses.replace(cfg, model=model)

@@ -25,6 +25,7 @@ from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
+from .engine.metrics import apply_temperatures
 from .runtime import ThreadGovernor, autotune, bf16_autocast, cpu_model, cpu_supports_bf16, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
@@ -256,6 +257,7 @@ class Predictor:
         return {"variant": m.variant, "backbone": m.backbone, "attention": m.attention,
                 "image_size": self.size, "tta": self.tta, "members": self.cfg.train.ensemble,
                 "clinic_weight": self.cfg.infer.clinic_weight, "precision": self.choice,
+                "temperature": None if self.cfg.infer.temperature is None else list(self.cfg.infer.temperature),
                 "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch")}
 
     def preprocess(self, image: ImageInput | None, name: str) -> tuple[torch.Tensor, np.ndarray] | None:
@@ -324,7 +326,7 @@ class Predictor:
             probs = [a + b for a, b in zip(probs, self.backend(view_derm, view_clinic, meta, has)[0])]
         if self.governor is not None:
             self.governor.record(n, time.perf_counter() - start)
-        probs = [p / len(views) for p in probs]
+        probs = apply_temperatures([p / len(views) for p in probs], self.cfg.infer.temperature)
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)
         results = []

@@ -20,7 +20,8 @@ from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
 from ..schema import TASKS
-from .metrics import accuracy, apply_temperature, compute_metrics, ece, fit_temperature, mean_accuracy, nll
+from .metrics import (accuracy, apply_temperature, apply_temperatures, compute_metrics, ece, fit_temperature,
+                      mean_accuracy, nll)
 from .module import forward_batch
 from .report import plot_confusion, plot_roc, write_report
 from ..runtime import bf16_autocast, use_bf16, use_channels_last
@@ -142,13 +143,16 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
         return predict_split(model, cfg, data, which, tta, batch_size, bf16, channels_last, progress, device)
 
     pred = run(split)
-    probs, targets, ids = pred.probs, pred.targets, pred.ids
+    # the checkpoint's own temperatures (`sevenpoint calibrate`), unless --calibrate fits new ones below
+    temperature = None if calibrate else cfg.infer.temperature
+    probs, targets, ids = apply_temperatures(pred.probs, temperature), pred.targets, pred.ids
     metrics = compute_metrics(probs, targets)
     metrics["branches"] = branch_accuracy(pred)
     fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.clinic_only else 0
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
-                    "backbone": cfg.model.backbone, "attention": cfg.model.attention})
+                    "backbone": cfg.model.backbone, "attention": cfg.model.attention,
+                    "temperature": None if temperature is None else list(temperature)})
     metrics["format"] = data.format
     if calibrate:
         if "valid" not in data.splits:

@@ -136,6 +136,22 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def apply_temperatures(probs: list[np.ndarray], temperatures) -> list[np.ndarray]:
+    """Each task's probabilities at its own temperature (`infer.temperature`); None: unchanged."""
+    if temperatures is None:
+        return list(probs)
+    return [apply_temperature(p, t) for p, t in zip(probs, temperatures, strict=True)]
+
+
+def fit_temperatures(probs: list[np.ndarray], targets: np.ndarray) -> list[float]:
+    """One temperature per task fitted on (validation) probabilities; 1 for a task without annotation."""
+    out = []
+    for t, p in enumerate(probs):
+        exact = targets[:, t] >= 0
+        out.append(fit_temperature(p[exact], targets[exact, t]) if exact.any() else 1.0)
+    return out
+
+
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes (probabilities clipped at 1e-12)."""
     return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())

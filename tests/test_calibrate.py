@@ -1,0 +1,90 @@
+"""`sevenpoint calibrate`: temperatures fitted on validation travel in the checkpoint and every
+inference path applies them; accuracies never change."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sevenpoint.checkpoint import assemble_ensemble, load_model
+from sevenpoint.data import Derm7pt
+from sevenpoint.engine.calibrate import CalibrateError, calibrate_checkpoint
+from sevenpoint.engine.evaluate import evaluate
+from sevenpoint.engine.metrics import apply_temperature, nll
+from sevenpoint.predict import Predictor
+from sevenpoint.schema import TASK_NAMES
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_run, synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "calibrated.ckpt"
+    report = calibrate_checkpoint(tiny_run["best_checkpoint"], synth_root, out, progress=False)
+    return out, report
+
+
+def test_temperatures_are_the_validation_fit_and_stored_in_the_checkpoint(calibrated, tiny_run, synth_root, tmp_path):
+    out, report = calibrated
+    _, cfg, _ = load_model(out)
+    temps = [report[name]["temperature"] for name in TASK_NAMES]
+    assert cfg.infer.temperature == tuple(temps)
+    assert any(abs(t - 1.0) > 0.05 for t in temps)  # the tiny model is mis-calibrated somewhere
+    # the same fit as evaluate --calibrate, which reads the validation split only
+    fitted = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", split="test", calibrate=True,
+                      progress=False)["calibration"]
+    assert [fitted[name]["temperature"] for name in TASK_NAMES] == temps
+
+
+def test_evaluate_applies_the_stored_temperatures_and_accuracy_is_unchanged(calibrated, tiny_run, synth_root, tmp_path):
+    out, _ = calibrated
+    plain = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "plain", progress=False)
+    cal = evaluate(out, synth_root, tmp_path / "cal", progress=False)
+    assert cal["average_accuracy"] == plain["average_accuracy"] and plain["temperature"] is None
+    raw = np.loadtxt(tmp_path / "plain" / "predictions.csv", delimiter=",", skiprows=1, dtype=str)
+    header = (tmp_path / "plain" / "predictions.csv").read_text().splitlines()[0].split(",")
+    for t, name in enumerate(TASK_NAMES):
+        cols = [i for i, h in enumerate(header) if h.startswith(f"{name}_p_")]
+        y = raw[:, header.index(f"{name}_true")].astype(int)
+        scaled = apply_temperature(raw[:, cols].astype(float), cal["temperature"][t])
+        assert cal["tasks"][name]["nll"] == pytest.approx(nll(scaled, y), abs=1e-4)
+        assert cal["tasks"][name]["accuracy"] == plain["tasks"][name]["accuracy"]
+
+
+def test_predict_and_onnx_apply_them(calibrated, tiny_run, synth_root, tmp_path):
+    out, _ = calibrated
+    case = Derm7pt.load(synth_root).split_cases("test")[0]
+    inputs = {"derm": case.derm, "clinic": case.clinic, "meta": case.raw_meta}
+    plain = Predictor.from_checkpoint(tiny_run["best_checkpoint"], precision="fp32").predict(**inputs)
+    cal_predictor = Predictor.from_checkpoint(out, precision="fp32")
+    cal = cal_predictor.predict(**inputs)
+    assert cal_predictor.info["temperature"] == list(cal_predictor.cfg.infer.temperature)
+    for t, name in enumerate(TASK_NAMES):
+        before = np.array([list(plain.tasks[name].probabilities.values())])
+        after = np.array(list(cal.tasks[name].probabilities.values()))
+        np.testing.assert_allclose(after, apply_temperature(before, cal_predictor.cfg.infer.temperature[t])[0],
+                                   atol=1e-5)
+        assert cal.tasks[name].predicted == plain.tasks[name].predicted
+    onnx_path = tmp_path / "cal.onnx"
+    proc = subprocess.run([sys.executable, "-m", "sevenpoint.cli", "export", "--checkpoint", str(out),
+                           "--onnx", str(onnx_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    via_onnx = Predictor.from_onnx(onnx_path).predict(**inputs)
+    for name in TASK_NAMES:
+        np.testing.assert_allclose(list(via_onnx.tasks[name].probabilities.values()),
+                                   list(cal.tasks[name].probabilities.values()), atol=1e-4)
+
+
+def test_calibrate_never_overwrites_and_ensembles_drop_member_temperatures(calibrated, tiny_run, synth_root, tmp_path):
+    out, _ = calibrated
+    before = out.read_bytes()
+    with pytest.raises(CalibrateError, match="already exists"):
+        calibrate_checkpoint(tiny_run["best_checkpoint"], synth_root, out, progress=False)
+    assert out.read_bytes() == before
+    cfg = assemble_ensemble([out, tiny_run["best_checkpoint"]], tmp_path / "ens.ckpt")
+    assert cfg.infer.temperature is None  # a member's temperatures do not fit the average
+    proc = subprocess.run([sys.executable, "-m", "sevenpoint.cli", "calibrate", "--checkpoint", str(tmp_path / "ens.ckpt"),
+                           "--data", str(synth_root), "--out", str(tmp_path / "ens-cal.ckpt"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "valid NLL before → after" in proc.stdout and "DIAG" in proc.stdout
+    assert load_model(tmp_path / "ens-cal.ckpt")[1].infer.temperature is not None
