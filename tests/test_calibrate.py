@@ -88,3 +88,23 @@ def test_calibrate_never_overwrites_and_ensembles_drop_member_temperatures(calib
     assert proc.returncode == 0, proc.stderr
     assert "valid NLL before → after" in proc.stdout and "DIAG" in proc.stdout
     assert load_model(tmp_path / "ens-cal.ckpt")[1].infer.temperature is not None
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_train_calibrate_stores_validation_temperatures_in_best_ckpt(synth_root, tmp_path, members):
+    from sevenpoint.config import load_config
+    from sevenpoint.data import load_dataset
+    from sevenpoint.engine.calibrate import fit_on_validation
+    from sevenpoint.engine.train import train
+
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'c'}", "train.epochs=1", f"train.ensemble={members}",
+                               "train.calibrate=true"])
+    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+    model, saved, _ = load_model(summary["best_checkpoint"])
+    assert saved.infer.temperature is not None
+    temps, _, _ = fit_on_validation(model, saved, load_dataset(synth_root), progress=False)  # ignores stored ones
+    assert list(saved.infer.temperature) == pytest.approx(temps)
+    if members > 1:  # members stay uncalibrated; only the average is
+        for m in ("m0", "m1"):
+            member = tmp_path / "run" / "members" / m / "checkpoints" / "best.ckpt"
+            assert load_model(member)[1].infer.temperature is None

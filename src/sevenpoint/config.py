@@ -95,6 +95,7 @@ class TrainConfig:
     strategy: str = "auto"
     limit_train_batches: float = 1.0
     ensemble: int = 1  # >1: train this many members one after another (member i gets seed seed*ensemble + i)
+    calibrate: bool = False  # after training: fit infer.temperature on validation into best.ckpt (`sevenpoint calibrate`)
     #                    and save their average as best.ckpt (one model for evaluate, predict, serve, export)
 
 

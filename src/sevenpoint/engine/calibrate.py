@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint import atomic_torch_save, load_model, read_checkpoint
+from ..config import config_from_dict
 from ..data import load_dataset
 from ..data.base import DatasetError
 from ..runtime import use_bf16, use_channels_last
@@ -23,20 +24,13 @@ class CalibrateError(ValueError):
     pass
 
 
-def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
-                         precision: str = "auto", progress: bool = True) -> dict:
-    """Fit one temperature per task on `data_dir`'s validation split (with the checkpoint's own TTA
-    and late-fusion settings, its earlier temperatures ignored) and write the checkpoint with them to
-    `out` (never over an existing file). Returns per task: temperature, validation NLL and ECE before / after."""
-    out = Path(out)
-    if out.exists():
-        raise CalibrateError(f"{out}: already exists; give another --out (nothing overwritten)")
-    model, cfg, _ = load_model(checkpoint)
-    data = load_dataset(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+def fit_on_validation(model, cfg, data, precision: str = "auto", progress: bool = True):
+    """(temperatures, per-task report, validation predictions) of `model` on `data`'s validation split,
+    with the checkpoint's TTA and late fusion and `evaluate`'s numerics; earlier temperatures ignored."""
     if "valid" not in data.splits:
         raise DatasetError(f"{data.root}: temperatures are fitted on a validation split; this {data.format} "
                            "dataset has none")
-    bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)  # the same numerics as `evaluate`
+    bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
     pred = predict_split(model, cfg, data, "valid", cfg.infer.tta, bf16=bf16,
                          channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
     temps = fit_temperatures(pred.probs, pred.targets)
@@ -50,10 +44,31 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathL
                         "valid_nll_after": nll(scaled[t][known], y) if known.any() else None,
                         "valid_ece_before": ece(y, pred.probs[t][known]) if known.any() else None,
                         "valid_ece_after": ece(y, scaled[t][known]) if known.any() else None}
-    raw = read_checkpoint(checkpoint)
-    new_cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, temperature=tuple(temps)))
-    raw["sevenpoint"]["config"] = new_cfg.to_dict()
-    raw["sevenpoint"]["calibration"] = {"fitted_on": f"{data.root} (valid, {len(pred.targets)} cases)", **report}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(raw, out)
+    return temps, report, pred
+
+
+def write_with_temperatures(source: str | os.PathLike, dest: str | os.PathLike, temps: list[float],
+                            report: dict) -> None:
+    """`source` checkpoint with `infer.temperature` = temps, written atomically to `dest` (may be `source`)."""
+    raw = read_checkpoint(source)
+    cfg = config_from_dict(raw["sevenpoint"]["config"])
+    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, temperature=tuple(temps)))
+    raw["sevenpoint"]["config"] = cfg.to_dict()
+    raw["sevenpoint"]["calibration"] = report
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(raw, dest)
+
+
+def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
+                         precision: str = "auto", progress: bool = True) -> dict:
+    """Fit one temperature per task on `data_dir`'s validation split and write the checkpoint with
+    them to `out` (never over an existing file). Returns per task: temperature, validation NLL and
+    ECE before / after."""
+    out = Path(out)
+    if out.exists():
+        raise CalibrateError(f"{out}: already exists; give another --out (nothing overwritten)")
+    model, cfg, _ = load_model(checkpoint)
+    data = load_dataset(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
+    temps, report, _ = fit_on_validation(model, cfg, data, precision, progress)
+    write_with_temperatures(checkpoint, out, temps, report)
     return report

@@ -241,6 +241,8 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file():
         add_training_statistics(ckpt_dir / "best.ckpt", data, cfg)
+        if cfg.train.calibrate:
+            calibrate_in_place(ckpt_dir / "best.ckpt", data, progress)
     summary = {
         "best_checkpoint": str(ckpt_dir / "best.ckpt"),
         "last_checkpoint": str(last),
@@ -256,6 +258,20 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     if trainer.is_global_zero:
         write_json(run_dir / "train_summary.json", summary)
     return summary
+
+
+def calibrate_in_place(checkpoint: Path, data: CaseSet, progress: bool = True):
+    """`train.calibrate`: temperatures fitted on the validation split stored in `checkpoint` itself;
+    returns the validation predictions (before the temperatures)."""
+    from ..checkpoint import load_model
+    from .calibrate import fit_on_validation, write_with_temperatures
+
+    model, cfg, _ = load_model(checkpoint)
+    temps, report, pred = fit_on_validation(model, cfg, data, progress=progress)
+    write_with_temperatures(checkpoint, checkpoint, temps, report)
+    print("temperatures fitted on validation: " + ", ".join(f"{k} {v['temperature']:.2f}" for k, v in report.items()),
+          flush=True)
+    return pred
 
 
 def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig) -> OODModel:
@@ -285,7 +301,9 @@ def _saved_ensemble(run_dir: Path) -> bool:
 def member_config(cfg: RunConfig, i: int) -> RunConfig:
     """Member `i` of an ensemble: the same recipe as one model, with seed `seed * ensemble + i`."""
     k = cfg.train.ensemble
-    return dataclasses.replace(cfg, seed=cfg.seed * k + i, train=dataclasses.replace(cfg.train, ensemble=1))
+    # members are not calibrated: their temperatures would not fit the average (the ensemble is)
+    return dataclasses.replace(cfg, seed=cfg.seed * k + i, train=dataclasses.replace(cfg.train, ensemble=1,
+                                                                                      calibrate=False))
 
 
 def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
@@ -326,10 +344,13 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     best = run_dir / "checkpoints" / "best.ckpt"
     members = [finished[f"m{i}"]["best_checkpoint"] for i in range(cfg.train.ensemble)]
     assemble_ensemble(members, best, infer=dataclasses.asdict(cfg.infer))
-    model, ens_cfg, _ = load_model(best)
     data = load_training_data(data_dir, cfg, splits, extra=False)
-    pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size,
-                         channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
+    if cfg.train.calibrate:
+        pred = calibrate_in_place(best, data, progress)
+    else:
+        model, ens_cfg, _ = load_model(best)
+        pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size,
+                             channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
     summary = {
         "best_checkpoint": str(best),
         "best_val_avg_acc": compute_metrics(pred.probs, pred.targets)["average_accuracy"],
