@@ -14,6 +14,6 @@ args = parser.parse_args()
 
 for path in args.checkpoints:
     model, _, _ = load_model(path)
-    gammas = {name.removesuffix(".gamma"): float(p) for name, p in model.named_parameters() if name.endswith(".gamma")}
+    gammas = {name.removesuffix(".gamma"): float(p.detach()) for name, p in model.named_parameters() if name.endswith(".gamma")}
     text = ", ".join(f"{name} {value:+.3f}" for name, value in gammas.items()) or "no soft-attention module"
     print(f"{path}: {text}")
