@@ -44,6 +44,7 @@ def test_packaged_recipes_load():
     assert recipe.train.ensemble == 3 and recipe.infer.clinic_weight == 0.5 and recipe.infer.tta == "none"
     assert recipe.data.short_side == 0 and recipe.data.augmentation == "affine" and recipe.model.bn_momentum == 0.1
     assert (recipe.train.lr, recipe.train.backbone_lr_scale, recipe.train.ema_decay) == (1e-3, 0.3, 0.99)
+    assert recipe.train.calibrate and not v1.train.calibrate  # the recipe's best.ckpt carries its temperatures
 
 
 def test_short_side_keeps_the_aspect_ratio_and_the_centre():
