@@ -11,7 +11,8 @@ from sevenpoint.checkpoint import assemble_ensemble, load_model
 from sevenpoint.data import Derm7pt
 from sevenpoint.engine.calibrate import CalibrateError, calibrate_checkpoint
 from sevenpoint.engine.evaluate import evaluate
-from sevenpoint.engine.metrics import apply_temperature, nll
+from sevenpoint.engine.metrics import nll
+from sevenpoint.temperature import apply_temperature
 from sevenpoint.predict import Predictor
 from sevenpoint.schema import TASK_NAMES
 

@@ -25,10 +25,10 @@ from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
-from .engine.metrics import apply_temperatures
 from .runtime import ThreadGovernor, autotune, bf16_autocast, cpu_model, cpu_supports_bf16, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
+from .temperature import apply_temperatures
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta, score_rule,
                      seven_point_score)
 

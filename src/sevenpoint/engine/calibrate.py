@@ -17,7 +17,8 @@ from ..data.base import DatasetError
 from ..runtime import use_bf16, use_channels_last
 from ..schema import TASK_NAMES
 from .evaluate import predict_split
-from .metrics import apply_temperatures, ece, fit_temperatures, nll
+from ..temperature import apply_temperatures
+from .metrics import ece, fit_temperatures, nll
 
 
 class CalibrateError(ValueError):

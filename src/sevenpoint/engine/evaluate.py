@@ -20,8 +20,8 @@ from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
 from ..schema import TASKS
-from .metrics import (accuracy, apply_temperature, apply_temperatures, compute_metrics, ece, fit_temperature,
-                      mean_accuracy, nll)
+from ..temperature import apply_temperature, apply_temperatures
+from .metrics import accuracy, compute_metrics, ece, fit_temperature, mean_accuracy, nll
 from .module import forward_batch
 from .report import plot_confusion, plot_roc, write_report
 from ..runtime import bf16_autocast, use_bf16, use_channels_last

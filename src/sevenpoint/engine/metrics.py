@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from ..temperature import apply_temperature
 from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, PRESENT, TASKS, annotated, correct,
                       seven_point_score)
 
@@ -127,20 +128,6 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
         if value < best_nll - 1e-12:
             best_t, best_nll = float(t), value
     return best_t
-
-
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    z = np.log(np.clip(probs, 1e-12, None)) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def apply_temperatures(probs: list[np.ndarray], temperatures) -> list[np.ndarray]:
-    """Each task's probabilities at its own temperature (`infer.temperature`); None: unchanged."""
-    if temperatures is None:
-        return list(probs)
-    return [apply_temperature(p, t) for p, t in zip(probs, temperatures, strict=True)]
 
 
 def fit_temperatures(probs: list[np.ndarray], targets: np.ndarray) -> list[float]:
