@@ -107,6 +107,7 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
                       for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     values = configs[0].to_dict()
     values["train"]["ensemble"] = len(members)
+    values["train"]["refit"] = any(c.train.refit for c in configs)  # then validation was training data for one
     values["infer"]["temperature"] = None  # a member's temperatures do not fit the average: calibrate the ensemble
     values["infer"].update(infer or {})
     cfg = config_from_dict(values)

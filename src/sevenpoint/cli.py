@@ -156,7 +156,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     progress: bool = True,
 ) -> None:
-    """Train (checkpoints selected on validation average accuracy; the test split is never read)."""
+    """Train (checkpoints selected on validation average accuracy, or train.refit=true: train + valid, final
+    weights; the test split is never read)."""
     from .config import load_config
     from .engine.train import train as run_train
 
@@ -169,9 +170,11 @@ def train(
         results.append(summary)
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # DDP worker processes stay quiet
             continue
-        console.print(f"seed {s}: best val avg acc {100 * (summary['best_val_avg_acc'] or 0):.2f} % "
-                      f"({summary['epochs_run']} epochs, {summary['train_seconds']} s) -> {summary['best_checkpoint']}")
-    if len(results) > 1:
+        score = ("refit on train + valid: no validation score" if summary["best_val_avg_acc"] is None
+                 else f"best val avg acc {100 * summary['best_val_avg_acc']:.2f} %")
+        console.print(f"seed {s}: {score} ({summary['epochs_run']} epochs, {summary['train_seconds']} s) "
+                      f"-> {summary['best_checkpoint']}")
+    if len(results) > 1 and all(r["best_val_avg_acc"] is not None for r in results):
         vals = [100 * r["best_val_avg_acc"] for r in results]
         from .engine.report import mean_sd
 

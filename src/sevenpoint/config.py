@@ -96,6 +96,8 @@ class TrainConfig:
     limit_train_batches: float = 1.0
     ensemble: int = 1  # >1: train this many members one after another (member i gets seed seed*ensemble + i)
     calibrate: bool = False  # after training: fit infer.temperature on validation into best.ckpt (`sevenpoint calibrate`)
+    refit: bool = False  # train on train + valid for `epochs`; best.ckpt = the final (EMA) weights, nothing selected
+    #                      on validation (it is training data): choose the recipe first, then refit it
     #                    and save their average as best.ckpt (one model for evaluate, predict, serve, export)
 
 
@@ -310,6 +312,12 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if temps is not None and (len(temps) != len(TASK_NAMES) or not all(t > 0 for t in temps)):
         raise ConfigError(f"infer.temperature: expected {len(TASK_NAMES)} positive values (one per task: "
                           f"{', '.join(TASK_NAMES)}), got {list(temps)}")
+    if cfg.train.refit and cfg.train.calibrate:
+        raise ConfigError("train.refit with train.calibrate: the validation split is training data in a refit, so "
+                          "no held-out case is left to fit temperatures on; set train.calibrate=false")
+    if cfg.train.refit and cfg.train.early_stopping:
+        raise ConfigError("train.refit with train.early_stopping: a refit has no validation split to stop on; "
+                          "set train.early_stopping=0 (it trains for train.epochs)")
     if cfg.train.channels_last not in ("auto", "on", "off"):
         raise ConfigError(f"train.channels_last: {cfg.train.channels_last!r} is not one of auto, on, off")
     return dataclasses.replace(cfg, model=model)

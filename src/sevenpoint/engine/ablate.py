@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import RunConfig, config_from_dict, load_config
+from ..config import ConfigError, RunConfig, config_from_dict, load_config
 from .evaluate import evaluate
 from ..schema import PAPER_ORDER
 from .report import PAPER_ABLATIONS, mean_sd
@@ -152,6 +152,9 @@ def run_ablation(data_dir: str | os.PathLike, out: str | os.PathLike, config: st
                 continue
             cfg = load_config(config, [*overrides, f"model.variant={variant}", f"model.attention={attention}"],
                               seed=seed)
+            if cfg.train.refit:
+                raise ConfigError("ablate reports each run's validation score, and a refit trains on the validation "
+                                  "split: add train.refit=false")
             summary, metrics = _train_and_test(cfg, data_dir, run_dir, tta, progress)
             _record(results, key, seed, summary, metrics)
     lines = [f"# Ablations (seeds {seeds}; test average accuracy %, mean ± sd over seeds)", "",

@@ -69,6 +69,9 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathL
     if out.exists():
         raise CalibrateError(f"{out}: already exists; give another --out (nothing overwritten)")
     model, cfg, _ = load_model(checkpoint)
+    if cfg.train.refit:
+        raise CalibrateError(f"{checkpoint}: refit on train + valid, so its validation split is training data and "
+                             "temperatures fitted there would be too low; calibrate the model before refitting")
     data = load_dataset(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
     temps, report, _ = fit_on_validation(model, cfg, data, precision, progress)
     write_with_temperatures(checkpoint, out, temps, report)

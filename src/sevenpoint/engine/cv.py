@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data import CaseSet, load_dataset
 from ..schema import DIAG_INDEX
 from .report import mean_sd
@@ -39,6 +39,8 @@ def make_folds(data: CaseSet, k: int, fold_seed: int = 0) -> list[dict[str, np.n
 def run_cv(cfg: RunConfig, data_dir: str | os.PathLike, out: str | os.PathLike, folds: int = 5,
            fold_seed: int = 0, progress: bool = True) -> dict:
     """Train one model per fold; write `cv.json` and `cv.md` (per-fold and mean ± sd validation accuracy)."""
+    if cfg.train.refit:
+        raise ConfigError("cv scores each fold on held-out cases, and a refit trains on them: add train.refit=false")
     out = Path(out)
     data = load_dataset(data_dir, cfg.data.format, include_leaky_meta=cfg.data.include_leaky_meta)
     splits = make_folds(data, folds, fold_seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,13 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     data = load_dataset(data_dir, data_format, include_leaky_meta=cfg.data.include_leaky_meta,
                         skip_missing=skip_missing)
     data.split_cases(split)  # an unknown split fails here, before any work
+    if calibrate and cfg.train.refit:
+        raise DatasetError(f"{checkpoint}: --calibrate fits temperatures on the validation split, which this refit "
+                           "model was trained on")
+    trained_on = split == "train" or (split == "valid" and cfg.train.refit)
+    if trained_on:
+        print(f"warning: {checkpoint} was trained on the {split} split; its figures there are not held-out",
+              file=sys.stderr, flush=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=device.startswith("cuda"))
@@ -152,7 +160,8 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "attention": cfg.model.attention,
-                    "temperature": None if temperature is None else list(temperature)})
+                    "temperature": None if temperature is None else list(temperature),
+                    "split_in_training_data": trained_on})
     metrics["format"] = data.format
     if calibrate:
         if "valid" not in data.splits:

@@ -1,4 +1,5 @@
-"""`train()`: one run on Lightning, selecting checkpoints on validation average accuracy only.
+"""`train()`: one run on Lightning, selecting checkpoints on validation average accuracy only
+(or, with `train.refit`, training on train + valid and keeping the final weights).
 
 The run folder holds `config.yaml` (resolved), `run_info.json` (git commit, package versions,
 CPU, command), `checkpoints/{best,last}.ckpt` (written atomically), `logs/` (CSV) and
@@ -7,6 +8,7 @@ CPU, command), `checkpoints/{best,last}.ckpt` (written atomically), `logs/` (CSV
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -197,7 +199,11 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts on tensor-core GPUs
     data = load_training_data(data_dir, cfg, splits)
-    train_dl, valid_dl = build_loaders(data, cfg)
+    refit = cfg.train.refit
+    train_dl, valid_dl = build_loaders(refit_view(data) if refit else data, cfg)
+    if refit and not resume:
+        print(f"refit: training on train + valid ({len(train_dl.dataset)} cases) for {cfg.train.epochs} epochs; "
+              "best.ckpt will be the final weights (nothing is selected on validation)", flush=True)
     on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
     bf16 = use_bf16(cfg.train.precision, cfg.model.backbone, on_gpu)
     channels_last = use_channels_last(cfg.train.channels_last)
@@ -211,8 +217,9 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         print(text, flush=True)
         (run_dir / "backbone_load_report.txt").write_text(text + "\n")
 
-    best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/avg_acc", mode="max",
-                              save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
+    # A refit has no held-out split: best.ckpt is rewritten after every epoch, so it ends as the final weights.
+    best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=None if refit else "val/avg_acc",
+                              mode="max", save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
     # Lightning's save_last writes last.ckpt only on epochs that also improved best.ckpt; a second
     # callback without a monitor rewrites it after every epoch, so --resume continues from the last one.
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
@@ -234,30 +241,40 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         deterministic=cfg.train.deterministic, log_every_n_steps=1,
         limit_train_batches=cfg.train.limit_train_batches, use_distributed_sampler=False,
     )
+    if refit:  # on purpose: a refit has no validation split
+        warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
     if cfg.model.freeze_blocks:  # frozen early layers are in eval mode on purpose (BN statistics kept)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     start = time.perf_counter()
-    trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, train_dl, None if refit else valid_dl, ckpt_path=str(last) if resume else None)
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file():
-        add_training_statistics(ckpt_dir / "best.ckpt", data, cfg)
+        add_training_statistics(ckpt_dir / "best.ckpt", data, cfg, refit)
         if cfg.train.calibrate:
             calibrate_in_place(ckpt_dir / "best.ckpt", data, progress)
     summary = {
         "best_checkpoint": str(ckpt_dir / "best.ckpt"),
         "last_checkpoint": str(last),
-        "best_val_avg_acc": float(best_cb.best_model_score) if best_cb.best_model_score is not None else None,
+        "best_val_avg_acc": None if refit or best_cb.best_model_score is None else float(best_cb.best_model_score),
+        "refit": refit,
         "epochs_run": int(trainer.current_epoch),
         "train_seconds": round(elapsed, 1),
         "precision": "bf16" if bf16 else "fp32",
         "channels_last": channels_last,
         "train_cases": len(train_dl.dataset),
-        "valid_cases": len(valid_dl.dataset),
+        "valid_cases": 0 if refit else len(valid_dl.dataset),
         "config": dataclasses.asdict(cfg),
     }
     if trainer.is_global_zero:
         write_json(run_dir / "train_summary.json", summary)
     return summary
+
+
+def refit_view(data: CaseSet) -> CaseSet:
+    """`train.refit`: the same cases with the validation split added to the training split."""
+    view = copy.copy(data)
+    view.splits = {**data.splits, "train": np.union1d(data.splits["train"], data.splits["valid"])}
+    return view
 
 
 def calibrate_in_place(checkpoint: Path, data: CaseSet, progress: bool = True):
@@ -274,10 +291,11 @@ def calibrate_in_place(checkpoint: Path, data: CaseSet, progress: bool = True):
     return pred
 
 
-def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig) -> OODModel:
+def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig, refit: bool = False) -> OODModel:
     """Store in `checkpoint` (rewritten atomically) what inference needs from the training data:
     the out-of-distribution score, fitted on the training dermoscopy images (threshold from the
-    validation ones), and each task's training majority class (the no-skill baseline that
+    validation ones, also in a refit: the score is a descriptor statistic, not the network), and
+    each task's majority class in the data the model trained on (the no-skill baseline that
     `evaluate` reports on data without a training split, e.g. PH2)."""
     from .evaluate import train_majority
 
@@ -288,7 +306,7 @@ def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig) -> 
     model = OODModel.fit(desc["train"], desc["valid"])
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     ckpt["sevenpoint"]["ood"] = model.to_dict()
-    ckpt["sevenpoint"]["train_majority"] = train_majority(data.targets("train"))
+    ckpt["sevenpoint"]["train_majority"] = train_majority((refit_view(data) if refit else data).targets("train"))
     atomic_torch_save(ckpt, checkpoint)
     return model
 
@@ -345,20 +363,22 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     members = [finished[f"m{i}"]["best_checkpoint"] for i in range(cfg.train.ensemble)]
     assemble_ensemble(members, best, infer=dataclasses.asdict(cfg.infer))
     data = load_training_data(data_dir, cfg, splits, extra=False)
+    pred = None
     if cfg.train.calibrate:
         pred = calibrate_in_place(best, data, progress)
-    else:
+    elif not cfg.train.refit:  # a refit's validation cases are training data: not scored
         model, ens_cfg, _ = load_model(best)
         pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size,
                              channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
     summary = {
         "best_checkpoint": str(best),
-        "best_val_avg_acc": compute_metrics(pred.probs, pred.targets)["average_accuracy"],
+        "best_val_avg_acc": None if pred is None else compute_metrics(pred.probs, pred.targets)["average_accuracy"],
+        "refit": cfg.train.refit,
         "members": finished,
         "epochs_run": sum(m["epochs_run"] for m in finished.values()),
         "train_seconds": round(sum(m["train_seconds"] for m in finished.values()), 1),
-        "train_cases": len(data.splits["train"]),
-        "valid_cases": len(pred.ids),
+        "train_cases": len((refit_view(data) if cfg.train.refit else data).splits["train"]),
+        "valid_cases": 0 if pred is None else len(pred.ids),
         "config": dataclasses.asdict(cfg),
     }
     write_json(run_dir / "train_summary.json", summary)

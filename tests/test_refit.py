@@ -1,0 +1,92 @@
+"""`train.refit`: the validation split joins the training data, nothing is selected on it, and
+every command that would read it as held-out data refuses or says so."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sevenpoint.checkpoint import load_model, read_checkpoint
+from sevenpoint.config import ConfigError, load_config
+from sevenpoint.data import Derm7pt
+from sevenpoint.engine.calibrate import CalibrateError, calibrate_checkpoint
+from sevenpoint.engine.evaluate import evaluate, train_majority
+from sevenpoint.engine.train import train
+
+REFIT = ["train.refit=true", "train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def refit_run(synth_root, tmp_path_factory):
+    """One tiny model refit through the CLI, as a user would."""
+    run = tmp_path_factory.mktemp("refit") / "run"
+    proc = subprocess.run([sys.executable, "-m", "sevenpoint.cli", "train", "--data", str(synth_root), "--out", str(run),
+                           "--config", "tiny", "--no-progress", f"data.cache_dir={run.parent / 'cache'}", *REFIT],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return run, proc.stdout
+
+
+def test_refit_trains_on_train_plus_valid_and_keeps_the_final_weights(refit_run, synth_root):
+    import json
+
+    run, stdout = refit_run
+    data = Derm7pt.load(synth_root)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["refit"] and summary["best_val_avg_acc"] is None
+    assert summary["train_cases"] == len(data.splits["train"]) + len(data.splits["valid"])
+    assert "no validation score" in stdout and "refit: training on train + valid" in stdout
+    best, last = (torch.load(run / "checkpoints" / f"{n}.ckpt", map_location="cpu", weights_only=True)
+                  for n in ("best", "last"))
+    assert best["epoch"] == last["epoch"] == 1  # best.ckpt = the weights after the final epoch, not a selection
+    for key, value in last["state_dict"].items():
+        torch.testing.assert_close(best["state_dict"][key], value, rtol=0, atol=0)
+    header = next(iter((run / "logs").glob("*/metrics.csv"))).read_text().splitlines()[0]
+    assert "train/loss" in header and "val/" not in header  # no validation loop ran
+    combined = data.targets("train").tolist() + data.targets("valid").tolist()
+    import numpy as np
+
+    assert read_checkpoint(run / "checkpoints" / "best.ckpt")["sevenpoint"]["train_majority"] == \
+        train_majority(np.array(combined))
+
+
+def test_refit_checkpoint_is_never_calibrated_or_scored_as_held_out_on_valid(refit_run, synth_root, tmp_path):
+    run, _ = refit_run
+    ckpt = run / "checkpoints" / "best.ckpt"
+    assert load_model(ckpt)[1].train.refit
+    with pytest.raises(CalibrateError, match="refit on train \\+ valid"):
+        calibrate_checkpoint(ckpt, synth_root, tmp_path / "cal.ckpt", progress=False)
+    assert not (tmp_path / "cal.ckpt").exists()
+    with pytest.raises(ValueError, match="which this refit model was trained on"):
+        evaluate(ckpt, synth_root, tmp_path / "e", split="test", calibrate=True, progress=False)
+    assert evaluate(ckpt, synth_root, tmp_path / "v", split="valid", progress=False)["split_in_training_data"]
+    assert not evaluate(ckpt, synth_root, tmp_path / "t", split="test", progress=False)["split_in_training_data"]
+
+
+def test_refit_ensemble_members_all_refit(synth_root, tmp_path):
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'c'}", *REFIT, "train.epochs=1", "train.ensemble=2"])
+    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+    data = Derm7pt.load(synth_root)
+    assert summary["refit"] and summary["best_val_avg_acc"] is None and summary["valid_cases"] == 0
+    assert summary["train_cases"] == len(data.splits["train"]) + len(data.splits["valid"])
+    assert all(m["best_val_avg_acc"] is None for m in summary["members"].values())
+    assert load_model(summary["best_checkpoint"])[1].train.refit
+
+
+@pytest.mark.parametrize("extra, message", [("train.calibrate=true", "no held-out case is left"),
+                                            ("train.early_stopping=5", "no validation split to stop on")])
+def test_refit_refuses_what_needs_a_held_out_split(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [*REFIT, extra])
+
+
+def test_cv_and_ablate_refuse_a_refit(synth_root, tmp_path):
+    from sevenpoint.engine.ablate import run_ablation
+    from sevenpoint.engine.cv import run_cv
+
+    with pytest.raises(ConfigError, match="train.refit=false"):
+        run_cv(load_config("tiny", REFIT), synth_root, tmp_path / "cv", folds=2, progress=False)
+    with pytest.raises(ConfigError, match="train.refit=false"):
+        run_ablation(synth_root, tmp_path / "ab", "tiny", REFIT, seeds=[0], runs=["DIM"], progress=False)
+    assert not (tmp_path / "cv").exists() and not (tmp_path / "ab").exists()
