@@ -3,7 +3,7 @@ validation split: a point of the learning curve (docs/RESULTS.md §2, the refit 
 Validation only; the test split is never loaded by `train`.
 
     .venv/bin/python scripts/learning_curve.py --data ~/data/derm7pt --out runs/lc/f67-seed0 --fraction 0.667 \
-        --seed 0 --config cpu-recipe train.ensemble=1 train.calibrate=false train.epochs=45
+        --seed 0 --config cpu-recipe-v5 train.ensemble=1 train.calibrate=false train.epochs=45
 
 The subset is stratified on the diagnosis and drawn with the run's seed. Scale `train.epochs` by
 1 / fraction to keep the number of optimiser steps (and the schedule's length in steps) unchanged.
@@ -24,7 +24,7 @@ parser.add_argument("--data", required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--fraction", type=float, required=True)
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--config", default="cpu-recipe")
+parser.add_argument("--config", default="cpu-recipe-v5")
 parser.add_argument("--no-progress", action="store_true")
 parser.add_argument("overrides", nargs="*")
 args = parser.parse_args()

@@ -82,11 +82,12 @@ def test_evaluate_metrics_match_predictions_csv(tiny_run, synth_root, tmp_path):
 
 def test_tta_probabilities_sum_to_one_and_calibration_is_fitted_on_validation_only(tiny_run, synth_root, tmp_path,
                                                                                      monkeypatch):
-    import sevenpoint.engine.evaluate as ev
+    import sevenpoint.engine.metrics as metrics_module
 
     fitted = []
-    real_fit = ev.fit_temperature
-    monkeypatch.setattr(ev, "fit_temperature", lambda p, y: fitted.append((p.copy(), y.copy())) or real_fit(p, y))
+    real_fit = metrics_module.fit_temperature
+    monkeypatch.setattr(metrics_module, "fit_temperature",
+                        lambda p, y: fitted.append((p.copy(), y.copy())) or real_fit(p, y))
     m = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", split="test", tta="flip_rot",
                  calibrate=True, progress=False)
     pred = pd.read_csv(tmp_path / "e" / "predictions.csv")

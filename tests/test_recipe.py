@@ -1,6 +1,7 @@
 """The CPU recipe's knobs: aspect-kept geometry, crop augmentation, BN momentum, AdamW + warm-up
 cosine, EMA weights and the inference settings a checkpoint carries (infer.tta)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -44,7 +45,12 @@ def test_packaged_recipes_load():
     assert recipe.train.ensemble == 3 and recipe.infer.clinic_weight == 0.5 and recipe.infer.tta == "none"
     assert recipe.data.short_side == 0 and recipe.data.augmentation == "affine" and recipe.model.bn_momentum == 0.1
     assert (recipe.train.lr, recipe.train.backbone_lr_scale, recipe.train.ema_decay) == (1e-3, 0.3, 0.99)
-    assert recipe.train.calibrate and not v1.train.calibrate  # the recipe's best.ckpt carries its temperatures
+    # v6 = v5 refit on train + valid with v5's number of optimiser steps (616 cases x 20 epochs ~ 413 x 30)
+    v5 = load_config("cpu-recipe-v5")
+    assert recipe.train.refit and not recipe.train.calibrate and recipe.train.epochs == 20
+    assert not v5.train.refit and v5.train.calibrate and v5.train.epochs == 30 and not v1.train.calibrate
+    assert dataclasses.replace(recipe.train, refit=False, calibrate=True, epochs=30) == v5.train
+    assert (recipe.data, recipe.model, recipe.infer) == (v5.data, v5.model, v5.infer)
 
 
 def test_short_side_keeps_the_aspect_ratio_and_the_centre():

@@ -15,10 +15,8 @@ from ..config import config_from_dict
 from ..data import load_dataset
 from ..data.base import DatasetError
 from ..runtime import use_bf16, use_channels_last
-from ..schema import TASK_NAMES
 from .evaluate import predict_split
-from ..temperature import apply_temperatures
-from .metrics import ece, fit_temperatures, nll
+from .metrics import temperature_report
 
 
 class CalibrateError(ValueError):
@@ -34,17 +32,7 @@ def fit_on_validation(model, cfg, data, precision: str = "auto", progress: bool 
     bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
     pred = predict_split(model, cfg, data, "valid", cfg.infer.tta, bf16=bf16,
                          channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
-    temps = fit_temperatures(pred.probs, pred.targets)
-    scaled = apply_temperatures(pred.probs, temps)
-    report = {}
-    for t, name in enumerate(TASK_NAMES):
-        known = pred.targets[:, t] >= 0
-        y = pred.targets[known, t]
-        report[name] = {"temperature": temps[t], "cases": int(known.sum()),
-                        "valid_nll_before": nll(pred.probs[t][known], y) if known.any() else None,
-                        "valid_nll_after": nll(scaled[t][known], y) if known.any() else None,
-                        "valid_ece_before": ece(y, pred.probs[t][known]) if known.any() else None,
-                        "valid_ece_after": ece(y, scaled[t][known]) if known.any() else None}
+    temps, report = temperature_report(pred.probs, pred.targets)
     return temps, report, pred
 
 

@@ -21,8 +21,8 @@ from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
 from ..schema import TASKS
-from ..temperature import apply_temperature, apply_temperatures
-from .metrics import accuracy, compute_metrics, ece, fit_temperature, mean_accuracy, nll
+from ..temperature import apply_temperatures
+from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
 from .module import forward_batch
 from .report import plot_confusion, plot_roc, write_report
 from ..runtime import bf16_autocast, use_bf16, use_channels_last
@@ -168,24 +168,11 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
             raise DatasetError(f"{data.root}: --calibrate fits temperatures on the validation split; "
                                f"this {data.format} dataset has none")
         val = run("valid")
-        val_probs, val_targets = val.probs, val.targets
-        cal = {}
-        val_metrics = compute_metrics(val_probs, val_targets)["tasks"]
+        temps, cal = temperature_report(val.probs, val.targets)  # the fit `sevenpoint calibrate` stores
+        probs = apply_temperatures(probs, temps)
         for t, task in enumerate(TASKS):
-            exact = val_targets[:, t] >= 0
-            if not exact.any():
-                continue  # not annotated in validation: nothing to fit, probabilities left as they are
-            vp, vy = val_probs[t][exact], val_targets[exact, t]
-            temp = fit_temperature(vp, vy)
-            scaled_val = apply_temperature(vp, temp)
-            cal[task.name] = {
-                "temperature": temp,
-                "valid_nll_before": val_metrics[task.name]["nll"], "valid_nll_after": nll(scaled_val, vy),
-                "valid_ece_before": val_metrics[task.name]["ece"], "valid_ece_after": ece(vy, scaled_val),
-                f"{split}_ece_before": metrics["tasks"][task.name].get("ece"),
-            }
-            probs[t] = apply_temperature(probs[t], temp)
             here = targets[:, t] >= 0
+            cal[task.name][f"{split}_ece_before"] = metrics["tasks"][task.name].get("ece")
             cal[task.name][f"{split}_ece_after"] = ece(targets[here, t], probs[t][here]) if here.any() else None
         metrics["calibration"] = cal  # argmax is unchanged by a temperature: accuracies stay the same
     if "train" in data.splits:

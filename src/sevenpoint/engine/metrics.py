@@ -139,6 +139,23 @@ def fit_temperatures(probs: list[np.ndarray], targets: np.ndarray) -> list[float
     return out
 
 
+def temperature_report(probs: list[np.ndarray], targets: np.ndarray) -> tuple[list[float], dict]:
+    """Temperatures fitted per task on (validation) probabilities, and per task the cases used with
+    the NLL and ECE before / after (None for a task without annotation, whose temperature is 1)."""
+    temps = fit_temperatures(probs, targets)
+    report = {}
+    for t, task in enumerate(TASKS):
+        known = targets[:, t] >= 0
+        y, before = targets[known, t], probs[t][known]
+        after = apply_temperature(before, temps[t])
+        report[task.name] = {"temperature": temps[t], "cases": int(known.sum()),
+                             "valid_nll_before": nll(before, y) if known.any() else None,
+                             "valid_nll_after": nll(after, y) if known.any() else None,
+                             "valid_ece_before": ece(y, before) if known.any() else None,
+                             "valid_ece_after": ece(y, after) if known.any() else None}
+    return temps, report
+
+
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes (probabilities clipped at 1e-12)."""
     return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
