@@ -1,15 +1,17 @@
 """`train.refit`: the validation split joins the training data, nothing is selected on it, and
 every command that would read it as held-out data refuses or says so."""
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from sevenpoint.checkpoint import load_model, read_checkpoint
 from sevenpoint.config import ConfigError, load_config
-from sevenpoint.data import Derm7pt
+from sevenpoint.data import Derm7pt, make_synthetic
 from sevenpoint.engine.calibrate import CalibrateError, calibrate_checkpoint
 from sevenpoint.engine.evaluate import evaluate, train_majority
 from sevenpoint.engine.train import train
@@ -18,21 +20,25 @@ REFIT = ["train.refit=true", "train.epochs=2"]
 
 
 @pytest.fixture(scope="module")
-def refit_run(synth_root, tmp_path_factory):
+def refit_data(tmp_path_factory):
+    """A synthetic set whose train + valid majority class differs from train's on some tasks (seed 1)."""
+    return make_synthetic(tmp_path_factory.mktemp("refit-data"), cases=60, size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def refit_run(refit_data, tmp_path_factory):
     """One tiny model refit through the CLI, as a user would."""
     run = tmp_path_factory.mktemp("refit") / "run"
-    proc = subprocess.run([sys.executable, "-m", "sevenpoint.cli", "train", "--data", str(synth_root), "--out", str(run),
+    proc = subprocess.run([sys.executable, "-m", "sevenpoint.cli", "train", "--data", str(refit_data), "--out", str(run),
                            "--config", "tiny", "--no-progress", f"data.cache_dir={run.parent / 'cache'}", *REFIT],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return run, proc.stdout
 
 
-def test_refit_trains_on_train_plus_valid_and_keeps_the_final_weights(refit_run, synth_root):
-    import json
-
+def test_refit_trains_on_train_plus_valid_and_keeps_the_final_weights(refit_run, refit_data):
     run, stdout = refit_run
-    data = Derm7pt.load(synth_root)
+    data = Derm7pt.load(refit_data)
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["refit"] and summary["best_val_avg_acc"] is None
     assert summary["train_cases"] == len(data.splits["train"]) + len(data.splits["valid"])
@@ -44,15 +50,14 @@ def test_refit_trains_on_train_plus_valid_and_keeps_the_final_weights(refit_run,
         torch.testing.assert_close(best["state_dict"][key], value, rtol=0, atol=0)
     header = next(iter((run / "logs").glob("*/metrics.csv"))).read_text().splitlines()[0]
     assert "train/loss" in header and "val/" not in header  # no validation loop ran
-    combined = data.targets("train").tolist() + data.targets("valid").tolist()
-    import numpy as np
-
-    assert read_checkpoint(run / "checkpoints" / "best.ckpt")["sevenpoint"]["train_majority"] == \
-        train_majority(np.array(combined))
+    combined = train_majority(np.concatenate([data.targets("train"), data.targets("valid")]))
+    assert combined != train_majority(data.targets("train"))  # so the next line can tell them apart
+    assert read_checkpoint(run / "checkpoints" / "best.ckpt")["sevenpoint"]["train_majority"] == combined
 
 
-def test_refit_checkpoint_is_never_calibrated_or_scored_as_held_out_on_valid(refit_run, synth_root, tmp_path):
+def test_refit_checkpoint_is_never_calibrated_or_scored_as_held_out_on_valid(refit_run, refit_data, tmp_path):
     run, _ = refit_run
+    synth_root = refit_data
     ckpt = run / "checkpoints" / "best.ckpt"
     assert load_model(ckpt)[1].train.refit
     with pytest.raises(CalibrateError, match="refit on train \\+ valid"):
