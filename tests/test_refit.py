@@ -21,8 +21,8 @@ REFIT = ["train.refit=true", "train.epochs=2"]
 
 @pytest.fixture(scope="module")
 def refit_data(tmp_path_factory):
-    """A synthetic set whose train + valid majority class differs from train's on some tasks (seed 1)."""
-    return make_synthetic(tmp_path_factory.mktemp("refit-data"), cases=60, size=64, seed=1)
+    """A synthetic set whose train + valid majority class differs from train's on a task (seed 4 at 64 px)."""
+    return make_synthetic(tmp_path_factory.mktemp("refit-data"), cases=60, size=64, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,18 @@ def test_refit_checkpoint_is_never_calibrated_or_scored_as_held_out_on_valid(ref
     assert not evaluate(ckpt, synth_root, tmp_path / "t", split="test", progress=False)["split_in_training_data"]
 
 
-def test_refit_ensemble_members_all_refit(synth_root, tmp_path):
-    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'c'}", *REFIT, "train.epochs=1", "train.ensemble=2"])
-    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+def test_refit_ensemble_resumes_and_every_member_refits(synth_root, tmp_path):
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'c'}", *REFIT, "train.ensemble=2"])
+    train(cfg, synth_root, tmp_path / "run", progress=False, stop_after_epochs=1)  # killed inside member 0
+    summary = train(load_config("tiny"), synth_root, tmp_path / "run", resume=True, progress=False)
     data = Derm7pt.load(synth_root)
     assert summary["refit"] and summary["best_val_avg_acc"] is None and summary["valid_cases"] == 0
     assert summary["train_cases"] == len(data.splits["train"]) + len(data.splits["valid"])
-    assert all(m["best_val_avg_acc"] is None for m in summary["members"].values())
+    for name, member in summary["members"].items():
+        assert member["best_val_avg_acc"] is None and member["epochs_run"] == 2
+        best = torch.load(member["best_checkpoint"], map_location="cpu", weights_only=True)
+        assert best["epoch"] == 1  # the final epoch's weights, also for the resumed member
+    assert (tmp_path / "run" / "members" / "m0" / "logs" / "resume1").is_dir()
     assert load_model(summary["best_checkpoint"])[1].train.refit
 
 
