@@ -16,8 +16,8 @@ from sklearn.model_selection import train_test_split
 
 from sevenpoint.config import load_config
 from sevenpoint.data import load_dataset
+from sevenpoint.engine.cv import diag_strata
 from sevenpoint.engine.train import train
-from sevenpoint.schema import DIAG_INDEX
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", required=True)
@@ -32,10 +32,7 @@ args = parser.parse_args()
 cfg = load_config(args.config, args.overrides, seed=args.seed)
 data = load_dataset(args.data, cfg.data.format)
 rows = data.splits["train"]
-diag = np.array([data.cases[i].targets[DIAG_INDEX] for i in rows])
-counts = np.bincount(diag[diag >= 0])
-strata = np.where(counts[diag.clip(0)] >= 2, diag, -1)  # classes too rare to split are stratified together
-subset, _ = train_test_split(rows, train_size=args.fraction, stratify=strata, random_state=args.seed)
+subset, _ = train_test_split(rows, train_size=args.fraction, stratify=diag_strata(data, rows, 2), random_state=args.seed)
 print(f"training on {len(subset)} of {len(rows)} training cases; validation: all {len(data.splits['valid'])}", flush=True)
 summary = train(cfg, args.data, args.out, progress=not args.no_progress,
                 splits={"train": np.sort(subset), "valid": data.splits["valid"]})

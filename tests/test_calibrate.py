@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from sevenpoint.checkpoint import assemble_ensemble, load_model
+from sevenpoint.checkpoint import assemble_ensemble, load_model, read_checkpoint
 from sevenpoint.data import Derm7pt
 from sevenpoint.engine.calibrate import CalibrateError, calibrate_checkpoint
 from sevenpoint.engine.evaluate import evaluate
@@ -30,6 +30,8 @@ def test_temperatures_are_the_validation_fit_and_stored_in_the_checkpoint(calibr
     temps = [report[name]["temperature"] for name in TASK_NAMES]
     assert cfg.infer.temperature == tuple(temps)
     assert any(abs(t - 1.0) > 0.05 for t in temps)  # the tiny model is mis-calibrated somewhere
+    n_valid = len(Derm7pt.load(synth_root).splits["valid"])
+    assert read_checkpoint(out)["sevenpoint"]["calibration"]["fitted_on"] == f"{synth_root} (valid, {n_valid} cases)"
     # the same fit as evaluate --calibrate, which reads the validation split only
     fitted = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", split="test", calibrate=True,
                       progress=False)["calibration"]

@@ -95,10 +95,10 @@ class TrainConfig:
     strategy: str = "auto"
     limit_train_batches: float = 1.0
     ensemble: int = 1  # >1: train this many members one after another (member i gets seed seed*ensemble + i)
+    #                    and save their average as best.ckpt (one model for evaluate, predict, serve, export)
     calibrate: bool = False  # after training: fit infer.temperature on validation into best.ckpt (`sevenpoint calibrate`)
     refit: bool = False  # train on train + valid for `epochs`; best.ckpt = the final (EMA) weights, nothing selected
     #                      on validation (it is training data): choose the recipe first, then refit it
-    #                    and save their average as best.ckpt (one model for evaluate, predict, serve, export)
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,14 @@ def fit_on_validation(model, cfg, data, precision: str = "auto", progress: bool 
 
 
 def write_with_temperatures(source: str | os.PathLike, dest: str | os.PathLike, temps: list[float],
-                            report: dict) -> None:
-    """`source` checkpoint with `infer.temperature` = temps, written atomically to `dest` (may be `source`)."""
+                            report: dict, data, pred) -> None:
+    """`source` checkpoint with `infer.temperature` = temps, written atomically to `dest` (may be `source`);
+    `data` / `pred`: the dataset and validation predictions they were fitted on (recorded with the report)."""
     raw = read_checkpoint(source)
     cfg = config_from_dict(raw["sevenpoint"]["config"])
     cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, temperature=tuple(temps)))
     raw["sevenpoint"]["config"] = cfg.to_dict()
-    raw["sevenpoint"]["calibration"] = report
+    raw["sevenpoint"]["calibration"] = {"fitted_on": f"{data.root} (valid, {len(pred.targets)} cases)", **report}
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(raw, dest)
 
@@ -61,6 +62,6 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathL
         raise CalibrateError(f"{checkpoint}: refit on train + valid, so its validation split is training data and "
                              "temperatures fitted there would be too low; calibrate the model before refitting")
     data = load_dataset(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
-    temps, report, _ = fit_on_validation(model, cfg, data, precision, progress)
-    write_with_temperatures(checkpoint, out, temps, report)
+    temps, report, pred = fit_on_validation(model, cfg, data, precision, progress)
+    write_with_temperatures(checkpoint, out, temps, report, data, pred)
     return report

@@ -23,15 +23,20 @@ from .report import mean_sd
 from .train import TRAIN_SPLITS, train
 
 
+def diag_strata(data: CaseSet, rows: np.ndarray, min_count: int) -> np.ndarray:
+    """Stratification labels for `rows`: the diagnosis, with classes rarer than `min_count` (which cannot
+    be spread over every part) and unlabelled cases stratified together."""
+    diag = np.array([data.cases[i].targets[DIAG_INDEX] for i in rows])
+    counts = np.bincount(diag[diag >= 0], minlength=diag.max(initial=0) + 1)
+    return np.where((diag >= 0) & (counts[diag.clip(0)] >= min_count), diag, -1)
+
+
 def make_folds(data: CaseSet, k: int, fold_seed: int = 0) -> list[dict[str, np.ndarray]]:
     """K {train, valid} row-index splits over the official train + valid rows, stratified on DIAG."""
     if k < 2:
         raise ValueError(f"--folds: need at least 2, got {k}")
     rows = np.concatenate([data.splits[s] for s in TRAIN_SPLITS])
-    diag = np.array([data.cases[i].targets[DIAG_INDEX] for i in rows])
-    # classes rarer than k (and unlabelled cases) cannot be spread over every fold; stratify them together
-    counts = np.bincount(diag[diag >= 0], minlength=diag.max(initial=0) + 1)
-    strata = np.where((diag >= 0) & (counts[diag.clip(0)] >= k), diag, -1)
+    strata = diag_strata(data, rows, k)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=fold_seed)
     return [{"train": np.sort(rows[a]), "valid": np.sort(rows[b])} for a, b in splitter.split(rows, strata)]
 

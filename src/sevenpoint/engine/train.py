@@ -200,7 +200,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts on tensor-core GPUs
     data = load_training_data(data_dir, cfg, splits)
     refit = cfg.train.refit
-    train_dl, valid_dl = build_loaders(refit_view(data) if refit else data, cfg)
+    train_dl, valid_dl = build_loaders(training_view(data, cfg), cfg)
     if refit and not resume:
         print(f"refit: training on train + valid ({len(train_dl.dataset)} cases) for {cfg.train.epochs} epochs; "
               "best.ckpt will be the final weights (nothing is selected on validation)", flush=True)
@@ -249,7 +249,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     trainer.fit(module, train_dl, None if refit else valid_dl, ckpt_path=str(last) if resume else None)
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file():
-        add_training_statistics(ckpt_dir / "best.ckpt", data, cfg, refit)
+        add_training_statistics(ckpt_dir / "best.ckpt", data, cfg)
         if cfg.train.calibrate:
             calibrate_in_place(ckpt_dir / "best.ckpt", data, progress)
     summary = {
@@ -270,8 +270,11 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     return summary
 
 
-def refit_view(data: CaseSet) -> CaseSet:
-    """`train.refit`: the same cases with the validation split added to the training split."""
+def training_view(data: CaseSet, cfg: RunConfig) -> CaseSet:
+    """The cases the model trains on: `data` itself, or with `train.refit` the same cases with the
+    validation split added to the training split."""
+    if not cfg.train.refit:
+        return data
     view = copy.copy(data)
     view.splits = {**data.splits, "train": np.union1d(data.splits["train"], data.splits["valid"])}
     return view
@@ -285,13 +288,13 @@ def calibrate_in_place(checkpoint: Path, data: CaseSet, progress: bool = True):
 
     model, cfg, _ = load_model(checkpoint)
     temps, report, pred = fit_on_validation(model, cfg, data, progress=progress)
-    write_with_temperatures(checkpoint, checkpoint, temps, report)
+    write_with_temperatures(checkpoint, checkpoint, temps, report, data, pred)
     print("temperatures fitted on validation: " + ", ".join(f"{k} {v['temperature']:.2f}" for k, v in report.items()),
           flush=True)
     return pred
 
 
-def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig, refit: bool = False) -> OODModel:
+def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig) -> OODModel:
     """Store in `checkpoint` (rewritten atomically) what inference needs from the training data:
     the out-of-distribution score, fitted on the training dermoscopy images (threshold from the
     validation ones, also in a refit: the score is a descriptor statistic, not the network), and
@@ -306,7 +309,7 @@ def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig, ref
     model = OODModel.fit(desc["train"], desc["valid"])
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     ckpt["sevenpoint"]["ood"] = model.to_dict()
-    ckpt["sevenpoint"]["train_majority"] = train_majority((refit_view(data) if refit else data).targets("train"))
+    ckpt["sevenpoint"]["train_majority"] = train_majority(training_view(data, cfg).targets("train"))
     atomic_torch_save(ckpt, checkpoint)
     return model
 
@@ -377,7 +380,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         "members": finished,
         "epochs_run": sum(m["epochs_run"] for m in finished.values()),
         "train_seconds": round(sum(m["train_seconds"] for m in finished.values()), 1),
-        "train_cases": len((refit_view(data) if cfg.train.refit else data).splits["train"]),
+        "train_cases": len(training_view(data, cfg).splits["train"]),
         "valid_cases": 0 if pred is None else len(pred.ids),
         "config": dataclasses.asdict(cfg),
     }
