@@ -80,3 +80,67 @@ def test_thread_governor_drops_to_one_thread_when_passes_slow_down_and_retries(m
     for t in (0.041, 0.040, 0.043):  # neighbour gone: fast again, stays
         gov.record(1, t)
     assert gov.threads == 2 and gov.switches == 2
+
+
+def test_path_candidates_follow_pinned_settings_and_the_cpu(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert set(runtime.path_candidates("auto", "auto")[0]) == set(runtime.PATHS)
+    assert set(runtime.path_candidates("fp32", "auto")[0]) == {"fp32", "channels_last"}
+    only, why = runtime.path_candidates("bf16", "on")
+    assert only == {"channels_last+bf16": (True, True)} and "bf16 pinned" in why and "channels_last on pinned" in why
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)  # emulated bf16 is never timed
+    cands, why = runtime.path_candidates("auto", "off")
+    assert cands == {"fp32": (False, False)} and "no bf16 units" in why
+
+
+def _tiny_model(*overrides):
+    from sevenpoint.config import load_config
+    from sevenpoint.models import FusionModel
+
+    cfg = load_config("tiny", ["model.dropout=0.5", *overrides])
+    return FusionModel(cfg.model, cfg.data.image_size, cfg.meta_dim), cfg
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_choose_path_times_the_open_paths_caches_the_winner_and_leaves_the_run_alone(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    model, cfg = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = tmp_path / "autotune.json"
+    torch_rng = __import__("torch").random
+    torch_rng.manual_seed(7)
+    cl, bf16, why = runtime.choose_path(mode, model, cfg, 4, "auto", "auto", rounds=1, cache=cache)
+    after_timing = torch_rng.get_rng_state()
+    torch_rng.manual_seed(7)
+    assert torch_rng.get_rng_state().equal(after_timing)  # the timed (dropout) steps drew nothing from the run's stream
+    assert all(v.equal(model.state_dict()[k]) for k, v in before.items())  # timed on copies
+    assert "measured now" in why and all(name in why for name in runtime.PATHS)
+    (key, entry), = json.loads(cache.read_text()).items()
+    assert f"|{mode}|batch4|" in key and runtime.PATHS[entry["choice"]] == (cl, bf16)
+    # the cached winner is used as it is, whatever it is (here: another one than measured)
+    other = next(n for n in runtime.PATHS if runtime.PATHS[n] != (cl, bf16))
+    cache.write_text(json.dumps({key: {"choice": other, "why": "edited"}}))
+    assert runtime.choose_path(mode, model, cfg, 4, "auto", "auto", cache=cache)[:2] == runtime.PATHS[other]
+    # a pinned setting narrows the candidates: one left is taken without timing
+    assert runtime.choose_path(mode, model, cfg, 4, "fp32", "off", cache=cache) == \
+        (False, False, "fp32: the only candidate (precision fp32 pinned; channels_last off pinned)")
+
+
+def test_train_and_evaluate_use_and_report_the_measured_path(tiny_run, synth_root, tmp_path, monkeypatch):
+    import dataclasses
+
+    from sevenpoint.checkpoint import load_model
+    from sevenpoint.engine import evaluate as ev
+
+    # tiny.yaml pins fp32 (as the CPU recipes do): train timed only the two layouts, and says so
+    assert "precision fp32 pinned" in tiny_run["path_choice"] and tiny_run["precision"] == "fp32"
+    assert tiny_run["path_choice"].split(":")[0] == ("channels_last" if tiny_run["channels_last"] else "fp32")
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    m = ev.evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", progress=False)
+    assert m["precision"] == "fp32" and "precision fp32 pinned" in m["path_choice"]  # the checkpoint's own setting
+    assert ev.evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "b", precision="bf16",
+                       progress=False)["precision"] == "bf16"  # an explicit flag wins
+    model, cfg, _ = load_model(tiny_run["best_checkpoint"])
+    free = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="auto"))
+    bf16, cl, why = ev.inference_path(model, free, 4)
+    assert all(name in why for name in runtime.PATHS)  # an unpinned checkpoint: all four paths timed

@@ -248,10 +248,9 @@ def test_freeze_blocks_fixes_early_weights_and_bn_statistics(backbone):
 
 
 def test_a_backbone_is_one_registry_entry(monkeypatch):
-    """A new backbone needs one entry: config validation, model building and precision choice read it."""
+    """A new backbone needs one entry: config validation and model building read it."""
     from torch import nn
 
-    from sevenpoint import runtime
     from sevenpoint.config import load_config
     from sevenpoint.models import BACKBONES, Backbone
     from sevenpoint.models.freeze import EarlyFreeze
@@ -269,13 +268,11 @@ def test_a_backbone_is_one_registry_entry(monkeypatch):
         def forward_features(self, x):
             return self.conv(x), {}
 
-    monkeypatch.setitem(BACKBONES, "toy", Backbone(lambda cfg, size: Toy(), 64, cpu_bf16=True, user_weights=False,
+    monkeypatch.setitem(BACKBONES, "toy", Backbone(lambda cfg, size: Toy(), 64, user_weights=False,
                                                                packaged_weights=False))
     cfg = load_config("tiny", ["model.backbone=toy", "model.attention=false"])
     model = FusionModel(cfg.model, 64)
     out = model(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 64, 64), torch.zeros(2, 14))
     assert isinstance(model.derm.backbone, Toy) and out.probs[0].shape == (2, 5)
-    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
-    assert runtime.use_bf16("auto", "toy", on_gpu=False) and not runtime.use_bf16("auto", "efficientnet_lite0", False)
     with pytest.raises(ConfigError, match="does not take user weights"):
         load_config("tiny", ["model.backbone=toy", "model.backbone_checkpoint=w.safetensors"])

@@ -118,7 +118,7 @@ def validate_meta(meta: Mapping[str, object] | None) -> np.ndarray | None:
 class _TorchBackend:
     def __init__(self, model: torch.nn.Module, cfg, precision: str) -> None:
         self.model = model.eval()
-        self.bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
+        self.bf16 = use_bf16(precision, on_gpu=False)
         self.channels_last = use_channels_last(cfg.train.channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -139,7 +139,7 @@ class _FrozenBackend:
     (docs/PERFORMANCE.md). Gives aggregated attention maps only (no per-head maps)."""
 
     def __init__(self, model: torch.nn.Module, cfg, precision: str) -> None:
-        self.bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
+        self.bf16 = use_bf16(precision, on_gpu=False)
         self.graph = freeze_for_inference(model, 1, cfg.data.image_size, cfg.meta_dim, self.bf16)
         self.names = self.graph.attention_names
 

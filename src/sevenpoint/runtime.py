@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import platform
 from pathlib import Path
@@ -57,20 +59,92 @@ def cpu_summary() -> dict:
     }
 
 
-def use_bf16(precision: str, backbone: str, on_gpu: bool) -> bool:
-    """`auto`: bf16 on GPUs; on bf16 CPUs for the backbones whose registry entry says bf16 was
-    measured faster (Xception; EfficientNet-Lite's depthwise convs were slower, docs/PERFORMANCE.md)."""
-    from .models.backbones import BACKBONES
-
+def use_bf16(precision: str, on_gpu: bool) -> bool:
+    """`fp32` / `bf16` as requested; `auto` on a GPU: bf16 where it is supported. On a CPU `auto`
+    is a measurement, not a rule: `choose_path` times the candidates."""
     if precision != "auto":
         return precision == "bf16"
-    if on_gpu:
-        return torch.cuda.is_bf16_supported()
-    return cpu_supports_bf16() and BACKBONES[backbone].cpu_bf16
+    return on_gpu and torch.cuda.is_bf16_supported()
 
 
 def use_channels_last(setting: str) -> bool:
+    """`predict` / `serve`'s layout: channels_last unless `off` (train, evaluate and calibrate measure it)."""
     return setting == "on" or setting == "auto"
+
+
+# name -> (channels_last, bf16): the CPU paths `train`, `evaluate` and `calibrate` choose between
+PATHS = {"fp32": (False, False), "channels_last": (True, False), "bf16": (False, True),
+         "channels_last+bf16": (True, True)}
+
+
+def path_candidates(precision: str, channels_last: str) -> tuple[dict[str, tuple[bool, bool]], str]:
+    """The CPU paths that `precision` (auto | fp32 | bf16) and `channels_last` (auto | on | off) leave
+    open, and what was ruled out without timing: a pinned setting, or bf16 on a CPU without bf16
+    units (emulated bf16 is never faster)."""
+    why = []
+    if precision == "auto" and not cpu_supports_bf16():
+        precisions = [False]
+        why.append("fp32 only: this CPU has no bf16 units (AVX512-BF16 / AMX)")
+    elif precision == "auto":
+        precisions = [False, True]
+    else:
+        precisions = [precision == "bf16"]
+        why.append(f"precision {precision} pinned")
+    layouts = [True, False] if channels_last == "auto" else [channels_last == "on"]
+    if channels_last != "auto":
+        why.append(f"channels_last {channels_last} pinned")
+    return {n: p for n, p in PATHS.items() if p[0] in layouts and p[1] in precisions}, "; ".join(why)
+
+
+def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: str = "auto",
+                channels_last: str = "auto", on_gpu: bool = False, rounds: int = 3,
+                cache: Path | None = None) -> tuple[bool, bool, str]:
+    """(channels_last, bf16, why) for running `model` (a FusionModel built from `cfg`) in `mode`:
+    `train` times forward + loss + backward steps, `infer` forward passes, at `batch` cases on
+    random inputs, each candidate on its own copy of the model (`model` itself is not touched).
+    Candidates are the paths `path_candidates` leaves open; the fastest is cached per CPU model,
+    torch version, threads, mode, batch and model config (`autotune`). On a GPU: bf16 where
+    supported (`use_bf16`), channels_last unless `off`."""
+    if on_gpu:
+        bf16, cl = use_bf16(precision, on_gpu=True), channels_last != "off"
+        return cl, bf16, f"{'bf16' if bf16 else 'fp32'}, channels_last {'on' if cl else 'off'}: GPU default"
+    candidates, ruled_out = path_candidates(precision, channels_last)
+    size = cfg.data.image_size
+    key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), mode, f"batch{batch}",
+                    json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(size)])
+
+    def timing(cl: bool, bf16: bool):
+        def build():
+            import copy
+
+            from .engine.loss import multitask_loss
+            from .schema import TASKS
+
+            net = copy.deepcopy(model).train(mode == "train")
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            if cl:
+                net.to(memory_format=fmt)
+            g = torch.Generator().manual_seed(0)
+            images = [torch.rand(batch, 3, size, size, generator=g).contiguous(memory_format=fmt) for _ in range(2)]
+            meta = torch.zeros(batch, cfg.meta_dim)
+            targets = torch.zeros(batch, len(TASKS), dtype=torch.long)
+
+            def step():
+                if mode == "train":
+                    with bf16_autocast(bf16):
+                        loss, _ = multitask_loss(net(*images, meta), targets)
+                    loss.backward()
+                    net.zero_grad(set_to_none=True)
+                else:
+                    with torch.no_grad(), bf16_autocast(bf16):
+                        net(*images, meta)
+            return step
+        return build
+
+    with torch.random.fork_rng(devices=[]):  # dropout in the timed steps must not shift the run's random stream
+        choice, why = autotune(key, {n: timing(*p) for n, p in candidates.items()}, rounds=rounds, cache=cache)
+    cl, bf16 = candidates[choice]
+    return cl, bf16, f"{why}{f' ({ruled_out})' if ruled_out else ''}"
 
 
 def bf16_autocast(enabled: bool, device_type: str = "cpu", tracing: bool = False) -> torch.autocast:
@@ -104,13 +178,13 @@ def autotune_cache_file() -> Path:
 def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = None) -> tuple[str, str]:
     """The fastest of `candidates` for `key`, timed round robin (`rounds` rounds after one warm-up
     each, median per candidate), and why. Each candidate is a zero-argument factory returning the
-    callable that runs one forward pass: nothing is built unless it has to be timed.
+    callable that runs one step (a forward pass, a training step): nothing is built unless it has
+    to be timed.
 
     The answer is cached under `key` (which should name the CPU model, torch version, threads and
     model config): a second call returns it without building or timing anything. A single
     candidate is returned untimed.
     """
-    import json
     import statistics
 
     from .atomic import write_json
@@ -131,12 +205,12 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     medians = {name: statistics.median(t) for name, t in times.items()}
     choice = min(medians, key=medians.get)
     why = ", ".join(f"{n} {1000 * m:.1f} ms" for n, m in sorted(medians.items(), key=lambda kv: kv[1]))
-    known[key] = {"choice": choice, "why": f"median per forward: {why}"}
+    known[key] = {"choice": choice, "why": f"median per step: {why}"}
     try:
         write_json(cache, known)
     except OSError:
         pass  # a read-only home: the choice is still made, just not kept
-    return choice, f"{choice}: measured now (median per forward: {why})"
+    return choice, f"{choice}: measured now (median per step: {why})"
 
 
 class ThreadGovernor:

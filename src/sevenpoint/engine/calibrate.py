@@ -14,8 +14,7 @@ from ..checkpoint import atomic_torch_save, load_model, read_checkpoint
 from ..config import config_from_dict
 from ..data import load_dataset
 from ..data.base import DatasetError
-from ..runtime import use_bf16, use_channels_last
-from .evaluate import predict_split
+from .evaluate import inference_path, predict_split
 from .metrics import temperature_report
 
 
@@ -29,9 +28,8 @@ def fit_on_validation(model, cfg, data, precision: str = "auto", progress: bool 
     if "valid" not in data.splits:
         raise DatasetError(f"{data.root}: temperatures are fitted on a validation split; this {data.format} "
                            "dataset has none")
-    bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=False)
-    pred = predict_split(model, cfg, data, "valid", cfg.infer.tta, bf16=bf16,
-                         channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
+    bf16, channels_last, _ = inference_path(model, cfg, 32, precision)
+    pred = predict_split(model, cfg, data, "valid", cfg.infer.tta, 32, bf16, channels_last, progress)
     temps, report = temperature_report(pred.probs, pred.targets)
     return temps, report, pred
 

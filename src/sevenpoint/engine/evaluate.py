@@ -25,7 +25,7 @@ from ..temperature import apply_temperatures
 from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
 from .module import forward_batch
 from .report import plot_confusion, plot_roc, write_report
-from ..runtime import bf16_autocast, use_bf16, use_channels_last
+from ..runtime import bf16_autocast, choose_path
 
 
 @dataclass
@@ -73,6 +73,19 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
     probs = {b: [np.concatenate(p) for p in chunks[b]] for b in names}
     return Predictions(probs.pop("fused"), np.concatenate(targets), ids, probs,
                        {b: np.concatenate(m) for b, m in masks.items()})
+
+
+def inference_path(model: FusionModel, cfg: RunConfig, batch_size: int, precision: str = "auto",
+                   device: str = "cpu") -> tuple[bool, bool, str]:
+    """(bf16, channels_last, why) for predicting with a checkpoint's model: `precision` as asked;
+    `auto` takes the checkpoint's own `train.precision` where its config pins one (a recipe whose
+    figures were measured in fp32 stays fp32), else the faster path measured on this machine
+    (`runtime.choose_path`, cached); `train.channels_last` likewise."""
+    if precision == "auto" and cfg.train.precision != "auto":
+        precision = cfg.train.precision
+    cl, bf16, why = choose_path("infer", model, cfg, batch_size, precision, cfg.train.channels_last,
+                                on_gpu=device.startswith("cuda"))
+    return bf16, cl, why
 
 
 def predict_split(model: FusionModel, cfg: RunConfig, data: CaseSet, split: str, tta: str = "none",
@@ -144,8 +157,8 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
               file=sys.stderr, flush=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = use_bf16(precision, cfg.model.backbone, on_gpu=device.startswith("cuda"))
-    channels_last = use_channels_last(cfg.train.channels_last)
+    bf16, channels_last, path_why = inference_path(model, cfg, batch_size, precision, device)
+    print(f"inference path {path_why}", file=sys.stderr, flush=True)
 
     def run(which: str):
         return predict_split(model, cfg, data, which, tta, batch_size, bf16, channels_last, progress, device)
@@ -158,7 +171,8 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     metrics["branches"] = branch_accuracy(pred)
     fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.clinic_only else 0
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
-                    "precision": "bf16" if bf16 else "fp32", "variant": cfg.model.variant,
+                    "precision": "bf16" if bf16 else "fp32",
+                    "channels_last": channels_last, "path_choice": path_why, "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "attention": cfg.model.attention,
                     "temperature": None if temperature is None else list(temperature),
                     "split_in_training_data": trained_on})

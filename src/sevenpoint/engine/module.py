@@ -42,13 +42,16 @@ class SevenPointModule(L.LightningModule):
         self.cfg = cfg
         self.model = FusionModel(cfg.model, cfg.data.image_size, cfg.meta_dim)
         self.class_weights = class_weights
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.set_channels_last(channels_last)
         # Validation accuracy per task over its annotated cases: correct and scored counts as
         # torchmetrics sums, so they are exact over all cases, also across DDP ranks.
         self.val_correct = torch.nn.ModuleList(SumMetric() for _ in TASKS)
         self.val_scored = torch.nn.ModuleList(SumMetric() for _ in TASKS)
+
+    def set_channels_last(self, on: bool) -> None:
+        """Run (and keep the weights) in channels_last memory layout, or not."""
+        self.channels_last = on
+        self.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if not self.model.can_run(batch["has_derm"], batch["has_clinic"]):

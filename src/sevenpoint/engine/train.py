@@ -40,7 +40,7 @@ from ..ood import OODModel, descriptor
 from ..data.transforms import transforms_for
 from ..schema import TASKS
 from .module import SevenPointModule
-from ..runtime import cpu_summary, use_bf16, use_channels_last
+from ..runtime import choose_path, cpu_summary
 
 TRAIN_SPLITS = ("train", "valid")  # the trainer never sees "test"
 
@@ -205,10 +205,12 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         print(f"refit: training on train + valid ({len(train_dl.dataset)} cases) for {cfg.train.epochs} epochs; "
               "best.ckpt will be the final weights (nothing is selected on validation)", flush=True)
     on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
-    bf16 = use_bf16(cfg.train.precision, cfg.model.backbone, on_gpu)
-    channels_last = use_channels_last(cfg.train.channels_last)
     weights = class_weights_for(data.targets("train")) if cfg.train.class_weights else None
-    module = SevenPointModule(cfg, weights, channels_last=channels_last)
+    module = SevenPointModule(cfg, weights)
+    channels_last, bf16, why = choose_path("train", module.model, cfg, cfg.train.batch_size, cfg.train.precision,
+                                           cfg.train.channels_last, on_gpu)
+    module.set_channels_last(channels_last)
+    print(f"training path {why}", flush=True)
     reports = {name: branch.backbone.load_report for name, branch in (("derm", module.model.derm),
                                                                       ("clinic", module.model.clinic))
                if branch is not None and getattr(branch.backbone, "load_report", None)}
@@ -261,6 +263,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         "train_seconds": round(elapsed, 1),
         "precision": "bf16" if bf16 else "fp32",
         "channels_last": channels_last,
+        "path_choice": why,
         "train_cases": len(train_dl.dataset),
         "valid_cases": 0 if refit else len(valid_dl.dataset),
         "config": dataclasses.asdict(cfg),
@@ -333,7 +336,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     """Train the members one after another in `run_dir/members/m<i>/` (each a normal, resumable run),
     then write their average as `run_dir/checkpoints/best.ckpt` and score it on validation."""
     from ..checkpoint import assemble_ensemble, load_model
-    from .evaluate import predict_split
+    from .evaluate import inference_path, predict_split
     from .metrics import compute_metrics
 
     run_dir = Path(run_dir)
@@ -371,8 +374,9 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         pred = calibrate_in_place(best, data, progress)
     elif not cfg.train.refit:  # a refit's validation cases are training data: not scored
         model, ens_cfg, _ = load_model(best)
-        pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size,
-                             channels_last=use_channels_last(cfg.train.channels_last), progress=progress)
+        bf16, channels_last, _ = inference_path(model, ens_cfg, cfg.train.batch_size)
+        pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size, bf16, channels_last,
+                             progress)
     summary = {
         "best_checkpoint": str(best),
         "best_val_avg_acc": None if pred is None else compute_metrics(pred.probs, pred.targets)["average_accuracy"],

@@ -19,7 +19,6 @@ class Backbone:
 
     build: Callable[[ModelConfig, int], nn.Module]  # (model config, input size) -> backbone
     native_size: int  # the input size its weights were trained at
-    cpu_bf16: bool  # `precision=auto` uses bf16 on bf16 CPUs (measured faster; docs/PERFORMANCE.md)
     user_weights: bool  # accepts `model.backbone_checkpoint`
     packaged_weights: bool  # ships ImageNet weights (`model.pretrained`, on by default where true)
 
@@ -39,11 +38,11 @@ def _lite(name: str, cfg: ModelConfig, image_size: int) -> nn.Module:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "xception": Backbone(partial(_xception, XCEPTION_PAPER), 299, cpu_bf16=True, user_weights=True,
+    "xception": Backbone(partial(_xception, XCEPTION_PAPER), 299, user_weights=True,
                          packaged_weights=False),
-    "xception_tiny": Backbone(partial(_xception, XCEPTION_TINY), 299, cpu_bf16=True, user_weights=True,
+    "xception_tiny": Backbone(partial(_xception, XCEPTION_TINY), 299, user_weights=True,
                               packaged_weights=False),
-    **{name: Backbone(partial(_lite, name), NATIVE_SIZE[name], cpu_bf16=False, user_weights=False,
+    **{name: Backbone(partial(_lite, name), NATIVE_SIZE[name], user_weights=False,
                       packaged_weights=True) for name in LITE_VARIANTS},
 }
 
