@@ -220,6 +220,14 @@ def test_ablate_reuses_finished_runs_and_runs_a_subset(synth_root, tmp_path):
     changed = (*args[:3], [*args[3], "train.lr=0.5"])
     with pytest.raises(ValueError, match=r"train\.lr: 0\.003 there, 0\.5 asked"):
         run_ablation(*changed, seeds=[0], progress=False, runs=["DIM"])  # never mixes two configs in one table
+    # a run saved with the old `precision: auto` (then a rule; its summary says what it ran in) still matches
+    # that precision, and only that one
+    saved = run / "config.yaml"
+    saved.write_text(saved.read_text().replace("precision: fp32", "precision: auto"))
+    assert "| DIM | 0 |" in run_ablation(*args, seeds=[0], progress=False, runs=["DIM"], report_only=True)
+    with pytest.raises(ValueError, match=r"train\.precision: 'fp32' there, 'bf16' asked"):
+        run_ablation(*args[:3], [*args[3], "train.precision=bf16"], seeds=[0], progress=False, runs=["DIM"],
+                     report_only=True)
 
 
 def test_each_branch_alone_is_reported_and_averages_to_the_fused_result(tiny_run, synth_root, tmp_path):

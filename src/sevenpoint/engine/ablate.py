@@ -49,6 +49,11 @@ def _check_same_recipe(cfg: RunConfig, run_dir: Path) -> None:
     if not saved_file.is_file():
         return
     saved = config_from_dict(yaml.safe_load(saved_file.read_text()))
+    summary = run_dir / "train_summary.json"
+    if saved.train.precision == "auto" and summary.is_file():
+        # `auto` was a fixed rule before it became a measurement (2026-11-28): the run says what it ran in
+        ran = json.loads(summary.read_text()).get("precision", "auto")
+        saved = dataclasses.replace(saved, train=dataclasses.replace(saved.train, precision=ran))
     if _recipe(saved) != _recipe(cfg):
         a, b = _recipe(saved).to_dict(), _recipe(cfg).to_dict()
         diff = [f"{sec}.{k}: {a[sec][k]!r} there, {b[sec][k]!r} asked" for sec in ("data", "model", "train", "infer")
