@@ -37,6 +37,11 @@ def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):
     assert choice == "fast" and "measured earlier" in why and calls == {"slow": 4, "fast": 4, "built": 2}
     # another key (another CPU, torch or model) is measured afresh; a damaged cache is re-measured
     assert runtime.autotune("other", {"a": ready(slow), "b": ready(fast)}, rounds=1, cache=cache)[0] == "b"
+    # prune: a candidate far behind in the warm-up call is not timed again, and the answer says so
+    calls.update(slow=0, fast=0)
+    choice, why = runtime.autotune("pruned", {"slow": ready(slow), "fast": ready(fast)}, rounds=3, cache=cache,
+                                   prune=2.0)
+    assert choice == "fast" and calls["slow"] == 1 and calls["fast"] == 4 and "slow dropped after" in why
     cache.write_text("{not json")
     assert "measured now" in runtime.autotune("cpu|torch|model", {"slow": ready(slow), "fast": ready(fast)}, rounds=1,
                                               cache=cache)[1]

@@ -96,12 +96,16 @@ def path_candidates(precision: str, channels_last: str) -> tuple[dict[str, tuple
     return {n: p for n, p in PATHS.items() if p[0] in layouts and p[1] in precisions}, "; ".join(why)
 
 
+TIMING_BATCH = 8  # paths are timed on at most this many cases: the ranking, not the rate, is wanted
+
+
 def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: str = "auto",
                 channels_last: str = "auto", on_gpu: bool = False, rounds: int = 3,
                 cache: Path | None = None) -> tuple[bool, bool, str]:
     """(channels_last, bf16, why) for running `model` (a FusionModel built from `cfg`) in `mode`:
-    `train` times forward + loss + backward steps, `infer` forward passes, at `batch` cases on
-    random inputs, each candidate on its own copy of the model (`model` itself is not touched).
+    `train` times forward + loss + backward steps, `infer` forward passes, on min(`batch`,
+    TIMING_BATCH) random cases, each candidate on its own copy of the model (`model` itself is not
+    touched); a candidate more than 2.5x slower than the fastest in the warm-up is dropped there.
     Candidates are the paths `path_candidates` leaves open; the fastest is cached per CPU model,
     torch version, threads, mode, batch and model config (`autotune`). On a GPU: bf16 where
     supported (`use_bf16`), channels_last unless `off`."""
@@ -109,7 +113,7 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
         bf16, cl = use_bf16(precision, on_gpu=True), channels_last != "off"
         return cl, bf16, f"{'bf16' if bf16 else 'fp32'}, channels_last {'on' if cl else 'off'}: GPU default"
     candidates, ruled_out = path_candidates(precision, channels_last)
-    size = cfg.data.image_size
+    size, batch = cfg.data.image_size, min(batch, TIMING_BATCH)
     key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), mode, f"batch{batch}",
                     json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(size)])
 
@@ -142,7 +146,8 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
         return build
 
     with torch.random.fork_rng(devices=[]):  # dropout in the timed steps must not shift the run's random stream
-        choice, why = autotune(key, {n: timing(*p) for n, p in candidates.items()}, rounds=rounds, cache=cache)
+        choice, why = autotune(key, {n: timing(*p) for n, p in candidates.items()}, rounds=rounds, cache=cache,
+                               prune=2.5)
     cl, bf16 = candidates[choice]
     return cl, bf16, f"{why}{f' ({ruled_out})' if ruled_out else ''}"
 
@@ -175,7 +180,8 @@ def autotune_cache_file() -> Path:
     return Path(os.environ.get("SEVENPOINT_AUTOTUNE", Path.home() / ".cache" / "sevenpoint" / "autotune.json"))
 
 
-def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = None) -> tuple[str, str]:
+def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = None,
+             prune: float | None = None) -> tuple[str, str]:
     """The fastest of `candidates` for `key`, timed round robin (`rounds` rounds after one warm-up
     each, median per candidate), and why. Each candidate is a zero-argument factory returning the
     callable that runs one step (a forward pass, a training step): nothing is built unless it has
@@ -183,7 +189,9 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
 
     The answer is cached under `key` (which should name the CPU model, torch version, threads and
     model config): a second call returns it without building or timing anything. A single
-    candidate is returned untimed.
+    candidate is returned untimed. `prune`: candidates whose warm-up call took more than `prune` x
+    the fastest warm-up are not timed further (a naive path that is 5x slower need not be timed 5
+    times to lose).
     """
     import statistics
 
@@ -201,10 +209,13 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     if isinstance(hit, dict) and hit.get("choice") in candidates:
         return hit["choice"], f"{hit['choice']}: measured earlier on this machine ({hit['why']}; cache {cache})"
     runs = {name: make() for name, make in candidates.items()}
-    times = time_round_robin(runs, warmup=1, repeats=rounds)  # warm-up: first calls pick kernels
+    warm = {n: t[0] for n, t in time_round_robin(runs, warmup=0, repeats=1).items()}  # first calls pick kernels
+    dropped = {n: t for n, t in warm.items() if prune and t > prune * min(warm.values())}
+    times = time_round_robin({n: f for n, f in runs.items() if n not in dropped}, warmup=0, repeats=rounds)
     medians = {name: statistics.median(t) for name, t in times.items()}
     choice = min(medians, key=medians.get)
-    why = ", ".join(f"{n} {1000 * m:.1f} ms" for n, m in sorted(medians.items(), key=lambda kv: kv[1]))
+    why = ", ".join([f"{n} {1000 * m:.1f} ms" for n, m in sorted(medians.items(), key=lambda kv: kv[1])]
+                    + [f"{n} dropped after a {1000 * t:.0f} ms warm-up" for n, t in dropped.items()])
     known[key] = {"choice": choice, "why": f"median per step: {why}"}
     try:
         write_json(cache, known)
