@@ -14,7 +14,7 @@ import torch
 
 from sevenpoint.config import load_config
 from sevenpoint.models import FusionModel
-from sevenpoint.runtime import choose_path, cpu_model
+from sevenpoint.runtime import TIMING_BATCH, choose_path, cpu_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("configs", nargs="+", help="packaged config names or YAML files")
@@ -32,5 +32,6 @@ with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             _, _, why = choose_path(mode, model, cfg, batch, precision, cfg.train.channels_last,
                                     cache=Path(tmp) / "autotune.json")
-            print(f"{name} ({cfg.model.backbone}, {cfg.data.image_size} px) {mode} batch {batch}, precision "
+            print(f"{name} ({cfg.model.backbone}, {cfg.data.image_size} px) {mode} batch {batch} (timed on "
+                  f"{min(batch, TIMING_BATCH)}), precision "
                   f"{precision}: {why} [{time.perf_counter() - start:.1f} s]", flush=True)
