@@ -25,6 +25,8 @@ def test_bench_tiny_writes_all_fields(tmp_path):
     assert "onnxruntime fp32" in saved["infer"]
     assert saved["train_speedup"] > 0 and saved["latency_ms_p50"] > 0
     assert (tmp_path / "bench.md").read_text().startswith("CPU:")
+    if "DNN v" in torch.__config__.show():  # oneDNN's version is recorded (torch 2.13 names it MKL-DNN)
+        assert saved["onednn"] and saved["onednn"][0].isdigit()
     assert r["data"]["decode_augment_ms_per_image"] > 0
 
 

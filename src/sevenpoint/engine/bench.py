@@ -71,7 +71,7 @@ def too_wide(ratio: dict) -> bool:
 def _onednn_version() -> str | None:
     import re
 
-    found = re.search(r"oneDNN v([\d.]+)", torch.__config__.show())
+    found = re.search(r"(?:oneDNN|MKL-DNN) v([\d.]+)", torch.__config__.show())  # torch 2.13 says "MKL-DNN"
     return found.group(1) if found else None
 
 
@@ -181,7 +181,8 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         model = copy.deepcopy(base)
         if cl:
             model = model.to(memory_format=torch.channels_last)
-        run_model = torch.compile(model) if "compile" in name else model
+        # static shapes: with automatic dynamic shapes inductor failed on the recompile (ValueRangeError, torch 2.13)
+        run_model = torch.compile(model, dynamic=False) if "compile" in name else model
         inputs = _inputs(batch, size, meta_dim, cl)
         opt = torch.optim.Adam(model.parameters(), 1e-4)
         keep.append((model, opt))
@@ -224,12 +225,13 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         model = copy.deepcopy(base).eval()
         if cl:
             model = model.to(memory_format=torch.channels_last)
+        run_single = torch.compile(model, dynamic=False) if "compile" in name else model  # time what the name says
         one = _inputs(1, size, meta_dim, cl)
 
         @torch.no_grad()
         def single():
             with bf16_autocast(bf16):
-                model(*one)
+                run_single(*one)
 
         latency[f"torch {name}"] = _latency_ms(single, warmup, latency_runs)
     if freeze:
