@@ -87,8 +87,8 @@ class TrainConfig:
     balanced_sampling: bool = False  # sample train cases to balance DIAG
     meta_dropout: float = 0.1  # chance to hide metadata in training, so "unknown" is learned
     early_stopping: int = 30  # epochs without val improvement; 0 = off
-    precision: str = "auto"  # auto | fp32 | bf16
-    channels_last: str = "auto"  # auto | on | off
+    precision: str = "auto"  # auto (CPU: fp32 / bf16 timed, runtime.choose_path; GPU: bf16 if supported) | fp32 | bf16
+    channels_last: str = "auto"  # auto (timed on CPU, like precision) | on | off
     deterministic: bool = False
     devices: int = 1
     accelerator: str = "auto"
