@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from sevenpoint import predict, runtime
 from sevenpoint.predict import Predictor
@@ -63,8 +64,6 @@ def test_predictor_precision_is_measured_on_bf16_cpus_and_said(tiny_run, tmp_pat
 
 
 def test_thread_governor_drops_to_one_thread_when_passes_slow_down_and_retries(monkeypatch):
-    import torch
-
     now = [0.0]
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
@@ -112,12 +111,11 @@ def test_choose_path_times_the_open_paths_caches_the_winner_and_leaves_the_run_a
     model, cfg = _tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = tmp_path / "autotune.json"
-    torch_rng = __import__("torch").random
-    torch_rng.manual_seed(7)
+    torch.manual_seed(7)
     cl, bf16, why = runtime.choose_path(mode, model, cfg, 4, "auto", "auto", rounds=1, cache=cache)
-    after_timing = torch_rng.get_rng_state()
-    torch_rng.manual_seed(7)
-    assert torch_rng.get_rng_state().equal(after_timing)  # the timed (dropout) steps drew nothing from the run's stream
+    after_timing = torch.random.get_rng_state()
+    torch.manual_seed(7)
+    assert torch.random.get_rng_state().equal(after_timing)  # the timed (dropout) steps drew nothing from the run's stream
     assert all(v.equal(model.state_dict()[k]) for k, v in before.items())  # timed on copies
     assert "measured now" in why and all(name in why for name in runtime.PATHS)
     (key, entry), = json.loads(cache.read_text()).items()
