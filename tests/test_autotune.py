@@ -48,17 +48,35 @@ def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):
                                               cache=cache)[1]
 
 
-def test_predictor_precision_is_measured_on_bf16_cpus_and_said(tiny_run, tmp_path, monkeypatch):
+def test_predictor_path_is_measured_and_said(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SEVENPOINT_AUTOTUNE", str(tmp_path / "autotune.json"))
     ckpt = tiny_run["best_checkpoint"]
-    assert Predictor.from_checkpoint(ckpt, precision="fp32").choice == "fp32: requested"
-    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: False)
-    p = Predictor.from_checkpoint(ckpt)
-    assert p.choice.startswith("fp32: this CPU has no bf16") and not p.backend.bf16
-    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
-    monkeypatch.setattr(predict, "autotune", lambda key, candidates: ("bf16", "bf16: measured now (stub)"))
+    p = Predictor.from_checkpoint(ckpt, precision="fp32", backend="frozen")  # one path left: built untimed
+    assert p.choice == "channels_last: precision fp32 pinned; the frozen graph is channels_last" and not p.backend.bf16
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
     p = Predictor.from_checkpoint(ckpt, backend="frozen")
-    assert p.choice == "bf16: measured now (stub)" and p.backend.bf16 and p.info["precision"] == p.choice
+    assert "no bf16 units" in p.choice and not p.backend.bf16
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    timed = []
+
+    def stub(answer):
+        def autotune(key, candidates):
+            timed.append(set(candidates))
+            return answer, f"{answer}: measured now (stub)"
+        return autotune
+
+    monkeypatch.setattr(predict, "autotune", stub("channels_last+bf16"))
+    p = Predictor.from_checkpoint(ckpt, backend="frozen")
+    assert timed[-1] == {"channels_last", "channels_last+bf16"}  # the frozen graph: precision only
+    assert p.choice.startswith("channels_last+bf16: measured now (stub)") and p.backend.bf16
+    assert p.info["precision"] == p.choice
+    # the eager backend also times the layout (tiny.yaml leaves train.channels_last at auto) and builds the winner
+    monkeypatch.setattr(predict, "autotune", stub("fp32"))
+    p = Predictor.from_checkpoint(ckpt)
+    assert timed[-1] == set(runtime.PATHS) and not p.backend.channels_last and not p.backend.bf16
+    monkeypatch.setattr(predict, "autotune", stub("channels_last"))
+    p = Predictor.from_checkpoint(ckpt, precision="fp32")  # fp32 forced: only the layout is left to time
+    assert timed[-1] == {"fp32", "channels_last"} and p.backend.channels_last and not p.backend.bf16
     with pytest.raises(predict.PredictError, match="precision 'fp16'"):
         Predictor.from_checkpoint(ckpt, precision="fp16")
 

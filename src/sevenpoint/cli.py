@@ -324,8 +324,8 @@ def predict(
     out: Annotated[Optional[Path], typer.Option(help="Write the result JSON here.")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for attention overlays (PNG).")] = None,
     batch: Annotated[Optional[Path], typer.Option(help="CSV with columns derm, clinic, sex, location, elevation.")] = None,
-    precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, the faster kept) | "
-                                                "fp32 | bf16")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, with the layout, "
+                                                "the fastest kept) | fp32 | bf16")] = "auto",
     backend: Annotated[str, typer.Option(help="torch (per-head maps) | frozen (fastest) | onnx (from .onnx)")] = "torch",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
@@ -334,7 +334,7 @@ def predict(
     from .predict import Predictor, PredictError, save_heatmaps
 
     predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
-    err.print(f"precision {predictor.choice}", highlight=False)
+    err.print(f"path {predictor.choice}", highlight=False)
     if batch is not None:
         import pandas as pd
 
@@ -377,8 +377,8 @@ def serve(
     max_upload_mb: float = 10.0,
     max_queue: Annotated[int, typer.Option(help="Predictions waiting at once; more get 503.")] = 64,
     backend: Annotated[str, typer.Option(help="frozen (fastest on CPU) | torch | onnx (inferred from .onnx)")] = "frozen",
-    precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, the faster kept) | "
-                                                "fp32 | bf16")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, with the layout, "
+                                                "the fastest kept) | fp32 | bf16")] = "auto",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
     token: Annotated[Optional[str], typer.Option(

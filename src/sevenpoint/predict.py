@@ -8,6 +8,7 @@ prediction runs one forward pass per batch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -25,7 +26,7 @@ from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
-from .runtime import ThreadGovernor, autotune, bf16_autocast, cpu_model, cpu_supports_bf16, use_bf16, use_channels_last
+from .runtime import PATHS, ThreadGovernor, autotune, bf16_autocast, cpu_model, path_candidates, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
 from .temperature import apply_temperatures
@@ -116,10 +117,10 @@ def validate_meta(meta: Mapping[str, object] | None) -> np.ndarray | None:
 
 
 class _TorchBackend:
-    def __init__(self, model: torch.nn.Module, cfg, precision: str) -> None:
+    def __init__(self, model: torch.nn.Module, cfg, precision: str, channels_last: bool | None = None) -> None:
         self.model = model.eval()
         self.bf16 = use_bf16(precision, on_gpu=False)
-        self.channels_last = use_channels_last(cfg.train.channels_last)
+        self.channels_last = use_channels_last(cfg.train.channels_last) if channels_last is None else channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -138,8 +139,8 @@ class _FrozenBackend:
     """The traced + frozen graph (`freeze_for_inference`): the lowest-latency CPU path measured
     (docs/PERFORMANCE.md). Gives aggregated attention maps only (no per-head maps)."""
 
-    def __init__(self, model: torch.nn.Module, cfg, precision: str) -> None:
-        self.bf16 = use_bf16(precision, on_gpu=False)
+    def __init__(self, model: torch.nn.Module, cfg, precision: str, channels_last: bool | None = None) -> None:
+        self.bf16 = use_bf16(precision, on_gpu=False)  # the graph is always built channels_last
         self.graph = freeze_for_inference(model, 1, cfg.data.image_size, cfg.meta_dim, self.bf16)
         self.names = self.graph.attention_names
 
@@ -210,9 +211,11 @@ class Predictor:
                         tta: str | None = None) -> Predictor:
         """`backend`: torch (eager, per-head attention maps), frozen (traced + frozen graph, fastest
         at batch 1 on CPU, aggregated maps only) or onnx (an exported .onnx file). `tta=None`
-        applies the checkpoint's `infer.tta`. `precision="auto"`: on a CPU with bf16 units, fp32 and
-        bf16 are timed at batch 1 and the faster kept (cached per CPU, torch version and model;
-        `choice` says which and why); fp32 elsewhere. `fp32` / `bf16` force one."""
+        applies the checkpoint's `infer.tta`. The numeric path is measured: the open candidates
+        (precision: fp32 and, on a CPU with bf16 units, bf16 — `fp32` / `bf16` force one; layout:
+        channels_last on and off for the eager backend unless the checkpoint's `train.channels_last`
+        pins it) are timed at batch 1 and the fastest kept (cached per CPU, torch version, threads,
+        backend and model; `choice` says which and why)."""
         if backend == "onnx" or str(path).endswith(".onnx"):
             return cls.from_onnx(path, tta)
         if backend not in ("torch", "frozen"):
@@ -221,27 +224,37 @@ class Predictor:
             raise PredictError(f"precision {precision!r}: expected auto, fp32 or bf16")
         model, cfg, section = load_model(path)
         make = _FrozenBackend if backend == "frozen" else _TorchBackend
-        if precision != "auto":
-            impl, why = make(model, cfg, precision), f"{precision}: requested"
-        elif not cpu_supports_bf16():
-            impl, why = make(model, cfg, "fp32"), "fp32: this CPU has no bf16 units (AVX512-BF16 / AMX)"
+        # The open paths (runtime.path_candidates): precision as asked (bf16 timed only on a CPU with bf16
+        # units), layout as the checkpoint's train.channels_last says; the frozen graph is always channels_last.
+        paths, ruled_out = path_candidates(precision, "on" if backend == "frozen" else cfg.train.channels_last)
+        if backend == "frozen":
+            ruled_out = ruled_out.replace("channels_last on pinned", "the frozen graph is channels_last")
+
+        def build(name: str):
+            cl, bf16 = PATHS[name]
+            return make(copy.deepcopy(model) if len(paths) > 1 else model, cfg, "bf16" if bf16 else "fp32", cl)
+
+        if len(paths) == 1:
+            name = next(iter(paths))
+            impl, why = build(name), f"{name}: {ruled_out or 'the only candidate'}"
         else:
             x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
             inputs = (x, x.clone(), torch.zeros(1, cfg.meta_dim), {k: torch.ones(1, dtype=torch.bool)
                                                                    for k in ("derm", "clinic", "meta")})
             built = {}  # backends autotune had to build for timing (none when the choice is cached)
 
-            def timing(p: str):
-                def build():
-                    built[p] = make(model, cfg, p)
-                    return functools.partial(built[p], *inputs)
-                return build
+            def timing(name: str):
+                def make_call():
+                    built[name] = build(name)
+                    return functools.partial(built[name], *inputs)
+                return make_call
 
-            key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), backend, "batch1",
+            key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), backend, "batch1", "paths",
                             json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(cfg.data.image_size),
                             str(cfg.train.ensemble)])
-            choice, why = autotune(key, {p: timing(p) for p in ("fp32", "bf16")})
-            impl = built.get(choice) or make(model, cfg, choice)
+            choice, why = autotune(key, {n: timing(n) for n in paths})
+            impl = built.get(choice) or build(choice)
+            why += f" ({ruled_out})" if ruled_out else ""
         predictor = cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")))
         predictor.choice = why
         return predictor
