@@ -52,7 +52,8 @@ def test_predictor_path_is_measured_and_said(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SEVENPOINT_AUTOTUNE", str(tmp_path / "autotune.json"))
     ckpt = tiny_run["best_checkpoint"]
     p = Predictor.from_checkpoint(ckpt, precision="fp32", backend="frozen")  # one path left: built untimed
-    assert p.choice == "channels_last: precision fp32 pinned; the frozen graph is channels_last" and not p.backend.bf16
+    assert p.choice == "channels_last: the only candidate (precision fp32 pinned; the frozen graph is channels_last)"
+    assert not p.backend.bf16
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
     p = Predictor.from_checkpoint(ckpt, backend="frozen")
     assert "no bf16 units" in p.choice and not p.backend.bf16
@@ -60,21 +61,21 @@ def test_predictor_path_is_measured_and_said(tiny_run, tmp_path, monkeypatch):
     timed = []
 
     def stub(answer):
-        def autotune(key, candidates):
+        def autotune(key, candidates, **timing):
             timed.append(set(candidates))
             return answer, f"{answer}: measured now (stub)"
         return autotune
 
-    monkeypatch.setattr(predict, "autotune", stub("channels_last+bf16"))
+    monkeypatch.setattr(runtime, "autotune", stub("channels_last+bf16"))
     p = Predictor.from_checkpoint(ckpt, backend="frozen")
     assert timed[-1] == {"channels_last", "channels_last+bf16"}  # the frozen graph: precision only
     assert p.choice.startswith("channels_last+bf16: measured now (stub)") and p.backend.bf16
     assert p.info["precision"] == p.choice
     # the eager backend also times the layout (tiny.yaml leaves train.channels_last at auto) and builds the winner
-    monkeypatch.setattr(predict, "autotune", stub("fp32"))
+    monkeypatch.setattr(runtime, "autotune", stub("fp32"))
     p = Predictor.from_checkpoint(ckpt)
     assert timed[-1] == set(runtime.PATHS) and not p.backend.channels_last and not p.backend.bf16
-    monkeypatch.setattr(predict, "autotune", stub("channels_last"))
+    monkeypatch.setattr(runtime, "autotune", stub("channels_last"))
     p = Predictor.from_checkpoint(ckpt, precision="fp32")  # fp32 forced: only the layout is left to time
     assert timed[-1] == {"fp32", "channels_last"} and p.backend.channels_last and not p.backend.bf16
     with pytest.raises(predict.PredictError, match="precision 'fp16'"):

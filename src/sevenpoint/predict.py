@@ -9,7 +9,6 @@ prediction runs one forward pass per batch.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import os
@@ -26,7 +25,7 @@ from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
 from .data.transforms import to_tensor, transforms_for, tta_views
-from .runtime import PATHS, ThreadGovernor, autotune, bf16_autocast, cpu_model, path_candidates, use_bf16, use_channels_last
+from .runtime import PATHS, ThreadGovernor, bf16_autocast, path_candidates, path_key, pick_path, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
 from .temperature import apply_temperatures
@@ -230,31 +229,23 @@ class Predictor:
         if backend == "frozen":
             ruled_out = ruled_out.replace("channels_last on pinned", "the frozen graph is channels_last")
 
+        built = {}  # backends autotune had to build for timing (none when the choice is cached or alone)
+
         def build(name: str):
             cl, bf16 = PATHS[name]
             return make(copy.deepcopy(model) if len(paths) > 1 else model, cfg, "bf16" if bf16 else "fp32", cl)
 
-        if len(paths) == 1:
-            name = next(iter(paths))
-            impl, why = build(name), f"{name}: {ruled_out or 'the only candidate'}"
-        else:
-            x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
-            inputs = (x, x.clone(), torch.zeros(1, cfg.meta_dim), {k: torch.ones(1, dtype=torch.bool)
-                                                                   for k in ("derm", "clinic", "meta")})
-            built = {}  # backends autotune had to build for timing (none when the choice is cached)
+        def timing(name: str):
+            def make_call():
+                built[name] = build(name)
+                x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
+                return functools.partial(built[name], x, x.clone(), torch.zeros(1, cfg.meta_dim),
+                                         {k: torch.ones(1, dtype=torch.bool) for k in ("derm", "clinic", "meta")})
+            return make_call
 
-            def timing(name: str):
-                def make_call():
-                    built[name] = build(name)
-                    return functools.partial(built[name], *inputs)
-                return make_call
-
-            key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), backend, "batch1", "paths",
-                            json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(cfg.data.image_size),
-                            str(cfg.train.ensemble)])
-            choice, why = autotune(key, {n: timing(n) for n in paths})
-            impl = built.get(choice) or build(choice)
-            why += f" ({ruled_out})" if ruled_out else ""
+        key = path_key(cfg, backend, "batch1", "paths", f"ensemble{cfg.train.ensemble}")
+        choice, why = pick_path(key, paths, ruled_out, timing, rounds=5)
+        impl = built.get(choice) or build(choice)
         predictor = cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")))
         predictor.choice = why
         return predictor

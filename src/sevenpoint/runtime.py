@@ -96,6 +96,23 @@ def path_candidates(precision: str, channels_last: str) -> tuple[dict[str, tuple
     return {n: p for n, p in PATHS.items() if p[0] in layouts and p[1] in precisions}, "; ".join(why)
 
 
+def path_key(cfg, *parts: str) -> str:
+    """The autotune cache key of a path choice for `cfg`'s model: CPU model, torch version, threads,
+    the caller's `parts` (what is timed, and how), the model config and the input size."""
+    return "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), *parts,
+                     json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(cfg.data.image_size)])
+
+
+def pick_path(key: str, candidates: dict, ruled_out: str, timed, rounds: int = 3, prune: float | None = None,
+              cache: Path | None = None) -> tuple[str, str]:
+    """(name, why) of the fastest of `candidates` (names from `path_candidates`): `timed(name)` is the
+    factory `autotune` builds and times; `ruled_out` (what `path_candidates` excluded) ends the why.
+    The timed steps draw nothing from the caller's random stream."""
+    with torch.random.fork_rng(devices=[]):  # e.g. dropout in timed training steps
+        choice, why = autotune(key, {n: timed(n) for n in candidates}, rounds=rounds, cache=cache, prune=prune)
+    return choice, f"{why}{f' ({ruled_out})' if ruled_out else ''}"
+
+
 TIMING_BATCH = 8  # paths are timed on at most this many cases: the ranking, not the rate, is wanted
 
 
@@ -114,10 +131,10 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
         return cl, bf16, f"{'bf16' if bf16 else 'fp32'}, channels_last {'on' if cl else 'off'}: GPU default"
     candidates, ruled_out = path_candidates(precision, channels_last)
     size, batch = cfg.data.image_size, min(batch, TIMING_BATCH)
-    key = "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), mode, f"batch{batch}",
-                    json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(size)])
 
-    def timing(cl: bool, bf16: bool):
+    def timing(name: str):
+        cl, bf16 = PATHS[name]
+
         def build():
             import copy
 
@@ -145,11 +162,10 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
             return step
         return build
 
-    with torch.random.fork_rng(devices=[]):  # dropout in the timed steps must not shift the run's random stream
-        choice, why = autotune(key, {n: timing(*p) for n, p in candidates.items()}, rounds=rounds, cache=cache,
-                               prune=2.5)
-    cl, bf16 = candidates[choice]
-    return cl, bf16, f"{why}{f' ({ruled_out})' if ruled_out else ''}"
+    choice, why = pick_path(path_key(cfg, mode, f"batch{batch}"), candidates, ruled_out, timing, rounds, prune=2.5,
+                            cache=cache)
+    cl, bf16 = PATHS[choice]
+    return cl, bf16, why
 
 
 def bf16_autocast(enabled: bool, device_type: str = "cpu", tracing: bool = False) -> torch.autocast:

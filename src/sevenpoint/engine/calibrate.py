@@ -28,8 +28,9 @@ def fit_on_validation(model, cfg, data, precision: str = "auto", progress: bool 
     if "valid" not in data.splits:
         raise DatasetError(f"{data.root}: temperatures are fitted on a validation split; this {data.format} "
                            "dataset has none")
-    bf16, channels_last, _ = inference_path(model, cfg, 32, precision)
-    pred = predict_split(model, cfg, data, "valid", cfg.infer.tta, 32, bf16, channels_last, progress)
+    batch = 32  # predict_split's default
+    bf16, channels_last, _ = inference_path(model, cfg, batch, precision)
+    pred = predict_split(model, cfg, data, "valid", cfg.infer.tta, batch, bf16, channels_last, progress)
     temps, report = temperature_report(pred.probs, pred.targets)
     return temps, report, pred
 
