@@ -69,10 +69,10 @@ def load_model(path: str | os.PathLike) -> tuple[FusionModel | FusionEnsemble, R
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # e.g. a tensor whose stored shape was damaged
-        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone} model "
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone_text} model "
                               f"({str(exc).splitlines()[-1].strip()})") from exc
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone} model "
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.variant}/{cfg.model.backbone_text} model "
                               f"of {cfg.train.ensemble} member(s): missing {result.missing_keys[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}")
     model.eval()

@@ -45,6 +45,7 @@ VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "cl
 class ModelConfig:
     variant: str = "DCIHMM"  # DIM (dermoscopy only) | CIM (clinical only) | DCIHMM (all three branches)
     backbone: str = "xception"  # xception | xception_tiny | efficientnet_lite0/1/2
+    derm_backbone: str | None = None  # the dermoscopy branch's own backbone; None: `backbone` (both branches alike)
     attention: bool = True
     attention_heads: int = 16
     share_backbone: bool = False
@@ -59,6 +60,13 @@ class ModelConfig:
     def branches(self) -> tuple[str, ...]:
         """The branches this variant has (the one place that interprets `variant`)."""
         return VARIANT_BRANCHES[self.variant]
+
+    @property
+    def backbone_text(self) -> str:
+        """The backbone(s) in words: "efficientnet_lite0", or "efficientnet_lite2 (derm) + efficientnet_lite0"."""
+        if self.derm_backbone in (None, self.backbone):
+            return self.backbone
+        return f"{self.derm_backbone} (derm) + {self.backbone}"
 
     @property
     def images(self) -> tuple[str, ...]:
@@ -278,6 +286,15 @@ def finalize(cfg: RunConfig) -> RunConfig:
 
     if model.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone: {model.backbone!r} is not one of {', '.join(BACKBONES)}")
+    if model.derm_backbone is not None:
+        if model.derm_backbone not in BACKBONES:
+            raise ConfigError(f"model.derm_backbone: {model.derm_backbone!r} is not one of {', '.join(BACKBONES)}")
+        if model.share_backbone and model.derm_backbone != model.backbone:
+            raise ConfigError(f"model.derm_backbone: {model.derm_backbone} differs from model.backbone "
+                              f"{model.backbone}, so the branches cannot share one (model.share_backbone)")
+        if BACKBONES[model.derm_backbone].packaged_weights != BACKBONES[model.backbone].packaged_weights:
+            raise ConfigError(f"model.derm_backbone: {model.derm_backbone} and model.backbone {model.backbone} "
+                              "must both ship ImageNet weights or both not (model.pretrained applies to both)")
     if model.pretrained is None:
         model = dataclasses.replace(model, pretrained=BACKBONES[model.backbone].packaged_weights)
     if model.backbone_checkpoint and not BACKBONES[model.backbone].user_weights:

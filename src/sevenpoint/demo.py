@@ -30,7 +30,7 @@ def run_demo(out: str | Path, cases: int = 400, epochs: int | None = None, progr
     run_dir = out / "run"
     summary = train(cfg, data_dir, run_dir, resume=(run_dir / "checkpoints" / "last.ckpt").exists(),
                     progress=progress)
-    console.print(f"[2/4] trained {cfg.model.variant} ({cfg.model.backbone}, {cfg.data.image_size} px) for "
+    console.print(f"[2/4] trained {cfg.model.variant} ({cfg.model.backbone_text}, {cfg.data.image_size} px) for "
                   f"{summary['epochs_run']} epochs in {summary['train_seconds']} s; best val avg acc "
                   f"{100 * summary['best_val_avg_acc']:.1f} %")
     metrics = evaluate(summary["best_checkpoint"], data_dir, out / "eval", split="test", progress=progress)

@@ -173,7 +173,8 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
                     "precision": "bf16" if bf16 else "fp32",
                     "channels_last": channels_last, "path_choice": path_why, "variant": cfg.model.variant,
-                    "backbone": cfg.model.backbone, "attention": cfg.model.attention,
+                    "backbone": cfg.model.backbone, "derm_backbone": cfg.model.derm_backbone,
+                    "attention": cfg.model.attention,
                     "temperature": None if temperature is None else list(temperature),
                     "split_in_training_data": trained_on})
     metrics["format"] = data.format

@@ -47,11 +47,13 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
-def build_backbone(cfg: ModelConfig, image_size: int) -> nn.Module:
-    """The backbone `cfg` names, built for `image_size` px inputs (static-padding Lite ports need it)."""
-    if cfg.backbone not in BACKBONES:
-        raise ValueError(f"model.backbone: unknown {cfg.backbone!r} (have: {', '.join(BACKBONES)})")
-    net = BACKBONES[cfg.backbone].build(cfg, image_size)
+def build_backbone(cfg: ModelConfig, image_size: int, modality: str = "clinic") -> nn.Module:
+    """The backbone `cfg` names for `modality` ("derm" reads `derm_backbone` when set), built for
+    `image_size` px inputs (static-padding Lite ports need it)."""
+    name = cfg.derm_backbone if modality == "derm" and cfg.derm_backbone else cfg.backbone
+    if name not in BACKBONES:
+        raise ValueError(f"model.backbone: unknown {name!r} (have: {', '.join(BACKBONES)})")
+    net = BACKBONES[name].build(cfg, image_size)
     if cfg.bn_momentum is not None:
         set_bn_momentum(net, cfg.bn_momentum)
     net.freeze_early(cfg.freeze_blocks)

@@ -140,7 +140,7 @@ class FusionModel(nn.Module):
         self.cfg = cfg
         self.branch_names = cfg.branches
         self.fusion_weights: dict[str, float] = {}  # branch -> late-fusion weight (missing = 1); `infer.clinic_weight`
-        derm_bb = build_backbone(cfg, image_size) if "derm" in self.branch_names else None
+        derm_bb = build_backbone(cfg, image_size, "derm") if "derm" in self.branch_names else None
         clinic_bb = None
         if "clinic" in self.branch_names:
             clinic_bb = derm_bb if (cfg.share_backbone and derm_bb is not None) else build_backbone(cfg, image_size)
