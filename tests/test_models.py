@@ -189,6 +189,37 @@ def test_lite_backbone_interface():
     assert feat.shape == (1, 1280, 2, 2) and maps["exit"].shape[1] == cfg.attention_heads
 
 
+def test_dermoscopy_branch_can_have_its_own_backbone():
+    """model.derm_backbone: a larger dermoscopy backbone beside the clinical one; the hybrid branch
+    reads both (same grid at one image size) and gradients reach both."""
+    def size(module):
+        return sum(p.numel() for p in module.parameters())
+
+    cfg = tiny_cfg(backbone="efficientnet_lite0", derm_backbone="efficientnet_lite1", pretrained=False)
+    model = FusionModel(cfg, 64)
+    alike = FusionModel(dataclasses.replace(cfg, derm_backbone=None), 64)
+    assert size(alike.derm.backbone) == size(alike.clinic.backbone) == size(model.clinic.backbone)
+    assert size(model.derm.backbone) > size(model.clinic.backbone)  # Lite1 is the larger network
+    derm, clinic, meta = batch(size=64)
+    out = model(derm, clinic, meta)
+    assert set(out.logits) == {"derm", "clinic", "hybrid"}
+    loss, _ = multitask_loss(out, torch.zeros(4, 8, dtype=torch.long))
+    loss.backward()
+    assert all(p.grad is not None for b in (model.derm.backbone, model.clinic.backbone)
+               for p in b.parameters())
+    assert cfg.backbone_text == "efficientnet_lite1 (derm) + efficientnet_lite0"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.derm_backbone=resnet50"], "model.derm_backbone: 'resnet50' is not one of"),
+    (["model.derm_backbone=efficientnet_lite2", "model.share_backbone=true"], "cannot share one"),
+    (["model.derm_backbone=xception"], "must both ship ImageNet weights"),
+])
+def test_derm_backbone_is_validated_when_loaded(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("cpu-recipe", overrides)
+
+
 def _legacy_state(net: ModifiedXception) -> dict:
     names = net.legacy_names()
     return {legacy: torch.randn_like(net.state_dict()[ours].float()).to(net.state_dict()[ours].dtype)

@@ -281,3 +281,19 @@ def test_numeric_options_are_range_checked_when_loaded(override, tmp_path):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": expected a value"):
         load_config("tiny", [override])
+
+
+def test_a_run_with_its_own_dermoscopy_backbone_reloads_and_predicts(synth_root, tmp_path):
+    """train -> best.ckpt -> load_model / Predictor rebuild the Lite1 dermoscopy + Lite0 clinical model."""
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "model.pretrained=false",
+                               "model.backbone=efficientnet_lite0", "model.derm_backbone=efficientnet_lite1"])
+    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+    model, saved, _ = load_model(summary["best_checkpoint"])
+    assert saved.model.derm_backbone == "efficientnet_lite1"
+    derm_size, clinic_size = (sum(p.numel() for p in b.parameters())
+                              for b in (model.derm.backbone, model.clinic.backbone))
+    assert derm_size > clinic_size
+    images = sorted((synth_root / "images").rglob("*.jpg"))
+    result = Predictor.from_checkpoint(summary["best_checkpoint"], precision="fp32").predict(
+        derm=str(images[0]), clinic=str(images[1]))
+    assert abs(sum(result.tasks["DIAG"].probabilities.values()) - 1) < 1e-5
