@@ -127,3 +127,35 @@ def test_demo_runs_end_to_end_and_resumes_into_the_same_folder(tmp_path):
     assert list((out / "predict").glob("*.png"))  # attention overlays
     again = run("demo", "--out", out, "--cases", 60, "--epochs", 1, "--no-progress").stdout
     assert "[4/4]" in again  # a second run reuses the finished training instead of failing on the folder
+
+
+def test_int8_export_is_checked_on_real_cases_and_written_only_when_it_holds(tiny_run, synth_root, tmp_path):
+    """export --int8 DATA: calibrated on DATA's train split, its accuracy compared with fp32 on valid
+    (the fp32 figure is the trained model's own validation score), the file written only within --max-drop."""
+    import onnx
+
+    from sevenpoint.export import ExportError, export_int8
+
+    ckpt, out = tiny_run["best_checkpoint"], tmp_path / "m8.onnx"
+    report = export_int8(ckpt, out, synth_root, calibration_cases=16, max_drop=100)
+    assert report["fp32_avg_acc"] == pytest.approx(tiny_run["best_val_avg_acc"], abs=1e-6)
+    assert report["cases"] == len(Derm7pt.load(synth_root).split_cases("valid"))
+    assert report["drop_points"] == pytest.approx(100 * (report["fp32_avg_acc"] - report["int8_avg_acc"]))
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantised
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["sevenpoint_quantization"])["calibration_cases"] == 16
+    case = Derm7pt.load(synth_root).split_cases("test")[0]
+    result = Predictor.from_onnx(out).predict(derm=case.derm, clinic=case.clinic, meta=case.raw_meta)
+    assert sum(result.tasks["DIAG"].probabilities.values()) == pytest.approx(1, abs=1e-5)
+
+    before = out.read_bytes()  # a failing check leaves what was there
+    with pytest.raises(ExportError, match=r"int8 loses .* points .* was not written"):
+        export_int8(ckpt, out, synth_root, calibration_cases=16, max_drop=-100)
+    assert out.read_bytes() == before and not list(tmp_path.glob(".m8.onnx.*"))
+    proc = run("export", "--checkpoint", ckpt, "--onnx", tmp_path / "t.onnx", "--int8", synth_root,
+               "--check-split", "test", check=False)
+    assert proc.returncode == 2 and "test split is read once" in proc.stderr and not (tmp_path / "t.onnx").exists()
+    proc = run("export", "--checkpoint", ckpt, "--onnx", tmp_path / "c.onnx", "--int8", synth_root,
+               "--calibration-cases", 16, "--max-drop", 100)
+    assert "int8, calibrated on 16 training cases" in proc.stdout and "average accuracy fp32" in proc.stdout

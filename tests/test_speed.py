@@ -10,9 +10,19 @@ from sevenpoint.models import FusionModel
 from sevenpoint.config import load_config
 
 
-def test_bench_tiny_writes_all_fields(tmp_path):
+def test_bench_tiny_writes_all_fields(tmp_path, monkeypatch):
+    import sevenpoint.engine.bench as bench
+
+    real_calls = bench._onnx_calls
+
+    def int8_made_fastest(*args, **kwargs):  # the real int8 model is built; its timed calls then cost nothing
+        calls = real_calls(*args, **kwargs)
+        assert "onnxruntime int8" in calls
+        return {**calls, "onnxruntime int8": (lambda: None, lambda: None)}
+
+    monkeypatch.setattr(bench, "_onnx_calls", int8_made_fastest)
     r = run_bench("DCIHMM", size=32, backbone="xception_tiny", batch=2, warmup=1, repeats=3, latency_runs=2,
-                  onnx=True, out=tmp_path)
+                  onnx=True, out=tmp_path, int8=True)
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in ("train_speedup", "infer_speedup", "latency_ms_p50", "latency_ms_p95", "peak_rss_mb", "cpu",
                 "data", "train", "infer", "data_fraction_of_epoch", "torch", "onednn", "load_average_before",
@@ -23,6 +33,14 @@ def test_bench_tiny_writes_all_fields(tmp_path):
         assert rounds["rounds"] == 3 and rounds["min"] <= saved[f"{what}_speedup"] == rounds["median"] <= rounds["max"]
     assert set(saved["train"]) >= {"fp32 (naive)", "channels_last", "bf16", "channels_last+bf16"}
     assert "onnxruntime fp32" in saved["infer"]
+    # int8 is timed (batch and batch 1) and reported beside, never chosen as the best path (here the fastest)
+    assert "onnxruntime int8" in saved["infer"] and "onnxruntime int8" in saved["latency_ms"]
+    assert "int8" not in saved["infer_best_path"] + saved["latency_best_path"]
+    assert saved["int8_infer_speedup_rounds"]["rounds"] == 3 and "int8 inference" in (tmp_path / "bench.md").read_text()
+    # batch-1 rows name what they time: the eager row is an eager torch path
+    eager = [k for k in saved["latency_ms"] if k.startswith("torch ") and k != "torch fp32 (naive)"
+             and "frozen" not in k]
+    assert eager and all(k.removeprefix("torch ") in saved["train"] for k in eager)
     assert saved["train_speedup"] > 0 and saved["latency_ms_p50"] > 0
     assert (tmp_path / "bench.md").read_text().startswith("CPU:")
     if "DNN v" in torch.__config__.show():  # oneDNN's version is recorded (torch 2.13 names it MKL-DNN)

@@ -430,10 +430,28 @@ def export(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint file.")],
     onnx: Annotated[Path, typer.Option(help="Output .onnx file.")],
     check: Annotated[bool, typer.Option(help="Compare with PyTorch on synthetic inputs.")] = True,
+    int8: Annotated[Optional[Path], typer.Option(
+        help="Dataset folder: quantise to int8 (static, calibrated on its train split) and check the accuracy on "
+             "--check-split; the file is written only if it drops < --max-drop points.")] = None,
+    calibration_cases: Annotated[int, typer.Option(help="int8: training cases to calibrate on.")] = 64,
+    check_split: Annotated[str, typer.Option(help="int8: the split its accuracy is compared on (not test).")] = "valid",
+    max_drop: Annotated[float, typer.Option(help="int8: largest accepted average-accuracy drop, points.")] = 0.5,
+    data_format: FormatOption = "auto",
 ) -> None:
-    """Export to ONNX (dynamic batch; derm, clinic, meta + availability flags) and check it with onnxruntime."""
-    from .export import check_parity, export_onnx
+    """Export to ONNX (dynamic batch; derm, clinic, meta + availability flags) and check it with onnxruntime.
+    With --int8 DATA: an int8 model calibrated and checked on DATA (the fast CPU path where its accuracy holds)."""
+    from .export import check_parity, export_int8, export_onnx
 
+    if int8 is not None:
+        r = export_int8(checkpoint, onnx, int8, calibration_cases, check_split, max_drop, data_format)
+        note = " (the model was trained on this split: not held out)" if r["trained_on_check_split"] else ""
+        console.print(f"wrote {r['onnx']} ({onnx.stat().st_size / 2**20:.1f} MB, int8, calibrated on "
+                      f"{r['calibration_cases']} training cases)")
+        console.print(f"{r['check_split']} split, {r['cases']} cases{note}: average accuracy fp32 "
+                      f"{100 * r['fp32_avg_acc']:.2f} %, int8 {100 * r['int8_avg_acc']:.2f} % "
+                      f"(drop {r['drop_points']:.2f} points, limit {max_drop}); same class on "
+                      f"{100 * r['argmax_agreement']:.1f} % of the task answers")
+        return
     info = export_onnx(checkpoint, onnx)
     console.print(f"wrote {info['onnx']} ({onnx.stat().st_size / 2**20:.1f} MB)")
     if check:
@@ -454,13 +472,14 @@ def bench(
     compile: Annotated[bool, typer.Option(help="Also time torch.compile (minutes of compilation).")] = False,
     onnx: bool = True,
     freeze: Annotated[bool, typer.Option(help="Also time the traced + frozen inference graph.")] = True,
+    int8: Annotated[bool, typer.Option(help="Also time ONNX Runtime int8 (speed only; see export --int8).")] = False,
     threads: Optional[int] = None,
 ) -> None:
     """Speed of every CPU path vs naive fp32 in one run: bench.json + bench.md in --out."""
     from .engine.bench import bench_table, run_bench
 
     r = run_bench(variant, size, backbone, batch=batch, repeats=repeats, compile=compile, onnx=onnx, out=out,
-                  threads=threads, freeze=freeze)
+                  threads=threads, freeze=freeze, int8=int8)
     console.print(bench_table(r), markup=False, highlight=False, soft_wrap=True)
     console.print(f"-> {out / 'bench.json'}")
 

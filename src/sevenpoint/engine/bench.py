@@ -149,7 +149,10 @@ def forward_gflop(model: FusionModel, size: int, meta_dim: int) -> float:
 def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xception", batch: int = 8,
               warmup: int = 2, repeats: int = 5, latency_runs: int = 20, compile: bool = False,
               onnx: bool = True, out: str | Path | None = None, threads: int | None = None,
-              freeze: bool = True) -> dict:
+              freeze: bool = True, int8: bool = False) -> dict:
+    """Time training and inference paths of one model round robin; `int8` adds ONNX Runtime int8 (static
+    QDQ calibrated on random inputs: a speed figure only, outside the best-path choice, because its
+    accuracy is only known for trained weights — `sevenpoint export --int8` checks that)."""
     if threads:
         torch.set_num_threads(threads)
     cfg = load_config(None, [f"model.variant={variant}", f"data.image_size={size}", f"model.backbone={backbone}",
@@ -204,8 +207,10 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         train_fns[name], infer_fns[name] = step, infer_step
     if freeze:  # traced + frozen DenseFusion under channels_last + bf16 (BN folded, oneDNN fusions)
         infer_fns["frozen channels_last+bf16"] = _frozen_call(base, batch, size, meta_dim, paths["channels_last+bf16"][1])
-    if onnx:
-        infer_fns["onnxruntime fp32"], onnx_single = _onnx_calls(base, size, meta_dim, batch)
+    onnx_single = {}
+    if onnx or int8:
+        for name, (call, single) in _onnx_calls(base, size, meta_dim, batch, fp32=onnx, int8=int8).items():
+            infer_fns[name], onnx_single[name] = call, single
     # Round robin: each round times every path once, so load from a neighbour lands on all of them
     # alike and the per-round ratios stay meaningful; medians and spreads come from the rounds.
     train_times = _interleaved(train_fns, warmup, repeats)
@@ -219,7 +224,9 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     train = {k: _rates(v, batch, data_s(k)) for k, v in train_times.items()}
     infer = {k: _rates(v, batch, data_s(k)) for k, v in infer_times.items()}
     latency: dict = {}
-    best_torch = max((k for k in infer if k != "fp32 (naive)"), key=lambda k: infer[k]["compute_cases_per_s"])
+    # the fastest eager torch path (the frozen graph and ONNX Runtime have their own rows below)
+    best_torch = max((k for k in infer if k != "fp32 (naive)" and k in dict(variants)),
+                     key=lambda k: infer[k]["compute_cases_per_s"])
     for name in ("fp32 (naive)", best_torch):  # batch-1 latency, both images + metadata
         cl, bf16 = paths.get(name, (True, True))
         model = copy.deepcopy(base).eval()
@@ -237,13 +244,13 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     if freeze:
         latency["torch frozen channels_last+bf16"] = _latency_ms(
             _frozen_call(base, 1, size, meta_dim, paths["channels_last+bf16"][1]), warmup, latency_runs)
-    if onnx:
-        latency["onnxruntime fp32"] = _latency_ms(onnx_single, warmup, latency_runs)
+    for name, single in onnx_single.items():
+        latency[name] = _latency_ms(single, warmup, latency_runs)
 
     naive = "fp32 (naive)"
     best_train = max(train, key=lambda k: train[k]["cases_per_s"])
-    best_infer = max(infer, key=lambda k: infer[k]["cases_per_s"])
-    best_lat = min(latency, key=lambda k: latency[k]["p50"])
+    best_infer = max((k for k in infer if k != INT8), key=lambda k: infer[k]["cases_per_s"])
+    best_lat = min((k for k in latency if k != INT8), key=lambda k: latency[k]["p50"])
     train_ratio = _round_ratios(train_times, best_train, naive, batch, data_s)
     infer_ratio = _round_ratios(infer_times, best_infer, naive, batch, data_s)
     warnings = [f"{what} speed-up varies {r['min']}x-{r['max']}x over the rounds (more than ±{SPREAD_WARN:.0%} "
@@ -258,6 +265,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
         "train_speedup": train_ratio["median"], "infer_speedup": infer_ratio["median"],
         "train_speedup_rounds": train_ratio, "infer_speedup_rounds": infer_ratio, "warnings": warnings,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "int8_infer_speedup_rounds": _round_ratios(infer_times, INT8, naive, batch, data_s) if int8 else None,
         "latency_ms_p50": latency[best_lat]["p50"],
         "latency_ms_p95": latency[best_lat]["p95"],
         "data_fraction_of_epoch": round(fast_data_s / (1 / train[best_train]["compute_cases_per_s"]), 4),
@@ -271,22 +279,31 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     return result
 
 
-def _onnx_calls(model: FusionModel, size: int, meta_dim: int, batch: int):
-    """No-argument ONNX Runtime calls on a batch of `batch` and on one case (the model exported first)."""
-    from ..export import export_model, ort_session
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        export_model(copy.deepcopy(model), path, size, meta_dim)
-        sess = ort_session(path)
+def _onnx_calls(model: FusionModel, size: int, meta_dim: int, batch: int, fp32: bool = True,
+                int8: bool = False) -> dict:
+    """path name -> (no-argument ONNX Runtime call on a batch of `batch`, the same on one case): the
+    fp32 export and/or its int8 quantisation (calibrated on a few random batches: speed only)."""
+    from ..export import export_model, ort_session, quantize_int8
 
     def feeds(n):
         d, c, m = _inputs(n, size, meta_dim, False)
         f = np.ones(n, np.float32)
         return {"derm": d.numpy(), "clinic": c.numpy(), "meta": m.numpy(), "has_derm": f, "has_clinic": f, "has_meta": f}
 
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_model(copy.deepcopy(model), path, size, meta_dim)
+        if fp32:
+            sessions["onnxruntime fp32"] = ort_session(path)
+        if int8:
+            quantize_int8(path, Path(tmp) / "int8.onnx", (feeds(batch) for _ in range(4)))
+            sessions[INT8] = ort_session(Path(tmp) / "int8.onnx")
     fb, f1 = feeds(batch), feeds(1)
-    return (lambda: sess.run(None, fb)), (lambda: sess.run(None, f1))
+    return {name: ((lambda s=sess: s.run(None, fb)), (lambda s=sess: s.run(None, f1))) for name, sess in sessions.items()}
+
+
+INT8 = "onnxruntime int8"
 
 
 def bench_table(r: dict) -> str:
@@ -305,6 +322,9 @@ def bench_table(r: dict) -> str:
     lines += ["", f"train speed-up (best: {r['train_best_path']}) **{r['train_speedup']}x** (rounds {tr['min']}–"
                   f"{tr['max']}x); inference speed-up (best: {r['infer_best_path']}) **{r['infer_speedup']}x** "
                   f"(rounds {inf['min']}–{inf['max']}x)", *(f"**warning:** {w}" for w in r["warnings"]),
+              *([f"int8 inference (ONNX Runtime, random calibration; not in the best-path choice: its accuracy "
+                 f"is checked on trained weights by `sevenpoint export --int8`) **{i8['median']}x** "
+                 f"(rounds {i8['min']}–{i8['max']}x)"] if (i8 := r.get("int8_infer_speedup_rounds")) else []),
               "", "| latency, batch 1 | p50 ms | p95 ms |", "|---|---:|---:|"]
     for name, v in r["latency_ms"].items():
         lines.append(f"| {name} | {v['p50']} | {v['p95']} |")
