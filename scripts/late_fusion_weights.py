@@ -2,6 +2,9 @@
 clinical branch in late fusion (docs/RESULTS.md §2, candidate v5). Validation split only.
 
     .venv/bin/python scripts/late_fusion_weights.py --data ~/data/derm7pt RUN0/checkpoints/best.ckpt RUN1/... RUN2/...
+
+With --by-size: per ensemble size k, the mean [min-max] over every k-model average instead of each one
+(how much more members could still give).
 """
 
 import argparse
@@ -18,6 +21,7 @@ from sevenpoint.runtime import use_channels_last
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", required=True)
 parser.add_argument("--weights", default="1,0.5,0")
+parser.add_argument("--by-size", action="store_true", help="summarise the averages per ensemble size")
 parser.add_argument("checkpoints", nargs="+")
 args = parser.parse_args()
 
@@ -47,5 +51,10 @@ for w in map(float, args.weights.split(",")):
     groups = [g for k in range(2, len(preds) + 1) for g in itertools.combinations(range(len(preds)), k)]
     ens = {g: 100 * compute_metrics([np.mean([per_model[i][t] for i in g], 0) for t in range(len(targets[0]))],
                                     targets)["average_accuracy"] for g in groups}
+    if args.by_size:
+        sizes = {1: acc} | {k: [v for g, v in ens.items() if len(g) == k] for k in range(2, len(preds) + 1)}
+        print(f"clinic weight {w:g}: " + "; ".join(f"{k} model(s) {np.mean(v):.2f} [{min(v):.2f}-{max(v):.2f}] "
+                                                   f"({len(v)})" for k, v in sizes.items()))
+        continue
     print(f"clinic weight {w:g}: models " + " / ".join(f"{a:.2f}" for a in acc) + "; averages "
           + ", ".join(f"{'+'.join(map(str, g))} {v:.2f}" for g, v in ens.items()))
