@@ -297,3 +297,31 @@ def test_a_run_with_its_own_dermoscopy_backbone_reloads_and_predicts(synth_root,
     result = Predictor.from_checkpoint(summary["best_checkpoint"], precision="fp32").predict(
         derm=str(images[0]), clinic=str(images[1]))
     assert abs(sum(result.tasks["DIAG"].probabilities.values()) - 1) < 1e-5
+
+
+def test_derm_init_starts_the_dermoscopy_backbone_from_another_run(tiny_run, synth_root, tmp_path, capsys):
+    """model.derm_init=CKPT: the dermoscopy backbone starts from CKPT's (e.g. a DIM model trained on ISIC);
+    the clinical backbone does not; a backbone of another network or a model without one is refused."""
+    from sevenpoint.checkpoint import CheckpointError, load_derm_backbone
+    from sevenpoint.models import FusionModel
+
+    ckpt = tiny_run["best_checkpoint"]
+    source, _, _ = load_model(ckpt)
+    cfg = load_config("tiny")
+    model = FusionModel(cfg.model, 64)
+    assert load_derm_backbone(model, ckpt) == len(source.derm.backbone.state_dict())
+    for name, value in source.derm.backbone.state_dict().items():
+        assert torch.equal(model.derm.backbone.state_dict()[name], value), name
+    assert not all(torch.equal(model.clinic.backbone.state_dict()[k], v)
+                   for k, v in source.clinic.backbone.state_dict().items())
+    lite = FusionModel(load_config("tiny", ["model.backbone=efficientnet_lite0", "model.pretrained=false"]).model, 64)
+    with pytest.raises(CheckpointError, match="does not fit this model's"):
+        load_derm_backbone(lite, ckpt)
+    with pytest.raises(CheckpointError, match="has no dermoscopy branch"):
+        load_derm_backbone(FusionModel(load_config("tiny", ["model.variant=CIM"]).model, 64), ckpt)
+
+    run_cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", f"model.derm_init={ckpt}"])
+    summary = train(run_cfg, synth_root, tmp_path / "run", progress=False)
+    assert f"dermoscopy backbone initialised from {ckpt}" in capsys.readouterr().out
+    reloaded, saved, _ = load_model(summary["best_checkpoint"])  # the checkpoint rebuilds without the source file
+    assert saved.model.derm_init == str(ckpt) and reloaded.derm is not None

@@ -52,7 +52,7 @@ def build_model(cfg: RunConfig) -> FusionModel | FusionEnsemble:
     """The inference model a config describes, without weights: one model, or `train.ensemble` members,
     with the checkpoint's late-fusion weights (`infer.clinic_weight`)."""
     # The packaged ImageNet weights are overwritten by the checkpoint anyway.
-    cfg_build = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint=None)
+    cfg_build = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint=None, derm_init=None)
     size, meta = cfg.data.image_size, cfg.meta_dim
     model = (FusionEnsemble(cfg_build, cfg.train.ensemble, size, meta) if cfg.train.ensemble > 1
              else FusionModel(cfg_build, size, meta))
@@ -115,3 +115,21 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
         "config": cfg.to_dict(), "schema": SCHEMA_FINGERPRINT, "ood": ood, "train_majority": majority,
         "members": [{"checkpoint": str(p), "seed": c.seed} for p, c in zip(members, configs)]}}, out)
     return cfg
+
+
+def load_derm_backbone(model: FusionModel, path: str | os.PathLike) -> int:
+    """Copy the dermoscopy backbone of the checkpoint at `path` (any variant with a dermoscopy branch;
+    an ensemble's first member) into `model`'s (`model.derm_init`); returns the number of tensors.
+    Refuses a checkpoint whose dermoscopy backbone is another network."""
+    if model.derm is None:
+        raise CheckpointError(f"model.derm_init={path}: this {model.cfg.variant} model has no dermoscopy branch")
+    source, cfg, _ = load_model(path)
+    source = source.members[0] if isinstance(source, FusionEnsemble) else source
+    if source.derm is None:
+        raise CheckpointError(f"model.derm_init={path}: that {cfg.model.variant} checkpoint has no dermoscopy branch")
+    try:
+        model.derm.backbone.load_state_dict(source.derm.backbone.state_dict())
+    except RuntimeError as exc:
+        raise CheckpointError(f"model.derm_init={path}: its dermoscopy backbone ({cfg.model.backbone_text}) does not "
+                              f"fit this model's ({model.cfg.backbone_text}): {str(exc).splitlines()[0]}") from None
+    return len(source.derm.backbone.state_dict())

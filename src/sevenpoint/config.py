@@ -53,6 +53,7 @@ class ModelConfig:
     dropout: float = 0.2
     pretrained: bool | None = None  # the backbone's packaged ImageNet weights; None: yes where it has them (Lite)
     backbone_checkpoint: str | None = None  # user-supplied ImageNet Xception weights (file path)
+    derm_init: str | None = None  # a sevenpoint checkpoint whose dermoscopy backbone starts this model's (training only)
     freeze_blocks: int = 0  # freeze each backbone's stem + first N blocks (weights and BN statistics)
     bn_momentum: float | None = None  # backbone BatchNorm momentum; None keeps the builder's (Lite ports: 0.01)
 

@@ -207,6 +207,11 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
     weights = class_weights_for(data.targets("train")) if cfg.train.class_weights else None
     module = SevenPointModule(cfg, weights)
+    if cfg.model.derm_init and not resume:  # on resume the run's own weights are loaded instead
+        from ..checkpoint import load_derm_backbone
+
+        n = load_derm_backbone(module.model, cfg.model.derm_init)
+        print(f"dermoscopy backbone initialised from {cfg.model.derm_init} ({n} tensors)", flush=True)
     channels_last, bf16, why = choose_path("train", module.model, cfg, cfg.train.batch_size, cfg.train.precision,
                                            cfg.train.channels_last, on_gpu)
     module.set_channels_last(channels_last)
