@@ -166,7 +166,9 @@ def export_int8(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, dat
                 data_format: str = "auto") -> dict:
     """Export an int8 ONNX model calibrated on the first `calibration_cases` training cases of
     `data_dir`, then compare its average accuracy on `check_split` with the fp32 export's. The file
-    is written only when the drop is below `max_drop` points (else ExportError, nothing written)."""
+    is written only when the drop is below `max_drop` points (else ExportError, nothing written).
+    Both are scored on one view per case, like the graph itself (a checkpoint's `infer.tta` views are
+    added by `Predictor` at prediction time)."""
     import tempfile
 
     from .data import load_dataset
