@@ -111,6 +111,7 @@ def test_onnx_export_parity_and_onnx_predictor(tiny_run, synth_root, tmp_path):
         for name in TASK_NAMES:
             assert a.tasks[name].probabilities == pytest.approx(b.tasks[name].probabilities, abs=1e-4)
         assert set(b.attention) == set(a.attention)
+    assert onnx_p.info["int8"] is None and torch_p.info["int8"] is None  # an fp32 export says so too
 
 
 def test_demo_runs_end_to_end_and_resumes_into_the_same_folder(tmp_path):
@@ -146,7 +147,10 @@ def test_int8_export_is_checked_on_real_cases_and_written_only_when_it_holds(tin
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["sevenpoint_quantization"])["calibration_cases"] == 16
     case = Derm7pt.load(synth_root).split_cases("test")[0]
-    result = Predictor.from_onnx(out).predict(derm=case.derm, clinic=case.clinic, meta=case.raw_meta)
+    int8_predictor = Predictor.from_onnx(out)
+    assert int8_predictor.info["int8"]["calibration_cases"] == 16  # serve's /api/health shows it
+    assert int8_predictor.info["int8"]["int8_avg_acc"] == pytest.approx(report["int8_avg_acc"])
+    result = int8_predictor.predict(derm=case.derm, clinic=case.clinic, meta=case.raw_meta)
     assert sum(result.tasks["DIAG"].probabilities.values()) == pytest.approx(1, abs=1e-5)
 
     before = out.read_bytes()  # a failing check leaves what was there

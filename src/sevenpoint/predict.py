@@ -167,6 +167,8 @@ class _OnnxBackend:
         self.cfg = config_from_dict(json.loads(meta["sevenpoint_config"]))
         self.attention_names = json.loads(meta["sevenpoint_attention"])
         self.ood = OODModel.from_dict(json.loads(meta.get("sevenpoint_ood", "null")))
+        # `export --int8`: how it was calibrated and its checked accuracy; None for an fp32 export
+        self.quantization = json.loads(meta.get("sevenpoint_quantization", "null"))
 
     def __call__(self, derm, clinic, meta, has):
         feeds = {"derm": derm.numpy(), "clinic": clinic.numpy(), "meta": meta.numpy(),
@@ -258,11 +260,12 @@ class Predictor:
     @property
     def info(self) -> dict:
         m = self.cfg.model
-        return {"variant": m.variant, "backbone": m.backbone, "attention": m.attention,
+        return {"variant": m.variant, "backbone": m.backbone_text, "attention": m.attention,
                 "image_size": self.size, "tta": self.tta, "members": self.cfg.train.ensemble,
                 "clinic_weight": self.cfg.infer.clinic_weight, "precision": self.choice,
                 "temperature": None if self.cfg.infer.temperature is None else list(self.cfg.infer.temperature),
-                "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch")}
+                "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch"),
+                "int8": getattr(self.backend, "quantization", None)}
 
     def preprocess(self, image: ImageInput | None, name: str) -> tuple[torch.Tensor, np.ndarray] | None:
         """The model's input tensor and the resized image it came from; refuses what cannot be a lesion photo."""
