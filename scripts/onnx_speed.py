@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from sevenpoint.config import config_from_dict
-from sevenpoint.export import example_inputs, ort_session
+from sevenpoint.export import INPUT_NAMES, example_inputs, ort_session
 
 
 def main() -> None:
@@ -24,8 +24,7 @@ def main() -> None:
     sessions = {path: ort_session(path) for path in args.onnx}
     first = next(iter(sessions.values()))
     cfg = config_from_dict(json.loads(first.get_modelmeta().custom_metadata_map["sevenpoint_config"]))
-    names = ["derm", "clinic", "meta", "has_derm", "has_clinic", "has_meta"]
-    feeds = {n: {k: v.numpy() for k, v in zip(names, example_inputs(n, cfg.data.image_size, cfg.meta_dim))}
+    feeds = {n: {k: v.numpy() for k, v in zip(INPUT_NAMES, example_inputs(n, cfg.data.image_size, cfg.meta_dim))}
              for n in (8, 1)}
     times: dict[tuple[str, int], list[float]] = {(p, n): [] for p in sessions for n in feeds}
     for _ in range(args.rounds + 2):  # the first two rounds warm up

@@ -60,7 +60,11 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: int, met
 
 def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, opset: int = 17) -> dict:
     """Write the ONNX graph; the run config is stored in its metadata so `Predictor` can use it alone."""
-    model, cfg, section = load_model(checkpoint)
+    return export_loaded(*load_model(checkpoint), onnx_path, opset)
+
+
+def export_loaded(model: torch.nn.Module, cfg, section: dict, onnx_path: str | os.PathLike, opset: int = 17) -> dict:
+    """`export_onnx` of a model already loaded with `load_model` (its config and checkpoint section)."""
     outputs = export_model(model, onnx_path, cfg.data.image_size, cfg.meta_dim, opset,
                            metadata={"sevenpoint_config": json.dumps(cfg.to_dict()),
                                      "sevenpoint_ood": json.dumps(section.get("ood"))})
@@ -98,12 +102,9 @@ def split_batches(cfg, data, split: str, batch_size: int = 8, cases: int | None 
     """Batches of one split prepared exactly as for validation in training (the first `cases` cases)."""
     from torch.utils.data import DataLoader, Subset
 
-    from .data import CaseDataset
-    from .data.cache import make_cache
-    from .data.transforms import transforms_for
+    from .engine.evaluate import eval_dataset
 
-    ds = CaseDataset(data, split, make_cache(cfg), transforms_for(cfg.data)[1],
-                     clinic_fallback=cfg.model.clinic_only, meta_dim=cfg.meta_dim)
+    ds = eval_dataset(cfg, data, split)
     if cases is not None:
         ds = Subset(ds, range(min(cases, len(ds))))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -144,21 +145,26 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, fe
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=int8_op_types())
 
 
-def onnx_split_accuracy(path: str | os.PathLike, batches) -> tuple[float | None, list[np.ndarray]]:
-    """Average accuracy (fused probabilities, as `evaluate`) of an ONNX export over dataset batches,
-    and its per-task probabilities."""
+def onnx_split_accuracy(paths: list[str | os.PathLike], batches) -> list[tuple[float | None, list[np.ndarray]]]:
+    """Per ONNX export: its average accuracy (fused probabilities, as `evaluate`) over dataset batches
+    and its per-task probabilities; every export runs on each batch, so the images are prepared once."""
     from .engine.metrics import compute_metrics
 
-    sess = ort_session(path)
+    sessions = [ort_session(path) for path in paths]
     names = [f"prob_{t}" for t in TASK_NAMES]
-    probs: list[list[np.ndarray]] = [[] for _ in TASK_NAMES]
+    probs: list[list[list[np.ndarray]]] = [[[] for _ in TASK_NAMES] for _ in sessions]
     targets = []
     for batch in batches:
-        for t, p in enumerate(sess.run(names, _feeds(batch))):
-            probs[t].append(p)
+        feeds = _feeds(batch)
+        for sess, mine in zip(sessions, probs):
+            for t, p in enumerate(sess.run(names, feeds)):
+                mine[t].append(p)
         targets.append(batch["targets"].numpy())
-    stacked = [np.concatenate(p) for p in probs]
-    return compute_metrics(stacked, np.concatenate(targets))["average_accuracy"], stacked
+    results = []
+    for mine in probs:
+        stacked = [np.concatenate(p) for p in mine]
+        results.append((compute_metrics(stacked, np.concatenate(targets))["average_accuracy"], stacked))
+    return results
 
 
 def export_int8(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, data_dir: str | os.PathLike,
@@ -176,7 +182,7 @@ def export_int8(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, dat
     if check_split == "test":
         raise ExportError("--check-split test: the test split is read once per final model, not to check an export; "
                           "use valid (or train)")
-    _, cfg, _ = load_model(checkpoint)
+    model, cfg, section = load_model(checkpoint)
     data = load_dataset(data_dir, data_format, include_leaky_meta=cfg.data.include_leaky_meta)
     for split in ("train", check_split):
         if not data.split_cases(split):
@@ -184,11 +190,11 @@ def export_int8(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, dat
                               f"and {check_split} cases to check)")
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(checkpoint, fp32)
+        export_loaded(model, cfg, section, fp32)
         staged = Path(tmp) / "int8.onnx"
         quantize_int8(fp32, staged, (_feeds(b) for b in split_batches(cfg, data, "train", cases=calibration_cases)))
-        ref_acc, ref = onnx_split_accuracy(fp32, split_batches(cfg, data, check_split, batch_size=16))
-        acc, got = onnx_split_accuracy(staged, split_batches(cfg, data, check_split, batch_size=16))
+        (ref_acc, ref), (acc, got) = onnx_split_accuracy([fp32, staged],
+                                                         split_batches(cfg, data, check_split, batch_size=16))
         agreement = float(np.mean([np.mean(a.argmax(1) == b.argmax(1)) for a, b in zip(ref, got)]))
         report = {"onnx": str(onnx_path), "check_split": check_split, "cases": int(len(ref[0])),
                   "calibration_cases": min(calibration_cases, len(data.split_cases("train"))),

@@ -88,13 +88,18 @@ def inference_path(model: FusionModel, cfg: RunConfig, batch_size: int, precisio
     return bf16, cl, why
 
 
+def eval_dataset(cfg: RunConfig, data: CaseSet, split: str) -> CaseDataset:
+    """One split's cases with the images prepared exactly as for validation in training."""
+    return CaseDataset(data, split, make_cache(cfg), transforms_for(cfg.data)[1],
+                       clinic_fallback=cfg.model.clinic_only, meta_dim=cfg.meta_dim)
+
+
 def predict_split(model: FusionModel, cfg: RunConfig, data: CaseSet, split: str, tta: str = "none",
                   batch_size: int = 32, bf16: bool = False, channels_last: bool = False, progress: bool = True,
                   device: str = "cpu") -> Predictions:
     """`predict_loader` over one split, with the images prepared exactly as for validation in training."""
-    ds = CaseDataset(data, split, make_cache(cfg), transforms_for(cfg.data)[1],
-                     clinic_fallback=cfg.model.clinic_only, meta_dim=cfg.meta_dim)
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    dl = DataLoader(eval_dataset(cfg, data, split), batch_size=batch_size, shuffle=False,
+                    num_workers=cfg.data.num_workers)
     return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
 
 
