@@ -166,3 +166,63 @@ def test_train_and_evaluate_use_and_report_the_measured_path(tiny_run, synth_roo
     free = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="auto"))
     bf16, cl, why = ev.inference_path(model, free, 4)
     assert all(name in why for name in runtime.PATHS)  # an unpinned checkpoint: all four paths timed
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse sse2 avx fma avx2
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+"""
+ZEN5 = ZEN3.replace("model\t\t: 1\n", "model\t\t: 2\n", 1).replace(
+    "fma avx2\n", "fma avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16\n", 1).replace("cpu family\t: 25", "cpu family\t: 26", 1)
+
+
+def _as_cpu(monkeypatch, text):
+    monkeypatch.setattr(runtime, "_cpuinfo_text", lambda: text)
+    runtime.cpu_fields.cache_clear()
+
+
+def test_autotune_key_tells_cpus_with_one_model_name_apart(tmp_path, monkeypatch):
+    """A cache shared between machines (an NFS home) must not hand a Zen 5's choice to a Zen 3: both
+    say "AMD EPYC"; their family / model numbers and ISA flags differ, and so must the key."""
+    _, cfg = _tiny_model()
+    cache = tmp_path / "shared-home" / "autotune.json"
+    try:
+        for var in runtime.KERNEL_ENV:
+            monkeypatch.delenv(var, raising=False)
+        _as_cpu(monkeypatch, ZEN5)
+        assert runtime.cpu_model() == "AMD EPYC" and "avx512_bf16" in runtime.cpu_flags()
+        zen5_key = runtime.path_key(cfg, "train", "batch8")
+        assert "family 26 model 2" in zen5_key and "avx512_bf16" in zen5_key
+        winner = {"a": lambda: (lambda: None), "b": lambda: (lambda: time.sleep(0.005))}
+        assert "measured now" in runtime.autotune(zen5_key, winner, rounds=1, cache=cache)[1]
+        _as_cpu(monkeypatch, ZEN3)
+        zen3_key = runtime.path_key(cfg, "train", "batch8")
+        assert runtime.cpu_model() == "AMD EPYC" and zen3_key != zen5_key
+        assert "avx512" not in zen3_key and "family 25 model 1 " in zen3_key
+        # the Zen 3 measures afresh (and here a different path wins) instead of reading the Zen 5's entry
+        flipped = {"a": lambda: (lambda: time.sleep(0.005)), "b": lambda: (lambda: None)}
+        choice, why = runtime.autotune(zen3_key, flipped, rounds=1, cache=cache)
+        assert choice == "b" and "measured now" in why
+        assert set(json.loads(cache.read_text())) == {zen5_key, zen3_key}  # both kept side by side
+        # the same Zen 3 later: its own entry
+        assert runtime.autotune(zen3_key, winner, rounds=1, cache=cache) [0] == "b"
+        # AVX2 emulation on the AVX-512 machine runs other kernels: another key too
+        _as_cpu(monkeypatch, ZEN5)
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        emulated = runtime.path_key(cfg, "train", "batch8")
+        assert emulated not in (zen5_key, zen3_key) and "ONEDNN_MAX_CPU_ISA=AVX2" in emulated
+        assert not runtime.cpu_supports_bf16()  # oneDNN capped below bf16: bf16 would be emulated
+        # and the core count this process may use
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        assert runtime.path_key(cfg, "train", "batch8") != zen5_key and "4 cores" in runtime.cpu_identity()
+    finally:
+        runtime.cpu_fields.cache_clear()

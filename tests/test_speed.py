@@ -21,6 +21,7 @@ def test_bench_tiny_writes_all_fields(tmp_path, monkeypatch):
         return {**calls, "onnxruntime int8": (lambda: None, lambda: None)}
 
     monkeypatch.setattr(bench, "_onnx_calls", int8_made_fastest)
+    monkeypatch.setattr(bench, "cpu_supports_bf16", lambda: True)  # every path, whatever CPU runs the test
     r = run_bench("DCIHMM", size=32, backbone="xception_tiny", batch=2, warmup=1, repeats=3, latency_runs=2,
                   onnx=True, out=tmp_path, int8=True)
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -46,6 +47,27 @@ def test_bench_tiny_writes_all_fields(tmp_path, monkeypatch):
     if "DNN v" in torch.__config__.show():  # oneDNN's version is recorded (torch 2.13 names it MKL-DNN)
         assert saved["onednn"] and saved["onednn"][0].isdigit()
     assert r["data"]["decode_augment_ms_per_image"] > 0
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+def test_bench_skips_emulated_bf16_unless_asked_and_shows_progress(tmp_path, monkeypatch, capsys, emulated):
+    """On a CPU without bf16 units the bf16 paths would be emulated (most of a 40-minute run on AVX2):
+    skipped and said so, unless --emulated; the frozen graph then runs in fp32. A bar shows progress."""
+    import sevenpoint.engine.bench as bench
+
+    monkeypatch.setattr(bench, "cpu_supports_bf16", lambda: False)
+    r = run_bench("DIM", size=32, backbone="xception_tiny", batch=2, warmup=0, repeats=1, latency_runs=1,
+                  onnx=False, out=tmp_path, emulated=emulated, progress=True)
+    timed = set(r["train"]) | set(r["infer"]) | set(r["latency_ms"])
+    if emulated:
+        assert {"bf16", "channels_last+bf16"} <= set(r["train"]) and "emulated (timed as asked)" in r["note"]
+        assert "frozen channels_last+bf16" in r["infer"] and r["skipped_paths"] == []
+    else:
+        assert not any("bf16" in name for name in timed), timed
+        assert r["skipped_paths"] == ["bf16", "channels_last+bf16"] and "skipped" in r["note"]
+        assert "frozen channels_last" in r["infer"] and "torch frozen channels_last" in r["latency_ms"]
+        assert "skipped" in (tmp_path / "bench.md").read_text()
+    assert "bench: " in capsys.readouterr().err  # the progress bar
 
 
 def test_bench_times_paths_round_robin_and_ratios_per_round(monkeypatch):

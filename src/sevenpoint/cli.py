@@ -474,12 +474,15 @@ def bench(
     freeze: Annotated[bool, typer.Option(help="Also time the traced + frozen inference graph.")] = True,
     int8: Annotated[bool, typer.Option(help="Also time ONNX Runtime int8 (speed only; see export --int8).")] = False,
     threads: Optional[int] = None,
+    emulated: Annotated[bool, typer.Option(help="Also time bf16 paths on a CPU without bf16 units (emulated: "
+                                                "slow, and never the fastest).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Speed of every CPU path vs naive fp32 in one run: bench.json + bench.md in --out."""
     from .engine.bench import bench_table, run_bench
 
     r = run_bench(variant, size, backbone, batch=batch, repeats=repeats, compile=compile, onnx=onnx, out=out,
-                  threads=threads, freeze=freeze, int8=int8)
+                  threads=threads, freeze=freeze, int8=int8, emulated=emulated, progress=progress)
     console.print(bench_table(r), markup=False, highlight=False, soft_wrap=True)
     console.print(f"-> {out / 'bench.json'}")
 

@@ -12,15 +12,56 @@ from pathlib import Path
 import torch
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
+def _cpuinfo_text() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return frozenset()
+        return ""
+
+
+@functools.cache
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (`model name`, `vendor_id`, `cpu family`,
+    `model`, `flags`, ...); empty where there is no such file."""
+    fields: dict[str, str] = {}
+    for line in _cpuinfo_text().splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough: every core of a machine here is alike
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(cpu_fields().get("flags", "").split())
+
+
+# The ISA extensions that decide which oneDNN / ATen kernels run (and so which path is fastest).
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+# Settings that change the kernels of the same CPU (AVX2 emulation on an AVX-512 machine, for one).
+KERNEL_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_DEFAULT_FPMATH_MODE")
+
+
+def cpu_identity() -> str:
+    """What decides the kernels, as one string for cache keys: model name, vendor, family / model /
+    stepping, the kernel-relevant ISA flags, the cores this process may use and any kernel-limiting
+    environment settings. Two CPUs that share a model name (an AMD Zen 3 and a Zen 5 both say
+    "AMD EPYC") differ here, so a cache shared between machines never hands one's choice to the other."""
+    f = cpu_fields()
+    flags = cpu_flags()
+    isa = "+".join(x for x in KERNEL_FLAGS if x in flags) or "no-isa-flags"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 0
+    env = ",".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if os.environ.get(k))
+    parts = [cpu_model(), f.get("vendor_id", platform.machine()),
+             f"family {f.get('cpu family', '?')} model {f.get('model', '?')} stepping {f.get('stepping', '?')}",
+             isa, f"{cores} cores"] + ([env] if env else [])
+    return "; ".join(parts)
 
 
 def cpu_supports_bf16() -> bool:
@@ -28,21 +69,17 @@ def cpu_supports_bf16() -> bool:
     flags = cpu_flags()
     if not ({"avx512_bf16", "amx_bf16"} & flags):
         return False
+    limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if limit and limit not in ("ALL", "DEFAULT") and not any(x in limit for x in ("BF16", "AMX", "FP16", "AVX10")):
+        return False  # oneDNN told to stop below bf16 (e.g. AVX2 emulation): bf16 would be emulated
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return True
 
 
-@functools.cache
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpu_fields().get("model name") or platform.processor() or "unknown"
 
 
 def cpu_summary() -> dict:
@@ -50,6 +87,7 @@ def cpu_summary() -> dict:
     return {
         "machine": platform.machine(),
         "processor": cpu_model(),
+        "identity": cpu_identity(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "avx512f": "avx512f" in flags,
@@ -97,9 +135,10 @@ def path_candidates(precision: str, channels_last: str) -> tuple[dict[str, tuple
 
 
 def path_key(cfg, *parts: str) -> str:
-    """The autotune cache key of a path choice for `cfg`'s model: CPU model, torch version, threads,
-    the caller's `parts` (what is timed, and how), the model config and the input size."""
-    return "|".join([cpu_model(), torch.__version__, str(torch.get_num_threads()), *parts,
+    """The autotune cache key of a path choice for `cfg`'s model: the CPU (`cpu_identity`: model,
+    family / model numbers, ISA flags, cores, kernel settings), torch version, threads, the caller's
+    `parts` (what is timed, and how), the model config and the input size."""
+    return "|".join([cpu_identity(), torch.__version__, str(torch.get_num_threads()), *parts,
                      json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(cfg.data.image_size)])
 
 
@@ -123,7 +162,7 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
     `train` times forward + loss + backward steps, `infer` forward passes, on min(`batch`,
     TIMING_BATCH) random cases, each candidate on its own copy of the model (`model` itself is not
     touched); a candidate more than 2.5x slower than the fastest in the warm-up is dropped there.
-    Candidates are the paths `path_candidates` leaves open; the fastest is cached per CPU model,
+    Candidates are the paths `path_candidates` leaves open; the fastest is cached per CPU (`cpu_identity`),
     torch version, threads, mode, batch and model config (`autotune`). On a GPU: bf16 where
     supported (`use_bf16`), channels_last unless `off`."""
     if on_gpu:
@@ -174,20 +213,25 @@ def bf16_autocast(enabled: bool, device_type: str = "cpu", tracing: bool = False
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False if tracing else None)
 
 
-def time_round_robin(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_round_robin(fns: dict, warmup: int, repeats: int, tick=None) -> dict[str, list[float]]:
     """Seconds per call of each function, timed round robin (so a neighbour's load lands on every
-    path alike): `warmup` untimed rounds, then `repeats` rounds each calling every function once."""
+    path alike): `warmup` untimed rounds, then `repeats` rounds each calling every function once.
+    `tick()`, if given, is called after every call (a progress bar's update)."""
     import time
 
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+            if tick:
+                tick()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            if tick:
+                tick()
     return times
 
 

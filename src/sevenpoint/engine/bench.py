@@ -38,9 +38,9 @@ PATHS = {  # name -> (channels_last, bf16)
 }
 
 
-def _timeit(fn, warmup: int, repeats: int) -> list[float]:
+def _timeit(fn, warmup: int, repeats: int, tick=None) -> list[float]:
     """Seconds per call of `fn` over `repeats` calls after `warmup` untimed ones."""
-    return _interleaved({"fn": fn}, warmup, repeats)["fn"]
+    return _interleaved({"fn": fn}, warmup, repeats, tick=tick)["fn"]
 
 
 SPREAD_WARN = 0.15  # a speed-up whose rounds spread beyond ±15 % of its median is not conclusive
@@ -75,9 +75,9 @@ def _onednn_version() -> str | None:
     return found.group(1) if found else None
 
 
-def _latency_ms(fn, warmup: int, runs: int) -> dict:
+def _latency_ms(fn, warmup: int, runs: int, tick=None) -> dict:
     """p50 and p95 of `runs` timed calls of `fn`, in milliseconds."""
-    times = np.array(_timeit(fn, warmup, runs)) * 1000
+    times = np.array(_timeit(fn, warmup, runs, tick=tick)) * 1000
     return {"p50": round(float(np.percentile(times, 50)), 2), "p95": round(float(np.percentile(times, 95)), 2)}
 
 
@@ -149,10 +149,14 @@ def forward_gflop(model: FusionModel, size: int, meta_dim: int) -> float:
 def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xception", batch: int = 8,
               warmup: int = 2, repeats: int = 5, latency_runs: int = 20, compile: bool = False,
               onnx: bool = True, out: str | Path | None = None, threads: int | None = None,
-              freeze: bool = True, int8: bool = False) -> dict:
+              freeze: bool = True, int8: bool = False, emulated: bool = False, progress: bool = True) -> dict:
     """Time training and inference paths of one model round robin; `int8` adds ONNX Runtime int8 (static
     QDQ calibrated on random inputs: a speed figure only, outside the best-path choice, because its
-    accuracy is only known for trained weights — `sevenpoint export --int8` checks that)."""
+    accuracy is only known for trained weights — `sevenpoint export --int8` checks that).
+
+    On a CPU without bf16 units the bf16 paths are emulated (on AVX2 they took most of a 40-minute
+    run) and are skipped, saying so, unless `emulated`; the frozen graph and the compiled path then
+    run in fp32. `progress` shows a bar over every timed call."""
     if threads:
         torch.set_num_threads(threads)
     cfg = load_config(None, [f"model.variant={variant}", f"data.image_size={size}", f"model.backbone={backbone}",
@@ -167,8 +171,16 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
                     "load_average_before": [round(x, 2) for x in os.getloadavg()], "timing": "round robin"}
     result["gflop_per_case_forward"] = forward_gflop(base, size, meta_dim)
     paths = dict(PATHS)
-    if not cpu_supports_bf16():
-        result["note"] = "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 paths are emulated"
+    native_bf16 = cpu_supports_bf16()
+    if not native_bf16 and emulated:
+        result["note"] = "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 paths are emulated (timed as asked)"
+    elif not native_bf16:
+        paths = {k: v for k, v in paths.items() if not v[1]}
+        result["note"] = ("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 paths skipped (they would be "
+                          "emulated; --emulated times them); the frozen graph runs in fp32")
+    result["skipped_paths"] = sorted(set(PATHS) - set(paths))
+    fast_bf16 = native_bf16 or emulated  # the frozen / compiled paths' precision
+    fast = f"channels_last{'+bf16' if fast_bf16 else ''}"
 
     with tempfile.TemporaryDirectory() as tmp:
         data = _data_costs(size, 8, Path(tmp))
@@ -178,7 +190,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     fast_data_s = images_per_case * data["cached_augment_ms_per_image"] / 1000
 
     targets = torch.zeros(batch, len(TASKS), dtype=torch.long)
-    variants = list(paths.items()) + ([("channels_last+bf16+compile", (True, True))] if compile else [])
+    variants = list(paths.items()) + ([(f"{fast}+compile", (True, fast_bf16))] if compile else [])
     train_fns, infer_fns, keep = {}, {}, []
     for name, (cl, bf16) in variants:
         model = copy.deepcopy(base)
@@ -205,16 +217,23 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
                 run_model(*inputs)
 
         train_fns[name], infer_fns[name] = step, infer_step
-    if freeze:  # traced + frozen DenseFusion under channels_last + bf16 (BN folded, oneDNN fusions)
-        infer_fns["frozen channels_last+bf16"] = _frozen_call(base, batch, size, meta_dim, paths["channels_last+bf16"][1])
+    if freeze:  # traced + frozen DenseFusion under channels_last (+ bf16 where native; BN folded, oneDNN fusions)
+        infer_fns[f"frozen {fast}"] = _frozen_call(base, batch, size, meta_dim, fast_bf16)
     onnx_single = {}
     if onnx or int8:
         for name, (call, single) in _onnx_calls(base, size, meta_dim, batch, fp32=onnx, int8=int8).items():
             infer_fns[name], onnx_single[name] = call, single
     # Round robin: each round times every path once, so load from a neighbour lands on all of them
     # alike and the per-round ratios stay meaningful; medians and spreads come from the rounds.
-    train_times = _interleaved(train_fns, warmup, repeats)
-    infer_times = _interleaved(infer_fns, warmup, repeats)
+    from tqdm.auto import tqdm
+
+    n_latency = 2 + bool(freeze) + len(onnx_single)
+    bar = tqdm(total=(warmup + repeats) * (len(train_fns) + len(infer_fns)) + n_latency * (warmup + latency_runs),
+               desc="bench: training paths", unit="call", disable=not progress, leave=False)
+    train_times = _interleaved(train_fns, warmup, repeats, tick=bar.update)
+    bar.set_description("bench: inference paths")
+    infer_times = _interleaved(infer_fns, warmup, repeats, tick=bar.update)
+    bar.set_description("bench: batch-1 latency")
     del keep
     gc.collect()
 
@@ -228,7 +247,7 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
     best_torch = max((k for k in infer if k != "fp32 (naive)" and k in dict(variants)),
                      key=lambda k: infer[k]["compute_cases_per_s"])
     for name in ("fp32 (naive)", best_torch):  # batch-1 latency, both images + metadata
-        cl, bf16 = paths.get(name, (True, True))
+        cl, bf16 = dict(variants).get(name, (True, fast_bf16))
         model = copy.deepcopy(base).eval()
         if cl:
             model = model.to(memory_format=torch.channels_last)
@@ -240,12 +259,13 @@ def run_bench(variant: str = "DCIHMM", size: int = 299, backbone: str = "xceptio
             with bf16_autocast(bf16):
                 run_single(*one)
 
-        latency[f"torch {name}"] = _latency_ms(single, warmup, latency_runs)
+        latency[f"torch {name}"] = _latency_ms(single, warmup, latency_runs, tick=bar.update)
     if freeze:
-        latency["torch frozen channels_last+bf16"] = _latency_ms(
-            _frozen_call(base, 1, size, meta_dim, paths["channels_last+bf16"][1]), warmup, latency_runs)
+        latency[f"torch frozen {fast}"] = _latency_ms(
+            _frozen_call(base, 1, size, meta_dim, fast_bf16), warmup, latency_runs, tick=bar.update)
     for name, single in onnx_single.items():
-        latency[name] = _latency_ms(single, warmup, latency_runs)
+        latency[name] = _latency_ms(single, warmup, latency_runs, tick=bar.update)
+    bar.close()
 
     naive = "fp32 (naive)"
     best_train = max(train, key=lambda k: train[k]["cases_per_s"])
@@ -308,7 +328,8 @@ INT8 = "onnxruntime int8"
 
 def bench_table(r: dict) -> str:
     lines = [f"CPU: {r['cpu']['processor']} ({r['cpu']['machine']}), {r['threads']} threads; "
-             f"AVX512-BF16 {r['cpu']['avx512_bf16']}, AMX-BF16 {r['cpu']['amx_bf16']}",
+             f"AVX512-BF16 {r['cpu']['avx512_bf16']}, AMX-BF16 {r['cpu']['amx_bf16']}"
+             + (f"; {r['note']}" if r.get("note") else ""),
              f"{r['variant']} / {r['backbone']} at {r['image_size']} px, batch {r['batch']}, medians of {r['repeats']} "
              f"rounds, paths timed round robin; torch {r['torch']}, oneDNN {r['onednn']}; load average "
              f"{r['load_average_before']} before, {r['load_average_after']} after",
