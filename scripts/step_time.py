@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from collections import defaultdict
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from sevenpoint.config import load_config
 from sevenpoint.engine.loss import multitask_loss
 from sevenpoint.models import FusionModel
+from sevenpoint.runtime import time_round_robin
 
 
 def parse_candidate(text: str) -> tuple[str, list[str]]:
@@ -129,23 +129,18 @@ def main() -> None:
         return step
 
     steps = {name: make_step(*r) for name, r in runs.items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds + 1):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times = time_round_robin(steps, warmup=1, repeats=args.rounds)
     env = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
     report = {"threads": torch.get_num_threads(), "batch": n, "config": args.config, "env": env, "candidates": {}}
-    base = statistics.median(times[next(iter(runs))][1:])
+    base = statistics.median(times[next(iter(runs))])
     print(f"{args.config}, batch {n}, {torch.get_num_threads()} threads, fp32 + channels_last"
           f"{', ' + ' '.join(f'{k}={v}' for k, v in env.items()) if env else ''}")
     for name, t in times.items():
-        med = statistics.median(t[1:])
-        report["candidates"][name] = {"median_s": med, "min_s": min(t[1:]), "max_s": max(t[1:]),
+        med = statistics.median(t)
+        report["candidates"][name] = {"median_s": med, "min_s": min(t), "max_s": max(t),
                                       "vs_first": med / base}
         print(f"  {name}: median {med:.3f} s per step ({base / med:.2f}x faster than the first), "
-              f"range {min(t[1:]):.3f}-{max(t[1:]):.3f} s")
+              f"range {min(t):.3f}-{max(t):.3f} s")
     if args.profile:
         for name, step in steps.items():
             classes = profile_classes(step)
