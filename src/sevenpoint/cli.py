@@ -321,40 +321,37 @@ def predict(
     sex: Optional[str] = None,
     location: Optional[str] = None,
     elevation: Optional[str] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the result JSON here.")] = None,
+    out: Annotated[Optional[list[Path]], typer.Option(
+        help="Write the result JSON here. With --batch: .csv, .json or .jsonl, repeatable (--out r.csv --out r.json); "
+             "the run resumes from OUT.parts/ if it was interrupted.")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for attention overlays (PNG).")] = None,
-    batch: Annotated[Optional[Path], typer.Option(help="CSV with columns derm, clinic, sex, location, elevation.")] = None,
+    batch: Annotated[Optional[Path], typer.Option(
+        help="A CSV (columns derm and/or clinic, optional sex, location, elevation, case_id; paths relative to "
+             "the CSV's folder) or a folder of dermoscopy images. Exit 3 if any row failed.")] = None,
     precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, with the layout, "
                                                 "the fastest kept) | fp32 | bf16")] = "auto",
     backend: Annotated[str, typer.Option(help="torch (per-head maps) | frozen (fastest) | onnx (from .onnx)")] = "torch",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
+    devices: Annotated[int, typer.Option(help="--batch: processes (CPU) or GPUs for Lightning's Trainer.predict.")] = 1,
+    accelerator: Annotated[str, typer.Option(help="--batch: cpu | gpu | auto (Lightning's accelerator).")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="--batch: cases per forward pass.")] = 16,
+    restart: Annotated[bool, typer.Option(help="--batch: discard an interrupted run's journal and start over.")] = False,
+    progress: Annotated[bool, typer.Option(help="--batch: progress bar (rows/s, ETA).")] = True,
 ) -> None:
-    """Predict one case (or a CSV batch): criteria, diagnosis, 7-point score, attention maps."""
+    """Predict one case (or a batch: CSV or image folder): criteria, diagnosis, 7-point score, attention maps."""
     from .predict import Predictor, PredictError, save_heatmaps
 
+    outs = out or []
+    if batch is not None:
+        _predict_batch(checkpoint, batch, outs, precision=precision, backend=backend, tta=tta, devices=devices,
+                       accelerator=accelerator, batch_size=batch_size, restart=restart, progress=progress)
+        return
+    if len(outs) > 1:
+        raise typer.BadParameter("one --out for a single case (several only with --batch)")
+    out = outs[0] if outs else None
     predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
     err.print(f"path {predictor.choice}", highlight=False)
-    if batch is not None:
-        import pandas as pd
-
-        frame = pd.read_csv(batch, dtype=str, keep_default_na=False)
-        if "derm" not in frame.columns and "clinic" not in frame.columns:
-            raise PredictError(f"{batch}: needs a 'derm' and/or 'clinic' column")
-        base = batch.parent
-        cases = []
-        for rec in frame.to_dict("records"):
-            cases.append({
-                k: (base / rec[k] if rec.get(k) else None) for k in ("derm", "clinic")} | {
-                "meta": {k: rec.get(k) or None for k in ("sex", "location", "elevation")}})
-        results = [r.to_dict() for r in predictor.predict_batch(cases)]
-        payload = json.dumps(results, indent=2)
-        if out:
-            out.write_text(payload)
-            console.print(f"{len(results)} predictions -> {out}")
-        else:
-            console.print_json(payload)
-        return
     if derm is None and clinic is None:
         raise PredictError("give --derm and/or --clinic (or --batch CSV)")
     meta = {"sex": sex, "location": location, "elevation": elevation}
@@ -367,6 +364,31 @@ def predict(
         written = save_heatmaps(result, {"derm": derm, "clinic": clinic}, heatmaps)
         console.print(f"{len(written)} attention images -> {heatmaps}")
     _print_prediction(result)
+
+
+def _predict_batch(checkpoint: Path, source: Path, outs: list[Path], **options) -> None:
+    """`predict --batch`: streamed, resumable, per-row errors; exit 3 when some rows failed."""
+    import tempfile
+
+    from .batch import EXIT_ROWS_FAILED, run_batch
+
+    with tempfile.TemporaryDirectory(prefix="sevenpoint-batch-") as scratch:
+        to_stdout = not outs
+        summary = run_batch(checkpoint, source, outs or [Path(scratch) / "results.json"], **options)
+        if to_stdout:
+            console.print_json(Path(summary.outputs[0]).read_text())
+    resumed = f", {summary.resumed} of them from an interrupted run" if summary.resumed else ""
+    skipped = f"; {summary.skipped} non-image file(s) in the folder skipped" if summary.skipped else ""
+    where = f" -> {', '.join(summary.outputs)}" if not to_stdout else ""
+    err.print(f"{summary.total} rows: {summary.ok} predicted, {summary.failed} failed{resumed}{skipped}{where}",
+              highlight=False, markup=False)
+    for line in summary.failures:
+        err.print(f"  {line}", highlight=False, markup=False)
+    if summary.failed > len(summary.failures):
+        err.print(f"  ... and {summary.failed - len(summary.failures)} more (the error column of the output)",
+                  highlight=False, markup=False)
+    if summary.failed:
+        raise SystemExit(EXIT_ROWS_FAILED)
 
 
 @app.command()

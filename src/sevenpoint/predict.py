@@ -116,9 +116,11 @@ def validate_meta(meta: Mapping[str, object] | None) -> np.ndarray | None:
 
 
 class _TorchBackend:
-    def __init__(self, model: torch.nn.Module, cfg, precision: str, channels_last: bool | None = None) -> None:
-        self.model = model.eval()
-        self.bf16 = use_bf16(precision, on_gpu=False)
+    def __init__(self, model: torch.nn.Module, cfg, precision: str, channels_last: bool | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.bf16 = use_bf16(precision, on_gpu=self.device.type == "cuda")
         self.channels_last = use_channels_last(cfg.train.channels_last) if channels_last is None else channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -126,11 +128,12 @@ class _TorchBackend:
     @torch.no_grad()
     def __call__(self, derm, clinic, meta, has):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        with bf16_autocast(self.bf16):
-            out = self.model(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
-                             has["derm"], has["clinic"], has["meta"])
-        heads = {k: v.float().numpy() for k, v in out.attention.items()}
-        return ([p.float().numpy() for p in out.probs], out.branches_used().numpy(),
+        dev = self.device
+        with bf16_autocast(self.bf16, device_type=dev.type):
+            out = self.model(derm.to(dev).contiguous(memory_format=fmt), clinic.to(dev).contiguous(memory_format=fmt),
+                             meta.to(dev), *(has[k].to(dev) for k in ("derm", "clinic", "meta")))
+        heads = {k: v.float().cpu().numpy() for k, v in out.attention.items()}
+        return ([p.float().cpu().numpy() for p in out.probs], out.branches_used().cpu().numpy(),
                 {k: v.sum(axis=1) for k, v in heads.items()}, heads)
 
 
@@ -209,21 +212,30 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto", backend: str = "torch",
-                        tta: str | None = None) -> Predictor:
+                        tta: str | None = None, device: torch.device | str = "cpu") -> Predictor:
         """`backend`: torch (eager, per-head attention maps), frozen (traced + frozen graph, fastest
         at batch 1 on CPU, aggregated maps only) or onnx (an exported .onnx file). `tta=None`
         applies the checkpoint's `infer.tta`. The numeric path is measured: the open candidates
         (precision: fp32 and, on a CPU with bf16 units, bf16 — `fp32` / `bf16` force one; layout:
         channels_last on and off for the eager backend unless the checkpoint's `train.channels_last`
         pins it) are timed at batch 1 and the fastest kept (cached per CPU, torch version, threads,
-        backend and model; `choice` says which and why)."""
+        backend and model; `choice` says which and why). `device` (torch backend only): a GPU runs fp32
+        unless `precision="bf16"`; no timing there."""
         if backend == "onnx" or str(path).endswith(".onnx"):
             return cls.from_onnx(path, tta)
         if backend not in ("torch", "frozen"):
             raise PredictError(f"backend {backend!r}: expected torch, frozen or onnx")
         if precision not in ("auto", "fp32", "bf16"):
             raise PredictError(f"precision {precision!r}: expected auto, fp32 or bf16")
+        device = torch.device(device)
+        if device.type != "cpu" and backend != "torch":
+            raise PredictError(f"backend {backend!r} runs on the CPU; use backend torch on {device}")
         model, cfg, section = load_model(path)
+        if device.type != "cpu":
+            predictor = cls(_TorchBackend(model, cfg, "bf16" if precision == "bf16" else "fp32", device=device), cfg,
+                            tta, OODModel.from_dict(section.get("ood")))
+            predictor.choice = f"{device}, {'bf16' if precision == 'bf16' else 'fp32'} (as asked; not timed)"
+            return predictor
         make = _FrozenBackend if backend == "frozen" else _TorchBackend
         # The open paths (runtime.path_candidates): precision as asked (bf16 timed only on a CPU with bf16
         # units), layout as the checkpoint's train.channels_last says; the frozen graph is always channels_last.
