@@ -248,3 +248,16 @@ def test_fuzzed_batch_csv_gives_results_or_one_line_errors(tmp_path_factory, tin
         assert rec["row"] == case.row and (rec["prediction"] is None) == bool(rec["error"])
         if rec["error"]:
             assert rec["error"].startswith(f"row {case.row}: ") and "\n" not in rec["error"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_one_writes(tiny_run, synth_root, tmp_path):
+    import fcntl
+
+    cases = archive(synth_root, tmp_path, rows=2)
+    parts = tmp_path / "r.csv.parts"
+    parts.mkdir()
+    with open(parts / "lock", "w") as held:  # as a running `predict --batch` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(BatchInputError, match="another run is writing"):
+            run_batch(ckpt(tiny_run), cases, [tmp_path / "r.csv"], progress=False)
+    assert run_batch(ckpt(tiny_run), cases, [tmp_path / "r.csv"], progress=False).ok == 2

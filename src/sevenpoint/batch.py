@@ -28,6 +28,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,18 @@ class Journal:
     def __init__(self, folder: Path, header: dict) -> None:
         self.folder = folder
         self.header = header
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the journal for this run: a second command on the same output is refused, not interleaved."""
+        import fcntl
+
+        with open(self.folder / "lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise BatchInputError(f"{self.folder}: another run is writing this output now") from None
+            yield
 
     @classmethod
     def open(cls, folder: Path, header: dict, restart: bool = False) -> Journal:
@@ -443,13 +456,18 @@ def run_batch(checkpoint: str | os.PathLike, source: str | os.PathLike, outs: Se
     header = {"version": JOURNAL_VERSION, "input": str(Path(source).resolve()), "input_sha256": cases.fingerprint(),
               "checkpoint": f"{ckpt} ({st.st_size} bytes, mtime {st.st_mtime_ns})", "backend": backend,
               "precision": precision, "tta": tta}
-    parts = outs[0].with_name(outs[0].name + ".parts")
-    journal = Journal.open(parts, header, restart=restart)
+    settings = {"precision": precision, "backend": backend, "tta": tta, "threads": threads}
+    journal = Journal.open(outs[0].with_name(outs[0].name + ".parts"), header, restart=restart)
+    with journal.locked():
+        return _predict_into(journal, cases, outs, settings | {"checkpoint": str(ckpt)}, devices, accelerator,
+                             batch_size, progress)
+
+
+def _predict_into(journal: Journal, cases: CaseSource, outs: list[Path], settings: dict, devices: int,
+                  accelerator: str, batch_size: int, progress: bool) -> BatchSummary:
     done = journal.done(cases.count)
     resumed = int(done.sum())
     if resumed < cases.count:
-        settings = {"checkpoint": str(ckpt), "precision": precision, "backend": backend, "tta": tta,
-                    "threads": threads}
         loader = torch.utils.data.DataLoader(_Remaining(cases, done), batch_size=batch_size,
                                              collate_fn=list, num_workers=0)
         strategy = "ddp_spawn" if devices > 1 else "auto"
@@ -464,7 +482,7 @@ def run_batch(checkpoint: str | os.PathLike, source: str | os.PathLike, outs: Se
                             return_predictions=False)
     ok, failed = write_outputs(journal, outs)
     if ok + failed != cases.count:  # never true unless a shard was edited by hand: keep the journal then
-        raise BatchInputError(f"{parts}: holds {ok + failed} of {cases.count} rows after the run")
+        raise BatchInputError(f"{journal.folder}: holds {ok + failed} of {cases.count} rows after the run")
     failures = [r["error"] for r in journal.records() if r.get("error")][:10] if failed else []
-    shutil.rmtree(parts)
+    shutil.rmtree(journal.folder)
     return BatchSummary(cases.count, ok, failed, resumed, [str(o) for o in outs], failures, cases.skipped)
