@@ -62,7 +62,12 @@ def build_model(cfg: RunConfig) -> FusionModel | FusionEnsemble:
 
 def load_model(path: str | os.PathLike) -> tuple[FusionModel | FusionEnsemble, RunConfig, dict]:
     """Rebuild the model from a checkpoint's own config and load its weights (eval mode)."""
-    ckpt = read_checkpoint(path)
+    return model_from(read_checkpoint(path), path)
+
+
+def model_from(ckpt: dict, path: str | os.PathLike = "checkpoint") -> tuple[FusionModel | FusionEnsemble, RunConfig,
+                                                                             dict]:
+    """`load_model` on a checkpoint dict already in memory (`path` only names it in errors)."""
     cfg = config_from_dict(ckpt["sevenpoint"]["config"])
     model = build_model(cfg)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -88,6 +93,14 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
                       infer: dict | None = None) -> RunConfig:
     """Write one checkpoint holding the trained models `members` (same model and data config) as a
     `train.ensemble` model; `infer` overrides inference settings (e.g. {"clinic_weight": 0.5})."""
+    ckpt = ensemble_checkpoint(members, infer)
+    atomic_torch_save(ckpt, out)
+    return config_from_dict(ckpt["sevenpoint"]["config"])
+
+
+def ensemble_checkpoint(members: list[str | os.PathLike], infer: dict | None = None) -> dict:
+    """`assemble_ensemble`'s checkpoint dict, in memory (`train` adds what the ensemble carries, then writes
+    it once). Held-out artefacts of a member (temperatures, sets, stacker) do not fit the average: dropped."""
     if len(members) < 2:
         raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(members)}")
     state, configs, ood, majority = {}, [], None, None
@@ -111,10 +124,9 @@ def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
     values["infer"]["temperature"] = None  # a member's temperatures do not fit the average: calibrate the ensemble
     values["infer"].update(infer or {})
     cfg = config_from_dict(values)
-    atomic_torch_save({"state_dict": state, "sevenpoint": {
+    return {"state_dict": state, "sevenpoint": {
         "config": cfg.to_dict(), "schema": SCHEMA_FINGERPRINT, "ood": ood, "train_majority": majority,
-        "members": [{"checkpoint": str(p), "seed": c.seed} for p, c in zip(members, configs)]}}, out)
-    return cfg
+        "members": [{"checkpoint": str(p), "seed": c.seed} for p, c in zip(members, configs)]}}
 
 
 def load_derm_backbone(model: FusionModel, path: str | os.PathLike) -> int:

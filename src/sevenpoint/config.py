@@ -105,9 +105,13 @@ class TrainConfig:
     limit_train_batches: float = 1.0
     ensemble: int = 1  # >1: train this many members one after another (member i gets seed seed*ensemble + i)
     #                    and save their average as best.ckpt (one model for evaluate, predict, serve, export)
-    calibrate: bool = False  # after training: fit infer.temperature on validation into best.ckpt (`sevenpoint calibrate`)
+    calibrate: bool = False  # after training: fit infer.temperature, prediction sets and the stacked diagnosis on
+    #                          held-out predictions (validation, or out of fold with cross_fit) into best.ckpt
     refit: bool = False  # train on train + valid for `epochs`; best.ckpt = the final (EMA) weights, nothing selected
     #                      on validation (it is training data): choose the recipe first, then refit it
+    cross_fit: bool = False  # refit ensemble: member i leaves out fold i of `ensemble` (stratified on DIAG) of the
+    #                          validation split, so every validation case has one member that never saw it; those
+    #                          out-of-fold predictions fit the temperatures, prediction sets and stacked diagnosis
 
 
 @dataclass(frozen=True)
@@ -330,9 +334,13 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if temps is not None and (len(temps) != len(TASK_NAMES) or not all(t > 0 for t in temps)):
         raise ConfigError(f"infer.temperature: expected {len(TASK_NAMES)} positive values (one per task: "
                           f"{', '.join(TASK_NAMES)}), got {list(temps)}")
-    if cfg.train.refit and cfg.train.calibrate:
+    if cfg.train.refit and cfg.train.calibrate and not cfg.train.cross_fit:
         raise ConfigError("train.refit with train.calibrate: the validation split is training data in a refit, so "
-                          "no held-out case is left to fit temperatures on; set train.calibrate=false")
+                          "no held-out case is left to fit temperatures on; set train.calibrate=false, or "
+                          "train.cross_fit=true (an ensemble whose members each leave out one fold)")
+    if cfg.train.cross_fit and not (cfg.train.refit and cfg.train.ensemble > 1):
+        raise ConfigError("train.cross_fit: needs train.refit and train.ensemble > 1 (each member of a refit ensemble "
+                          "leaves out one fold of the validation split; a plain run keeps the whole split held out)")
     if cfg.train.refit and cfg.train.early_stopping:
         raise ConfigError("train.refit with train.early_stopping: a refit has no validation split to stop on; "
                           "set train.early_stopping=0 (it trains for train.epochs)")

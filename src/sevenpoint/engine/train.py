@@ -256,9 +256,8 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
     trainer.fit(module, train_dl, None if refit else valid_dl, ckpt_path=str(last) if resume else None)
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file():
-        add_training_statistics(ckpt_dir / "best.ckpt", data, cfg)
-        if cfg.train.calibrate:
-            calibrate_in_place(ckpt_dir / "best.ckpt", data, progress)
+        best = ckpt_dir / "best.ckpt"
+        finish_checkpoint(torch.load(best, map_location="cpu", weights_only=True), best, data, cfg, progress=progress)
     summary = {
         "best_checkpoint": str(ckpt_dir / "best.ckpt"),
         "last_checkpoint": str(last),
@@ -288,38 +287,55 @@ def training_view(data: CaseSet, cfg: RunConfig) -> CaseSet:
     return view
 
 
-def calibrate_in_place(checkpoint: Path, data: CaseSet, progress: bool = True):
-    """`train.calibrate`: temperatures fitted on the validation split stored in `checkpoint` itself;
-    returns the validation predictions (before the temperatures)."""
-    from ..checkpoint import load_model
-    from .calibrate import fit_on_validation, write_with_temperatures
+def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, held_out=None, source: str | None = None,
+                      progress: bool = True):
+    """Add to the checkpoint dict `ckpt` what the model carries for inference (`sevenpoint.artifacts`)
+    and write it to `path` once, atomically. Returns the held-out predictions used (or None).
 
-    model, cfg, _ = load_model(checkpoint)
-    temps, report, pred = fit_on_validation(model, cfg, data, progress=progress)
-    write_with_temperatures(checkpoint, checkpoint, temps, report, data, pred)
-    print("temperatures fitted on validation: " + ", ".join(f"{k} {v['temperature']:.2f}" for k, v in report.items()),
-          flush=True)
-    return pred
-
-
-def add_training_statistics(checkpoint: Path, data: CaseSet, cfg: RunConfig) -> OODModel:
-    """Store in `checkpoint` (rewritten atomically) what inference needs from the training data:
-    the out-of-distribution score, fitted on the training dermoscopy images (threshold from the
-    validation ones, also in a refit: the score is a descriptor statistic, not the network), and
-    each task's majority class in the data the model trained on (the no-skill baseline that
-    `evaluate` reports on data without a training split, e.g. PH2)."""
-    from .evaluate import train_majority
+    Always: the out-of-distribution score (fitted on the training dermoscopy images, threshold from the
+    validation ones, also in a refit: it is a descriptor statistic, not the network) and each task's
+    majority class in the data the model trained on (the no-skill baseline `evaluate` reports on data
+    without a training split, e.g. PH2). With `train.calibrate`: temperatures, prediction sets and the
+    stacked diagnosis, fitted on `held_out` predictions (a cross-fit ensemble's out-of-fold ones), else
+    on the model's own predictions of the validation split.
+    """
+    from ..artifacts import Artifacts
+    from ..checkpoint import model_from
+    from .evaluate import inference_path, predict_split, train_majority
+    from .held_out import fit_held_out
 
     cache = make_cache(cfg)
     desc = {split: np.stack([descriptor(cache.load(c.derm, c.crop)) for c in data.split_cases(split)
                              if c.derm is not None])
             for split in TRAIN_SPLITS}
-    model = OODModel.fit(desc["train"], desc["valid"])
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    ckpt["sevenpoint"]["ood"] = model.to_dict()
-    ckpt["sevenpoint"]["train_majority"] = train_majority(training_view(data, cfg).targets("train"))
-    atomic_torch_save(ckpt, checkpoint)
-    return model
+    section = ckpt["sevenpoint"]
+    art = Artifacts.from_section(section)
+    art.ood = OODModel.fit(desc["train"], desc["valid"]).to_dict()
+    art.train_majority = train_majority(training_view(data, cfg).targets("train"))
+    if cfg.train.calibrate:
+        if held_out is None:
+            model, model_cfg, _ = model_from(ckpt, path)
+            bf16, channels_last, _ = inference_path(model, model_cfg, cfg.train.batch_size)
+            held_out = predict_split(model, model_cfg, data, "valid", model_cfg.infer.tta, cfg.train.batch_size, bf16,
+                                     channels_last, progress)
+            source = f"{data.root} (valid)"
+        temps, fields = fit_held_out(held_out, source or "held-out predictions", cfg.seed)
+        for key, value in fields.items():
+            setattr(art, key, value)
+        saved = config_from_dict(section["config"])
+        section["config"] = dataclasses.replace(saved, infer=dataclasses.replace(saved.infer,
+                                                                                 temperature=tuple(temps))).to_dict()
+        stacker = art.stacker
+        print("fitted on " + art.fitted_on + ": temperatures " + ", ".join(
+            f"{k} {v['temperature']:.2f}" for k, v in art.calibration.items() if isinstance(v, dict))
+            + "; stacked diagnosis " + ("none (too few cases per diagnosis)" if stacker is None else
+                                        "{} ({:.1%} vs the image model's {:.1%}, cross-validated)".format(
+                                            "adopted" if stacker["default"] else "kept for corrections only",
+                                            stacker["held_out"]["stacked_diag_accuracy_cv"],
+                                            stacker["held_out"]["image_model_diag_accuracy"])), flush=True)
+    section.update(art.to_section())
+    atomic_torch_save(ckpt, path)
+    return held_out
 
 
 def _saved_ensemble(run_dir: Path) -> bool:
@@ -332,7 +348,55 @@ def member_config(cfg: RunConfig, i: int) -> RunConfig:
     k = cfg.train.ensemble
     # members are not calibrated: their temperatures would not fit the average (the ensemble is)
     return dataclasses.replace(cfg, seed=cfg.seed * k + i, train=dataclasses.replace(cfg.train, ensemble=1,
-                                                                                      calibrate=False))
+                                                                                      calibrate=False, cross_fit=False))
+
+
+def cross_fit_folds(data: CaseSet, cfg: RunConfig) -> list[np.ndarray]:
+    """`train.cross_fit`: the validation split cut into `train.ensemble` folds, stratified on the diagnosis
+    (seeded by the run's seed); member i of the refit ensemble trains on everything but fold i."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rows = np.asarray(data.splits["valid"])
+    diag = data.targets("valid")[:, 0]
+    k = cfg.train.ensemble
+    if len(rows) < k:
+        raise DatasetError(f"{data.root}: train.cross_fit needs at least {k} validation cases, has {len(rows)}")
+    with warnings.catch_warnings():  # a diagnosis rarer than k cases is spread as far as it goes
+        warnings.filterwarnings("ignore", message=r"The least populated class")
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed).split(rows, diag)
+        return [np.sort(rows[held]) for _, held in folds]
+
+
+def member_splits(data: CaseSet, folds: list[np.ndarray] | None, i: int) -> dict[str, np.ndarray] | None:
+    """Member i's train / valid rows: with cross-fitting, the validation split less fold i (a refit member
+    trains on train + that valid, so fold i is the only part it never sees)."""
+    if folds is None:
+        return None
+    return {"train": np.asarray(data.splits["train"]), "valid": np.setdiff1d(data.splits["valid"], folds[i])}
+
+
+def out_of_fold_predictions(members: list[str], folds: list[np.ndarray], data: CaseSet, cfg: RunConfig,
+                            progress: bool = True):
+    """Each validation case predicted by the one member that never trained on it (`train.cross_fit`),
+    gathered in validation-split order, with the ensemble's late-fusion weights and TTA."""
+    from ..checkpoint import load_model
+    from .evaluate import Predictions, inference_path, predict_split
+
+    parts = []
+    for path, rows in zip(members, folds):
+        model, member_cfg, _ = load_model(path)
+        model.fusion_weights = {"clinic": cfg.infer.clinic_weight}
+        bf16, channels_last, _ = inference_path(model, member_cfg, cfg.train.batch_size)
+        view = copy.copy(data)
+        view.splits = {**data.splits, "fold": rows}
+        parts.append((rows, predict_split(model, member_cfg, view, "fold", cfg.infer.tta, cfg.train.batch_size,
+                                          bf16, channels_last, progress)))
+    rows = np.concatenate([r for r, _ in parts])
+    order = np.argsort(rows, kind="stable")
+    probs = [np.concatenate([p.probs[t] for _, p in parts])[order] for t in range(len(TASKS))]
+    targets = np.concatenate([p.targets for _, p in parts])[order]
+    ids = [i for _, p in parts for i in p.ids]
+    return Predictions(probs, targets, [ids[j] for j in order])
 
 
 def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
@@ -340,7 +404,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
                    splits: dict[str, np.ndarray] | None = None) -> dict:
     """Train the members one after another in `run_dir/members/m<i>/` (each a normal, resumable run),
     then write their average as `run_dir/checkpoints/best.ckpt` and score it on validation."""
-    from ..checkpoint import assemble_ensemble, load_model
+    from ..checkpoint import ensemble_checkpoint, load_model
     from .evaluate import inference_path, predict_split
     from .metrics import compute_metrics
 
@@ -357,27 +421,46 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "run_info.json", run_info(argv))
     finished: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    folds = None
+    if cfg.train.cross_fit:
+        folds = cross_fit_folds(load_training_data(data_dir, cfg, splits, extra=False), cfg)
+        if not resume:
+            print(f"cross-fit: member i leaves out fold i of the validation split ({', '.join(str(len(f)) for f in folds)}"
+                  " cases); its predictions there are the out-of-fold predictions", flush=True)
     for i in range(cfg.train.ensemble):
         name = f"m{i}"
         if name in finished:
             continue
         member_dir, member = run_dir / "members" / name, member_config(cfg, i)
         print(f"ensemble member {i + 1}/{cfg.train.ensemble} (seed {member.seed}) -> {member_dir}", flush=True)
+        if folds is not None:
+            base = load_training_data(data_dir, cfg, splits, extra=False)
+            member_rows = member_splits(base, folds, i)
+        else:
+            member_rows = splits
         summary = train(member, data_dir, member_dir,
                         resume=(member_dir / "checkpoints" / "last.ckpt").is_file(), progress=progress, argv=argv,
-                        stop_after_epochs=stop_after_epochs, splits=splits)
+                        stop_after_epochs=stop_after_epochs, splits=member_rows)
         if stop_after_epochs:  # an interrupted run (tests): this member is not finished
             return summary
         finished[name] = {k: summary[k] for k in ("best_checkpoint", "best_val_avg_acc", "epochs_run", "train_seconds")}
         write_json(done_file, finished)
     best = run_dir / "checkpoints" / "best.ckpt"
     members = [finished[f"m{i}"]["best_checkpoint"] for i in range(cfg.train.ensemble)]
-    assemble_ensemble(members, best, infer=dataclasses.asdict(cfg.infer))
+    ckpt = ensemble_checkpoint(members, infer=dataclasses.asdict(cfg.infer))
     data = load_training_data(data_dir, cfg, splits, extra=False)
-    pred = None
-    if cfg.train.calibrate:
-        pred = calibrate_in_place(best, data, progress)
-    elif not cfg.train.refit:  # a refit's validation cases are training data: not scored
+    oof = None
+    if folds is not None:
+        oof = out_of_fold_predictions(members, folds, data, cfg, progress)
+        np.savez_compressed(run_dir / "out_of_fold.npz", ids=np.asarray(oof.ids), targets=oof.targets,
+                            **{f"probs_{task.name}": p for task, p in zip(TASKS, oof.probs)})
+    best.parent.mkdir(parents=True, exist_ok=True)
+    pred = finish_checkpoint(ckpt, best, data, cfg, held_out=oof, progress=progress,
+                             source=f"{data.root} (valid, out of fold: each case by the member that never saw it)")
+    if oof is not None:  # a member, not the ensemble: reported as such, not as the ensemble's validation score
+        summary_oof = compute_metrics(oof.probs, oof.targets)["average_accuracy"]
+        pred = None
+    elif pred is None and not cfg.train.refit:  # a refit's validation cases are training data: not scored
         model, ens_cfg, _ = load_model(best)
         bf16, channels_last, _ = inference_path(model, ens_cfg, cfg.train.batch_size)
         pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size, bf16, channels_last,
@@ -391,6 +474,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         "train_seconds": round(sum(m["train_seconds"] for m in finished.values()), 1),
         "train_cases": len(training_view(data, cfg).splits["train"]),
         "valid_cases": 0 if pred is None else len(pred.ids),
+        "out_of_fold_avg_acc": summary_oof if oof is not None else None,
         "config": dataclasses.asdict(cfg),
     }
     write_json(run_dir / "train_summary.json", summary)
