@@ -338,6 +338,10 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="--batch: cases per forward pass.")] = 16,
     restart: Annotated[bool, typer.Option(help="--batch: discard an interrupted run's journal and start over.")] = False,
     progress: Annotated[bool, typer.Option(help="--batch: progress bar (rows/s, ETA).")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Correct a criterion with the clinician's value, e.g. --set BWV=ABS (repeatable): the 7-point "
+                      "score, the rule and the stacked diagnosis follow it.")] = None,
+    level: Annotated[float, typer.Option(help="Conformal level of the per-task prediction sets.")] = 0.9,
 ) -> None:
     """Predict one case (or a batch: CSV or image folder): criteria, diagnosis, 7-point score, attention maps."""
     from .predict import Predictor, PredictError, save_heatmaps
@@ -350,12 +354,23 @@ def predict(
     if len(outs) > 1:
         raise typer.BadParameter("one --out for a single case (several only with --batch)")
     out = outs[0] if outs else None
+    corrections = {}
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise typer.BadParameter(f"--set {item!r}: expected CRITERION=VALUE, e.g. BWV=ABS")
+        corrections[name.strip()] = value.strip()
+    if not 0.0 < level < 1.0:
+        raise typer.BadParameter(f"--level {level}: expected a value in (0, 1), e.g. 0.9")
     predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
+    predictor.set_level = level
     err.print(f"path {predictor.choice}", highlight=False)
+    for lack in predictor.artifacts.missing():
+        err.print(f"note: this checkpoint has no {lack}", highlight=False, markup=False)
     if derm is None and clinic is None:
         raise PredictError("give --derm and/or --clinic (or --batch CSV)")
     meta = {"sex": sex, "location": location, "elevation": elevation}
-    result = predictor.predict(derm=derm, clinic=clinic, meta=meta)
+    result = predictor.predict(derm=derm, clinic=clinic, meta=meta, corrections=corrections)
     payload = json.dumps(result.to_dict(), indent=2)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -414,8 +429,11 @@ def serve(
                                                       "forward pass, at most.")] = 5.0,
     adaptive_threads: Annotated[bool, typer.Option(help="Drop to one thread while forward passes run much slower "
                                                         "than the best seen (a busy neighbour process).")] = True,
+    level: Annotated[float, typer.Option(help="Conformal level of the per-task prediction sets.")] = 0.9,
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
+    if not 0.0 < level < 1.0:
+        raise typer.BadParameter(f"--level {level}: expected a value in (0, 1), e.g. 0.9", param_hint="--level")
     from .web.app import is_loopback
 
     if not is_loopback(host) and not token:
@@ -433,6 +451,7 @@ def serve(
     from .web.app import create_app
 
     predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta, precision=precision)
+    predictor.set_level = level
     if adaptive_threads:
         from .runtime import ThreadGovernor
 
@@ -526,11 +545,20 @@ def loadtest(
 def _print_prediction(result) -> None:
     from .schema import MELANOMA_THRESHOLD
 
-    table = Table("task", "prediction", "probability", title="sevenpoint prediction (research tool, not a medical device)")
+    title = "sevenpoint prediction (research tool, not a medical device)"
+    level = f"{result.set_level:.0%} set" if result.sets is not None else "set"
+    table = Table("task", "prediction", "probability", level, title=title)
     for name, tr in result.tasks.items():
-        table.add_row(name, f"{tr.predicted} ({tr.predicted_name})", f"{tr.probabilities[tr.predicted]:.2f}")
+        given = " (clinician)" if name in result.corrections else ""
+        plausible = " or ".join(result.sets[name]) if result.sets is not None else "-"
+        table.add_row(name, f"{tr.predicted} ({tr.predicted_name}){given}", f"{tr.probabilities[tr.predicted]:.2f}",
+                      plausible)
     console.print(table)
-    console.print(f"diagnosis: {result.diagnosis} ({result.diagnosis_name}); 7-point score {result.seven_point_score}"
+    if result.uncertain:
+        console.print(f"UNCERTAIN: the diagnosis set holds {len(result.sets['DIAG'])} diagnoses "
+                      f"({', '.join(result.sets['DIAG'])}); the model cannot tell them apart at this level")
+    console.print(f"diagnosis: {result.diagnosis} ({result.diagnosis_name}, {result.diagnosis_source}); "
+                  f"7-point score {result.seven_point_score}"
                   f" -> {'SUSPECT MELANOMA' if result.melanoma_flag else 'below'} (threshold {MELANOMA_THRESHOLD}); "
                   f"DIAG melanoma probability {result.melanoma_probability:.2f}; branches {', '.join(result.branches_used)}")
     if result.ood_warning:

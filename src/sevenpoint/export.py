@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifacts import Artifacts
 from .atomic import atomic_path
 from .checkpoint import load_model
 from .models import DenseFusion
@@ -67,7 +68,8 @@ def export_loaded(model: torch.nn.Module, cfg, section: dict, onnx_path: str | o
     """`export_onnx` of a model already loaded with `load_model` (its config and checkpoint section)."""
     outputs = export_model(model, onnx_path, cfg.data.image_size, cfg.meta_dim, opset,
                            metadata={"sevenpoint_config": json.dumps(cfg.to_dict()),
-                                     "sevenpoint_ood": json.dumps(section.get("ood"))})
+                                     "sevenpoint_ood": json.dumps(section.get("ood")),
+                                     "sevenpoint_artifacts": json.dumps(Artifacts.from_section(section).to_section())})
     return {"onnx": str(onnx_path), "outputs": outputs}
 
 

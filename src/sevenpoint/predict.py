@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .artifacts import DEFAULT_LEVEL, Artifacts, CorrectionError, apply_corrections, parse_corrections
 from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
@@ -29,8 +30,8 @@ from .runtime import PATHS, ThreadGovernor, bf16_autocast, path_candidates, path
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
 from .temperature import apply_temperatures
-from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASKS, encode_meta, score_rule,
-                     seven_point_score)
+from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASK_NAMES, TASKS,
+                     encode_meta, score_rule, seven_point_score)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
@@ -68,6 +69,15 @@ class Prediction:
     ood_score: float | None = None
     ood_threshold: float | None = None
     ood_warning: bool = False
+    # Per task, the classes of its conformal prediction set at `set_level` (None: the checkpoint has no
+    # sets); `uncertain`: the diagnosis set is not a single class (None without sets).
+    sets: dict[str, list[str]] | None = None
+    set_level: float | None = None
+    uncertain: bool | None = None
+    # The clinician's values for criteria ({task: class}); the score, the rule and (with a stacked model)
+    # the diagnosis follow them. `diagnosis_source`: "image model" or "stacked" (criteria + image).
+    corrections: dict[str, str] = field(default_factory=dict)
+    diagnosis_source: str = "image model"
 
     def to_dict(self) -> dict:
         """JSON-ready (attention maps left out; draw them with `sevenpoint.viz`)."""
@@ -170,6 +180,7 @@ class _OnnxBackend:
         self.cfg = config_from_dict(json.loads(meta["sevenpoint_config"]))
         self.attention_names = json.loads(meta["sevenpoint_attention"])
         self.ood = OODModel.from_dict(json.loads(meta.get("sevenpoint_ood", "null")))
+        self.artifacts = Artifacts.from_section(json.loads(meta.get("sevenpoint_artifacts", "{}")))
         # `export --int8`: how it was calibrated and its checked accuracy; None for an fp32 export
         self.quantization = json.loads(meta.get("sevenpoint_quantization", "null"))
 
@@ -192,15 +203,19 @@ class Prepared:
     meta: torch.Tensor
     has: dict[str, bool]
     ood: float | None
+    corrections: dict[str, int] = field(default_factory=dict)
 
 
 class Predictor:
     """`Predictor.from_checkpoint(path)` (PyTorch) or `Predictor.from_onnx(path)` (ONNX Runtime)."""
 
-    def __init__(self, backend, cfg, tta: str | None = None, ood: OODModel | None = None) -> None:
+    def __init__(self, backend, cfg, tta: str | None = None, ood: OODModel | None = None,
+                 artifacts: Artifacts | None = None) -> None:
         self.backend = backend
         self.cfg = cfg
         self.ood = ood
+        self.artifacts = artifacts or Artifacts()
+        self.set_level = DEFAULT_LEVEL  # the conformal level of the prediction sets (callers may change it)
         self.size = cfg.data.image_size
         self.crop = cfg.data.crop
         self.eval_transform = transforms_for(cfg.data)[1]  # the same centred window as `evaluate`
@@ -233,7 +248,7 @@ class Predictor:
         model, cfg, section = load_model(path)
         if device.type != "cpu":
             predictor = cls(_TorchBackend(model, cfg, "bf16" if precision == "bf16" else "fp32", device=device), cfg,
-                            tta, OODModel.from_dict(section.get("ood")))
+                            tta, OODModel.from_dict(section.get("ood")), Artifacts.from_section(section))
             predictor.choice = f"{device}, {'bf16' if precision == 'bf16' else 'fp32'} (as asked; not timed)"
             return predictor
         make = _FrozenBackend if backend == "frozen" else _TorchBackend
@@ -260,14 +275,14 @@ class Predictor:
         key = path_key(cfg, backend, "batch1", "paths", f"ensemble{cfg.train.ensemble}")
         choice, why = pick_path(key, paths, ruled_out, timing, rounds=5)
         impl = built.get(choice) or build(choice)
-        predictor = cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")))
+        predictor = cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")), Artifacts.from_section(section))
         predictor.choice = why
         return predictor
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, tta: str | None = None) -> Predictor:
         backend = _OnnxBackend(path)
-        return cls(backend, backend.cfg, tta, backend.ood)
+        return cls(backend, backend.cfg, tta, backend.ood, backend.artifacts)
 
     @property
     def info(self) -> dict:
@@ -277,7 +292,10 @@ class Predictor:
                 "clinic_weight": self.cfg.infer.clinic_weight, "precision": self.choice,
                 "temperature": None if self.cfg.infer.temperature is None else list(self.cfg.infer.temperature),
                 "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch"),
-                "int8": getattr(self.backend, "quantization", None)}
+                "int8": getattr(self.backend, "quantization", None), "set_level": self.set_level,
+                "stacked_diagnosis": None if self.artifacts.stacker is None else
+                ("default" if self.artifacts.stacker_default else "for corrections"),
+                "fitted_on": self.artifacts.fitted_on, "lacks": self.artifacts.missing()}
 
     def preprocess(self, image: ImageInput | None, name: str) -> tuple[torch.Tensor, np.ndarray] | None:
         """The model's input tensor and the resized image it came from; refuses what cannot be a lesion photo."""
@@ -292,8 +310,11 @@ class Predictor:
         return to_tensor(self.eval_transform(image=arr)["image"]), arr
 
     def predict(self, derm: ImageInput | None = None, clinic: ImageInput | None = None,
-                meta: Mapping[str, object] | None = None) -> Prediction:
-        return self.predict_batch([{"derm": derm, "clinic": clinic, "meta": meta}])[0]
+                meta: Mapping[str, object] | None = None,
+                corrections: Mapping[str, str] | None = None) -> Prediction:
+        """One case. `corrections`: the clinician's value for any criterion ({"BWV": "ABS"}); the 7-point
+        score, the rule and (with a stacked model in the checkpoint) the diagnosis follow them."""
+        return self.predict_batch([{"derm": derm, "clinic": clinic, "meta": meta, "corrections": corrections}])[0]
 
     def predict_batch(self, cases: Sequence[Mapping[str, object]], batch_size: int = 16) -> list[Prediction]:
         """Many cases, one forward pass per `batch_size` of them."""
@@ -328,7 +349,11 @@ class Predictor:
             need = " or ".join({"derm": "a dermoscopy image", "clinic": "a clinical photo"}[k]
                                for k in self.cfg.model.images)
             raise PredictError(f"{label}: this {self.cfg.model.variant} model needs {need}")
-        return Prepared(derm, clinic, meta, has, ood)
+        try:
+            fixes = parse_corrections(case.get("corrections"))
+        except CorrectionError as exc:
+            raise PredictError(f"{label}: {exc}" if label != "input" else str(exc)) from None
+        return Prepared(derm, clinic, meta, has, ood, fixes)
 
     def run(self, prepared: Sequence[Prepared]) -> list[Prediction]:
         """One forward pass (per test-time view) over prepared cases; a result per case, in order."""
@@ -346,6 +371,15 @@ class Predictor:
         if self.governor is not None:
             self.governor.record(n, time.perf_counter() - start)
         probs = apply_temperatures([p / len(views) for p in probs], self.cfg.infer.temperature)
+        fixes = [p.corrections for p in prepared]
+        probs = apply_corrections(probs, fixes)
+        probs[DIAG_INDEX], stacked = self.artifacts.diagnosis_probs(probs, np.array([bool(f) for f in fixes]))
+        sets = self.artifacts.prediction_sets(probs, self.set_level)
+        if sets is not None:  # a corrected criterion's set is the clinician's value
+            for i, fix in enumerate(fixes):
+                for name, cls in fix.items():
+                    t = TASK_NAMES.index(name)
+                    sets[t][i] = np.arange(TASKS[t].num_classes) == cls
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)
         results = []
@@ -369,6 +403,12 @@ class Predictor:
                 attention_heads={k: np.asarray(heads[k][i]) for k in keep if k in heads},
                 ood_score=ood, ood_threshold=self.ood.threshold if self.ood is not None else None,
                 ood_warning=ood is not None and ood > self.ood.threshold,
+                sets=None if sets is None else {task.name: [c for c, inside in zip(task.classes, sets[t][i]) if inside]
+                                                for t, task in enumerate(TASKS)},
+                set_level=None if sets is None else self.set_level,
+                uncertain=None if sets is None else int(sets[DIAG_INDEX][i].sum()) != 1,
+                corrections={name: TASK_BY_NAME[name].classes[c] for name, c in fixes[i].items()},
+                diagnosis_source="stacked" if stacked[i] else "image model",
             ))
         return results
 

@@ -1,5 +1,9 @@
 """The web page and JSON API (FastAPI): one page, `POST /api/predict`, `GET /health`.
 
+`POST /api/predict` takes multipart fields derm, clinic (files), sex, location, elevation and, to
+correct a criterion, its name with the clinician's value (e.g. BWV=ABS): the score, the rule and the
+(stacked) diagnosis follow; an unknown criterion or value is a 422 naming it.
+
 Uploads stay in memory (never written to disk, never logged); bodies over the limit are
 refused from their Content-Length before being read, and while streaming otherwise.
 Predictions run in one worker thread behind a bounded queue (requests beyond it get 503); requests
@@ -26,7 +30,7 @@ from starlette.formparsers import MultiPartParser
 from ..data.images import open_rgb
 from .batching import MicroBatcher
 from ..predict import Prediction, Predictor, PredictError
-from ..schema import META_FIELDS
+from ..schema import CRITERIA, META_FIELDS
 from ..viz import overlay_attention
 
 STATIC = Path(__file__).parent / "static"
@@ -190,8 +194,10 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
                 images = {k: _check_image(k, fields[k], max_pixels) for k in ("derm", "clinic")
                           if isinstance(fields.get(k), bytes)}
                 meta = {k: (fields.get(k) or None) for k in META_FIELDS}
+                fixes = {k: fields[k] for k in CRITERIA if fields.get(k)}  # the clinician's criteria
                 async with asyncio.timeout(predict_timeout):
-                    case = {"derm": images.get("derm"), "clinic": images.get("clinic"), "meta": meta}
+                    case = {"derm": images.get("derm"), "clinic": images.get("clinic"), "meta": meta,
+                            "corrections": fixes}
                     prepared = await asyncio.to_thread(predictor.prepare, case)
                     result = await asyncio.wrap_future(batcher.submit(prepared))
             except TimeoutError:
@@ -224,10 +230,11 @@ async def _parse_form(request: Request, body: bytes, max_bytes: int) -> dict:
         form = await parser.parse()
     except Exception as exc:  # malformed multipart
         raise UploadError(400, f"malformed multipart body ({exc})") from exc
-    known = {"derm", "clinic", *META_FIELDS}
+    known = {"derm", "clinic", *META_FIELDS, *CRITERIA}
     unknown = sorted(set(form.keys()) - known)
     if unknown:
-        raise UploadError(400, f"unknown field(s) {unknown}; expected: derm, clinic, {', '.join(META_FIELDS)}")
+        raise UploadError(400, f"unknown field(s) {unknown}; expected: derm, clinic, {', '.join(META_FIELDS)} "
+                               f"and, to correct a criterion, any of {', '.join(CRITERIA)}")
     out: dict = {}
     for key, value in form.multi_items():
         if hasattr(value, "read"):
