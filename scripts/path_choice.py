@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sevenpoint.config import load_config
+from sevenpoint.engine.loss import multitask_loss
 from sevenpoint.models import FusionModel
 from sevenpoint.runtime import TIMING_BATCH, choose_path, cpu_model
 
@@ -31,7 +32,7 @@ with tempfile.TemporaryDirectory() as tmp:
         for mode, batch in (("train", cfg.train.batch_size), ("infer", args.eval_batch)):
             start = time.perf_counter()
             _, _, why = choose_path(mode, model, cfg, batch, precision, cfg.train.channels_last,
-                                    cache=Path(tmp) / "autotune.json")
+                                    cache=Path(tmp) / "autotune.json", loss=multitask_loss)
             print(f"{name} ({cfg.model.backbone}, {cfg.data.image_size} px) {mode} batch {batch} (timed on "
                   f"{min(batch, TIMING_BATCH)}), precision "
                   f"{precision}: {why} [{time.perf_counter() - start:.1f} s]", flush=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sevenpoint import predict, runtime
+from sevenpoint.engine.loss import multitask_loss
 from sevenpoint.predict import Predictor
 
 
@@ -131,7 +132,7 @@ def test_choose_path_times_the_open_paths_caches_the_winner_and_leaves_the_run_a
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = tmp_path / "autotune.json"
     torch.manual_seed(7)
-    cl, bf16, why = runtime.choose_path(mode, model, cfg, 4, "auto", "auto", rounds=1, cache=cache)
+    cl, bf16, why = runtime.choose_path(mode, model, cfg, 4, "auto", "auto", rounds=1, cache=cache, loss=multitask_loss)
     after_timing = torch.random.get_rng_state()
     torch.manual_seed(7)
     assert torch.random.get_rng_state().equal(after_timing)  # the timed (dropout) steps drew nothing from the run's stream
@@ -142,7 +143,8 @@ def test_choose_path_times_the_open_paths_caches_the_winner_and_leaves_the_run_a
     # the cached winner is used as it is, whatever it is (here: another one than measured)
     other = next(n for n in runtime.PATHS if runtime.PATHS[n] != (cl, bf16))
     cache.write_text(json.dumps({key: {"choice": other, "why": "edited"}}))
-    assert runtime.choose_path(mode, model, cfg, 4, "auto", "auto", cache=cache)[:2] == runtime.PATHS[other]
+    assert runtime.choose_path(mode, model, cfg, 4, "auto", "auto", cache=cache, loss=multitask_loss)[:2] == \
+        runtime.PATHS[other]
     # a pinned setting narrows the candidates: one left is taken without timing
     assert runtime.choose_path(mode, model, cfg, 4, "fp32", "off", cache=cache) == \
         (False, False, "fp32: the only candidate (precision fp32 pinned; channels_last off pinned)")

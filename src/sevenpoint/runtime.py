@@ -157,9 +157,10 @@ TIMING_BATCH = 8  # paths are timed on at most this many cases: the ranking, not
 
 def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: str = "auto",
                 channels_last: str = "auto", on_gpu: bool = False, rounds: int = 3,
-                cache: Path | None = None) -> tuple[bool, bool, str]:
+                cache: Path | None = None, loss=None) -> tuple[bool, bool, str]:
     """(channels_last, bf16, why) for running `model` (a FusionModel built from `cfg`) in `mode`:
-    `train` times forward + loss + backward steps, `infer` forward passes, on min(`batch`,
+    `train` times forward + `loss(output, targets) -> (loss, parts)` + backward steps (the caller
+    passes its training loss: this module knows no training code), `infer` forward passes, on min(`batch`,
     TIMING_BATCH) random cases, each candidate on its own copy of the model (`model` itself is not
     touched); a candidate more than 2.5x slower than the fastest in the warm-up is dropped there.
     Candidates are the paths `path_candidates` leaves open; the fastest is cached per CPU (`cpu_identity`),
@@ -177,7 +178,8 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
         def build():
             import copy
 
-            from .engine.loss import multitask_loss
+            if mode == "train" and loss is None:
+                raise ValueError("choose_path('train', ...) must time training steps: give loss=multitask_loss")
             from .schema import TASKS
 
             net = copy.deepcopy(model).train(mode == "train")
@@ -192,8 +194,8 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
             def step():
                 if mode == "train":
                     with bf16_autocast(bf16):
-                        loss, _ = multitask_loss(net(*images, meta), targets)
-                    loss.backward()
+                        value, _ = loss(net(*images, meta), targets)
+                    value.backward()
                     net.zero_grad(set_to_none=True)
                 else:
                     with torch.no_grad(), bf16_autocast(bf16):

@@ -35,6 +35,9 @@ class Case:
     row: int = -1                # row in the dataset's own label file
     case_num: int | None = None  # Derm7pt's case_num
     crop: int | None = None      # border (px) cut before resizing; None = the run config's `data.crop`
+    # descriptive columns never fed to the model (raw diagnosis, diagnostic difficulty): `evaluate` breaks
+    # accuracy down by them
+    describe: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

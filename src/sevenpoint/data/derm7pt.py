@@ -69,6 +69,13 @@ def detect(path: Path) -> bool:
     return any((c / "meta" / "meta.csv").is_file() for c in (path, path / "release_v0"))
 
 
+DESCRIBE_COLUMNS = ("diagnosis", "level_of_diagnostic_difficulty", "management")
+
+
+def _text(value) -> bool:
+    return value is not None and str(value).strip() not in ("", "nan")
+
+
 class Derm7pt:
     """The reader of the official `release_v0/` layout (every task annotated, both photos, metadata)."""
 
@@ -149,6 +156,7 @@ class Derm7pt:
             cases.append(Case(
                 case_id=str(rec.get("case_id") or f"case{case_num}"), derm=derm_path, clinic=clinic_path,
                 targets=targets, meta=meta, raw_meta=raw_meta, row=i, case_num=case_num,
+                describe={k: str(rec[k]).strip() for k in DESCRIBE_COLUMNS if k in rec and _text(rec[k])},
             ))
         if errors:
             raise DatasetError(f"{len(errors)} problem(s) in {meta_dir / 'meta.csv'}:" + listing(errors, 20))

@@ -20,11 +20,13 @@ from ..data import CaseDataset, CaseSet, DatasetError, load_dataset
 from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
-from ..schema import TASKS
+from ..artifacts import DEFAULT_LEVEL, Artifacts
+from ..schema import DIAG_INDEX, TASKS
 from ..temperature import apply_temperatures
 from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
 from .module import forward_batch
-from .report import plot_confusion, plot_roc, write_report
+from .report import plot_confusion, plot_reliability, plot_roc, write_report
+from .trust import bootstrap_intervals, breakdown, case_fields, diagnosis_models, set_report
 from ..runtime import bf16_autocast, choose_path
 
 
@@ -138,9 +140,16 @@ def majority_baseline(majority: list[int], targets: np.ndarray) -> dict[str, flo
 def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
              split: str = "test", tta: str | None = None, calibrate: bool = False, batch_size: int = 32,
              precision: str = "auto", progress: bool = True, device: str = "auto", data_format: str = "auto",
-             skip_missing: bool = False, baseline_data: str | os.PathLike | None = None) -> dict:
+             skip_missing: bool = False, baseline_data: str | os.PathLike | None = None, level: float = DEFAULT_LEVEL,
+             bootstrap: int = 1000) -> dict:
     """Evaluate once on `split` of a dataset in any format (tasks it does not annotate are not
     scored). Temperatures (with `calibrate`) are fitted on the validation split.
+
+    The diagnosis is the one `predict` shows (the stacked model's where the checkpoint makes it the
+    default). Beside the accuracies: 95 % bootstrap intervals (`bootstrap` resamples, 0: none), ECE and
+    reliability diagrams, the prediction sets' coverage and size at `level` (checkpoints with sets), a
+    breakdown by difficulty, sex, location, elevation and raw diagnosis, and the image model vs the
+    stacked diagnosis with an intervention curve (checkpoints with a stacked model).
 
     `tta=None` applies the checkpoint's own inference setting (`infer.tta`). The majority-class
     baseline answers the training split's majority classes: this dataset's own `train` split, else
@@ -172,7 +181,12 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     # the checkpoint's own temperatures (`sevenpoint calibrate`), unless --calibrate fits new ones below
     temperature = None if calibrate else cfg.infer.temperature
     probs, targets, ids = apply_temperatures(pred.probs, temperature), pred.targets, pred.ids
+    art = Artifacts.from_section(extra)
+    image_probs = list(probs)
+    probs[DIAG_INDEX], stacked = art.diagnosis_probs(probs, np.zeros(len(ids), dtype=bool))
     metrics = compute_metrics(probs, targets)
+    metrics["diagnosis_source"] = "stacked" if stacked.any() else "image model"
+    metrics["lacks"] = art.missing()
     metrics["branches"] = branch_accuracy(pred)
     fallback = sum(c.clinic is None for c in data.split_cases(split)) if cfg.model.clinic_only else 0
     metrics.update({"checkpoint": str(checkpoint), "split": split, "tta": tta, "clinic_fallback_cases": fallback,
@@ -208,7 +222,18 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     metrics["majority_baseline"] = baseline
     metrics["majority_baseline_from"] = source
 
+    eces = [metrics["tasks"][t.name].get("ece") for t in TASKS if metrics["tasks"][t.name].get("ece") is not None]
+    metrics["ece_mean"] = float(np.mean(eces)) if eces else None
+    if bootstrap:
+        metrics["intervals"] = bootstrap_intervals(probs, targets, bootstrap)
+    sets = art.prediction_sets(probs, level)
+    metrics["sets"] = None if sets is None else set_report(sets, targets, level)
+    by_id = {c.case_id: c for c in data.split_cases(split)}
+    metrics["breakdown"] = breakdown(probs, targets, case_fields([by_id[i] for i in ids]))
+    metrics["diagnosis_models"] = diagnosis_models(image_probs, targets, art)
+
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_reliability(probs, targets, out_dir / "reliability.png")
     write_predictions(out_dir / "predictions.csv", ids, probs, targets)
     plot_confusion(metrics, out_dir / "confusion_matrices.png")
     plot_roc(probs, targets, out_dir / "roc_curves.png")

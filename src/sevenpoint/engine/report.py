@@ -92,8 +92,10 @@ def write_report(path: Path, ours: dict[str, dict], baseline: dict[str, float], 
         f"{_fmt(_pct(mel['sensitivity']))} %, specificity {_fmt(_pct(mel['specificity']))} %",
         f"- DIAG head melanoma AUC: {_fmt(mel['diag_head_auc'])}; expected-score AUC: {_fmt(mel['score_auc'])}",
         "",
-        "Plots: `confusion_matrices.png`, `roc_curves.png`. Per-case probabilities: `predictions.csv`.",
+        "Plots: `confusion_matrices.png`, `roc_curves.png`, `reliability.png`. Per-case probabilities: "
+        "`predictions.csv`.",
     ]
+    text += trust_sections(first)
     branches = {b: m for b, m in first.get("branches", {}).items() if m["cases"]}
     if len(branches) > 1:  # one branch alone is the fused result
         text += ["", "## Each branch alone (before late fusion)", "",
@@ -150,6 +152,103 @@ def plot_roc(probs: list[np.ndarray], targets: np.ndarray, path: Path) -> None:
         ax.set_ylabel("sensitivity")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _ci(pair) -> str:
+    return "" if not pair else f" [{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
+
+
+def trust_sections(m: dict) -> list[str]:
+    """Markdown: intervals, calibration, prediction sets, diagnosis models and the breakdown (what is there)."""
+    text = []
+    iv = m.get("intervals")
+    if iv:
+        text += ["", f"## 95 % bootstrap intervals ({iv['resamples']} resamples of the cases)", "",
+                 "| figure | value (%, AUC as a fraction) | 95 % interval |", "|---|---:|---|"]
+        text.append(f"| average accuracy | {_fmt(_pct(m['average_accuracy']))} |{_ci(iv['average_accuracy'])} |")
+        for name in PAPER_ORDER:
+            if iv["tasks"].get(name):
+                text.append(f"| {name} accuracy | {_fmt(_pct(m['tasks'][name]['accuracy']))} |{_ci(iv['tasks'][name])} |")
+        mel, ivm = m["melanoma"], iv.get("melanoma_rule") or {}
+        for key, label in (("accuracy", "7-point rule accuracy"), ("sensitivity", "7-point rule sensitivity"),
+                           ("specificity", "7-point rule specificity"), ("diag_head_auc", "melanoma AUC (DIAG)"),
+                           ("score_auc", "melanoma AUC (expected score)")):
+            if ivm.get(key):
+                auc = key.endswith("auc")
+                value = _fmt(mel[key]) if auc else _fmt(_pct(mel[key]))
+                span = f" [{ivm[key][0]:.2f}, {ivm[key][1]:.2f}]" if auc else _ci(ivm[key])
+                text.append(f"| {label} | {value} |{span} |")
+    eces = {t.name: m["tasks"][t.name].get("ece") for t in TASKS}
+    if any(v is not None for v in eces.values()):
+        temps = m.get("temperature")
+        text += ["", "## Calibration", "",
+                 ("Temperatures applied: " + ", ".join(f"{t.name} {v:.2f}" for t, v in zip(TASKS, temps))
+                  if temps else "No temperatures in this checkpoint: raw probabilities."),
+                 "", "| task | ECE |", "|---|---:|"]
+        text += [f"| {k} | {v:.3f} |" for k, v in eces.items() if v is not None]
+        text.append(f"| mean | {m['ece_mean']:.3f} |" if m.get("ece_mean") is not None else "")
+        text.append("Reliability diagrams: `reliability.png`.")
+    sets = m.get("sets")
+    if sets:
+        text += ["", f"## Prediction sets at {sets['level']:.0%} (measured on this split)", "",
+                 "| task | cases | coverage % | mean size | single class % |", "|---|---:|---:|---:|---:|"]
+        for name, v in sets["tasks"].items():
+            if v:
+                text.append(f"| {name} | {v['cases']} | {100 * v['coverage']:.1f} | {v['mean_size']:.2f} | "
+                            f"{100 * v['single']:.1f} |")
+    elif "lacks" in m:
+        text += ["", "No prediction sets: " + "; ".join(m["lacks"]) + "."]
+    dm = m.get("diagnosis_models")
+    if dm:
+        text += ["", f"## Diagnosis: image model vs stacked (default here: {dm['default']})", "",
+                 "| diagnosis from | DIAG accuracy % | melanoma AUC | 7-point rule accuracy % |", "|---|---:|---:|---:|"]
+        rows = [("image model", dm["image_model"]), ("stacked, predicted criteria", dm["stacked"])]
+        rows += [(f"stacked, {k} least sure criteria set to the truth", v) for k, v in dm["intervention"].items()]
+        for label, v in rows:
+            text.append(f"| {label} | {_fmt(_pct(v['diag_accuracy']))} | {_fmt(v['melanoma_auc'])} | "
+                        f"{_fmt(_pct(v['rule_accuracy']))} |")
+    bd = m.get("breakdown")
+    if bd:
+        text += ["", "## Where it fails: accuracy by kind of case", "",
+                 "| field | value | cases | average accuracy % | DIAG accuracy % |", "|---|---|---:|---:|---:|"]
+        for field_name, groups in bd.items():
+            for value, g in groups.items():
+                mark = " (small)" if g["small"] else ""
+                text.append(f"| {field_name} | {value}{mark} | {g['cases']} | {_fmt(_pct(g['average_accuracy']))} | "
+                            f"{_fmt(_pct(g['diag_accuracy']))} |")
+        text.append("(small): fewer than 20 cases; one case moves its accuracy by more than 5 points.")
+    return text
+
+
+def plot_reliability(probs: list[np.ndarray], targets: np.ndarray, path: Path, bins: int = 10) -> None:
+    """Per task: accuracy against top-label confidence in equal-width bins (the diagonal is perfect
+    calibration), with the number of cases per bin."""
+    fig, axes = _task_grid()
+    edges = np.linspace(0, 1, bins + 1)
+    for t, (ax, task) in enumerate(zip(axes.flat, TASKS)):
+        exact = targets[:, t] >= 0
+        if not exact.any():
+            ax.set_title(f"{task.name}  not annotated")
+            ax.axis("off")
+            continue
+        conf = probs[t][exact].max(axis=1)
+        hit = probs[t][exact].argmax(axis=1) == targets[exact, t]
+        which = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        for b in range(bins):
+            inside = which == b
+            if inside.any():
+                ax.bar(centres[b], hit[inside].mean(), width=1 / bins, color="tab:blue", edgecolor="white")
+                ax.text(centres[b], 0.02, str(int(inside.sum())), ha="center", fontsize=7, color="white")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{task.name}  mean conf {conf.mean():.2f}, acc {hit.mean():.2f}")
+        ax.set_xlabel("confidence (top class)")
+        ax.set_ylabel("accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -39,6 +39,7 @@ from ..data.cache import make_cache
 from ..ood import OODModel, descriptor
 from ..data.transforms import transforms_for
 from ..schema import TASKS
+from .loss import multitask_loss
 from .module import SevenPointModule
 from ..runtime import choose_path, cpu_summary
 
@@ -213,7 +214,7 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         n = load_derm_backbone(module.model, cfg.model.derm_init)
         print(f"dermoscopy backbone initialised from {cfg.model.derm_init} ({n} tensors)", flush=True)
     channels_last, bf16, why = choose_path("train", module.model, cfg, cfg.train.batch_size, cfg.train.precision,
-                                           cfg.train.channels_last, on_gpu)
+                                           cfg.train.channels_last, on_gpu, loss=multitask_loss)
     module.set_channels_last(channels_last)
     print(f"training path {why}", flush=True)
     reports = {name: branch.backbone.load_report for name, branch in (("derm", module.model.derm),

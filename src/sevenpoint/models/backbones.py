@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..config import ModelConfig
 from .efficientnet import LITE_VARIANTS, NATIVE_SIZE, EfficientNetLiteBackbone
 from .xception import XCEPTION_PAPER, XCEPTION_TINY, ModifiedXception, XceptionSpec, load_legacy_xception
+
+if TYPE_CHECKING:  # annotations only: config imports this module to check backbone names
+    from ..config import ModelConfig
 
 
 @dataclass(frozen=True)
