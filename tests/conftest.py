@@ -54,6 +54,26 @@ def tiny_run(synth_root, tmp_path_factory) -> dict:
     return summary
 
 
+@pytest.fixture(scope="session")
+def trust_data(tmp_path_factory) -> Path:
+    """Enough validation cases (~40) for a stacked diagnosis and class-conditional sets to be fitted."""
+    from sevenpoint.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("trust-data"), cases=200, size=64, seed=5)
+
+
+@pytest.fixture(scope="session")
+def crossfit_run(trust_data, tmp_path_factory) -> tuple[dict, Path]:
+    """A tiny cross-fitted refit ensemble of 3 (the default recipe's shape), calibrated out of fold."""
+    from sevenpoint.config import load_config
+    from sevenpoint.engine.train import train
+
+    out = tmp_path_factory.mktemp("crossfit")
+    cfg = load_config("tiny", [f"data.cache_dir={out / 'cache'}", "train.ensemble=3", "train.refit=true",
+                               "train.cross_fit=true", "train.calibrate=true"], seed=1)
+    return train(cfg, trust_data.parent, out / "run", progress=False), out / "run"
+
+
 def start_server(checkpoint, *extra) -> tuple[subprocess.Popen, str]:
     """`sevenpoint serve` on a free loopback port; returns (process, base URL) once /health answers."""
     import httpx

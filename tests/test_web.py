@@ -305,3 +305,79 @@ def test_uploads_stay_in_memory(tiny_run, monkeypatch):
     r = TestClient(app).post("/api/predict", files={"derm": ("big.png", buf.getvalue(), "image/png")})
     assert r.status_code == 200, r.text
     assert spooled == []
+
+
+def test_browser_page_shows_sets_takes_a_correction_and_prints_a_report(crossfit_run, trust_data):
+    """The page on a checkpoint with sets and a stacked diagnosis: the sets column matches the API, the
+    'uncertain' banner shows exactly when the API says so, picking a criterion's value re-asks the API
+    with it (the score follows), and "Print / save report" yields the case report (screenshot saved)."""
+    import httpx
+
+    found = _chromium()
+    if found is None:
+        message = "Chromium/chromedriver not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("SEVENPOINT_REQUIRE_BROWSER") == "1":
+            pytest.fail(message + "; SEVENPOINT_REQUIRE_BROWSER=1 requires it")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    summary, _ = crossfit_run
+    server, url = start_server(summary["best_checkpoint"])
+    try:
+        options = webdriver.ChromeOptions()
+        options.binary_location = found[0]
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1300,1400"):
+            options.add_argument(flag)
+        try:
+            driver = webdriver.Chrome(service=Service(found[1]), options=options)
+        except Exception as exc:  # noqa: BLE001 - a browser that cannot start here
+            if os.environ.get("SEVENPOINT_REQUIRE_BROWSER") == "1":
+                pytest.fail(f"Chromium could not start here: {exc}")
+            pytest.skip(f"Chromium could not start here: {exc}")
+        try:
+            case = Derm7pt.load(trust_data).split_cases("test")[0]
+            files = {"derm": ("d.jpg", case.derm.read_bytes(), "image/jpeg")}
+            driver.get(url)
+            driver.find_element(By.ID, "derm").send_keys(str(case.derm))
+            driver.find_element(By.ID, "submit").click()
+            WebDriverWait(driver, 60).until(ec.presence_of_element_located((By.ID, "score")))
+            api = httpx.post(f"{url}/api/predict", files=files, timeout=60).json()
+            for row in driver.find_elements(By.CSS_SELECTOR, "#criteria .task-row"):
+                name = row.get_attribute("data-task")
+                assert row.find_element(By.CSS_SELECTOR, "td.set").text == " or ".join(api["sets"][name])
+            assert bool(driver.find_elements(By.ID, "uncertain")) == api["uncertain"]
+            if api["uncertain"]:
+                assert driver.find_element(By.ID, "diagnosis").text == " or ".join(api["sets"]["DIAG"])
+
+            value = "ABS" if api["tasks"]["BWV"]["predicted"] == "PRS" else "PRS"
+            Select(driver.find_element(By.CSS_SELECTOR, "select.fix[data-task=BWV]")).select_by_value(value)
+            WebDriverWait(driver, 60).until(ec.presence_of_element_located((By.ID, "corrections")))
+            fixed = httpx.post(f"{url}/api/predict", files=files, data={"BWV": value}, timeout=60).json()
+            assert f"BWV = {value}" in driver.find_element(By.ID, "corrections").text
+            assert int(driver.find_element(By.ID, "score").text) == fixed["seven_point_score"]
+            assert fixed["seven_point_score"] != api["seven_point_score"]  # BWV is worth 2 points either way
+
+            driver.find_element(By.ID, "report").click()
+            WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "report-link").get_attribute("href"))
+            link = driver.find_element(By.ID, "report-link").get_attribute("href")
+            page = driver.execute_async_script(
+                "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => r.text()).then(done);", link)
+            assert f"BWV = {value}" in page and "not a medical device" in page
+            driver.switch_to.window(driver.window_handles[0])
+            driver.get(link)
+            assert "sevenpoint case report" in driver.find_element(By.TAG_NAME, "h1").text
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shot = ARTIFACTS / "case-report.png"
+            driver.save_screenshot(str(shot))
+            print(f"\nCI artifact: case report screenshot saved to {shot}")
+            assert shot.stat().st_size > 10_000
+        finally:
+            driver.quit()
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

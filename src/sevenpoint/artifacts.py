@@ -91,9 +91,10 @@ class Artifacts:
     conformal: dict | None = None
     stacker: dict | None = None
     fitted_on: str | None = None
+    provenance: dict | None = None  # git commit, sevenpoint version, the training command
     _sets: dict = field(default_factory=dict, repr=False, compare=False)
 
-    KEYS = ("ood", "train_majority", "calibration", "conformal", "stacker", "fitted_on")
+    KEYS = ("ood", "train_majority", "calibration", "conformal", "stacker", "fitted_on", "provenance")
 
     @classmethod
     def from_section(cls, section: Mapping) -> Artifacts:

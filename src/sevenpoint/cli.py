@@ -262,13 +262,20 @@ def evaluate(
     baseline_data: Annotated[Optional[Path], typer.Option(
         help="For data without a train split and a checkpoint that does not store its training majority "
              "classes: the training dataset whose train split gives the majority-class baseline.")] = None,
+    level: Annotated[float, typer.Option(help="Conformal level of the prediction sets whose coverage is measured.")] = 0.9,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals (0: none).")] = 1000,
     progress: bool = True,
 ) -> None:
-    """Evaluate a checkpoint: metrics.json, report.md, predictions.csv, confusion/ROC PNGs."""
+    """Evaluate a checkpoint: metrics.json, report.md, predictions.csv, confusion/ROC/reliability PNGs."""
     from .engine.evaluate import evaluate as run_eval
 
+    if not 0.0 < level < 1.0:
+        raise typer.BadParameter(f"--level {level}: expected a value in (0, 1), e.g. 0.9", param_hint="--level")
+    if bootstrap < 0:
+        raise typer.BadParameter(f"--bootstrap {bootstrap}: expected 0 (none) or more resamples")
     m = run_eval(checkpoint, data, out, split=split, tta=tta, calibrate=calibrate, precision=precision,
-                 progress=progress, data_format=data_format, skip_missing=skip_missing, baseline_data=baseline_data)
+                 progress=progress, data_format=data_format, skip_missing=skip_missing, baseline_data=baseline_data,
+                 level=level, bootstrap=bootstrap)
     console.print((out / "report.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     scored = "" if not m["not_annotated"] else f" over {len(m['scored_tasks'])} annotated tasks"
     console.print(f"average accuracy {100 * m['average_accuracy']:.2f} %{scored} on {m['cases']} {split} cases -> {out}")
@@ -342,6 +349,10 @@ def predict(
         "--set", help="Correct a criterion with the clinician's value, e.g. --set BWV=ABS (repeatable): the 7-point "
                       "score, the rule and the stacked diagnosis follow it.")] = None,
     level: Annotated[float, typer.Option(help="Conformal level of the per-task prediction sets.")] = 0.9,
+    report: Annotated[Optional[Path], typer.Option(
+        help="Write a one-page case report (self-contained HTML; print it to PDF from the browser).")] = None,
+    figures: Annotated[Optional[Path], typer.Option(
+        help="--report: this model's `evaluate` metrics.json, to quote its measured test figures.")] = None,
 ) -> None:
     """Predict one case (or a batch: CSV or image folder): criteria, diagnosis, 7-point score, attention maps."""
     from .predict import Predictor, PredictError, save_heatmaps
@@ -371,6 +382,13 @@ def predict(
         raise PredictError("give --derm and/or --clinic (or --batch CSV)")
     meta = {"sex": sex, "location": location, "elevation": elevation}
     result = predictor.predict(derm=derm, clinic=clinic, meta=meta, corrections=corrections)
+    if report:
+        from .case_report import read_figures, write_report
+
+        write_report(report, result, {"derm": derm, "clinic": clinic}, meta, predictor.info,
+                     predictor.artifacts.provenance, read_figures(figures),
+                     case_id=(derm or clinic).stem)
+        err.print(f"case report -> {report}", highlight=False, markup=False)
     payload = json.dumps(result.to_dict(), indent=2)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -430,6 +448,8 @@ def serve(
     adaptive_threads: Annotated[bool, typer.Option(help="Drop to one thread while forward passes run much slower "
                                                         "than the best seen (a busy neighbour process).")] = True,
     level: Annotated[float, typer.Option(help="Conformal level of the per-task prediction sets.")] = 0.9,
+    figures: Annotated[Optional[Path], typer.Option(
+        help="This model's `evaluate` metrics.json, quoted in case reports.")] = None,
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
     if not 0.0 < level < 1.0:
@@ -460,9 +480,11 @@ def serve(
     console.print(f"serving {predictor.info} on {link}")
     if max_batch < 1 or batch_wait_ms < 0:
         raise typer.BadParameter(f"--max-batch {max_batch} must be >= 1 and --batch-wait-ms {batch_wait_ms} >= 0")
+    from .case_report import read_figures
+
     app_ = create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue, token=token,
                       request_timeout=request_timeout, predict_timeout=predict_timeout, max_batch=max_batch,
-                      batch_wait_ms=batch_wait_ms)
+                      batch_wait_ms=batch_wait_ms, figures=read_figures(figures))
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

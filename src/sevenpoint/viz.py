@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
@@ -32,3 +35,10 @@ def head_grid(maps: np.ndarray, cell: int = 96) -> Image.Image:
         grid.paste(Image.fromarray(tile).resize((cell - 2, cell - 2), Image.Resampling.NEAREST),
                    ((i % cols) * cell + 1, (i // cols) * cell + 1))
     return grid
+
+
+def jpeg_data_url(img: Image.Image, quality: int = 85) -> str:
+    """A JPEG data URL: a photo with a heatmap on it encodes ~10x faster than as PNG, and smaller."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

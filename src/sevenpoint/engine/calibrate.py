@@ -1,6 +1,6 @@
 """`calibrate_checkpoint()`: per-task temperatures fitted on the validation split, written into a
-copy of the checkpoint (`infer.temperature`), which `evaluate`, `predict`, `serve` and `export` then
-apply by default. A temperature rescales a task's probabilities without changing its argmax, so
+copy of the checkpoint (`infer.temperature`) with the prediction sets and stacked diagnosis fitted on the
+same predictions, which `evaluate`, `predict`, `serve` and `export` then apply by default. A temperature rescales a task's probabilities without changing its argmax, so
 accuracies stay exactly the same; what changes is how far the probabilities can be trusted.
 """
 
@@ -10,11 +10,13 @@ import dataclasses
 import os
 from pathlib import Path
 
+from ..artifacts import Artifacts
 from ..checkpoint import atomic_torch_save, load_model, read_checkpoint
 from ..config import config_from_dict
 from ..data import load_dataset
 from ..data.base import DatasetError
 from .evaluate import inference_path, predict_split
+from .held_out import fit_held_out
 from .metrics import temperature_report
 
 
@@ -35,17 +37,22 @@ def fit_on_validation(model, cfg, data, precision: str = "auto", progress: bool 
     return temps, report, pred
 
 
-def write_with_temperatures(source: str | os.PathLike, dest: str | os.PathLike, temps: list[float],
-                            report: dict, data, pred) -> None:
-    """`source` checkpoint with `infer.temperature` = temps, written atomically to `dest` (may be `source`);
-    `data` / `pred`: the dataset and validation predictions they were fitted on (recorded with the report)."""
+def write_with_temperatures(source: str | os.PathLike, dest: str | os.PathLike, data, pred) -> dict:
+    """`source` checkpoint with what `train.calibrate` fits (temperatures, prediction sets, the stacked
+    diagnosis: engine/held_out.py) from `data`'s validation predictions `pred`, written atomically to
+    `dest` (may be `source`). Returns the per-task temperature report."""
     raw = read_checkpoint(source)
+    temps, fields = fit_held_out(pred, f"{data.root} (valid)")
     cfg = config_from_dict(raw["sevenpoint"]["config"])
     cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, temperature=tuple(temps)))
     raw["sevenpoint"]["config"] = cfg.to_dict()
-    raw["sevenpoint"]["calibration"] = {"fitted_on": f"{data.root} (valid, {len(pred.targets)} cases)", **report}
+    art = Artifacts.from_section(raw["sevenpoint"])
+    for key, value in fields.items():
+        setattr(art, key, value)
+    raw["sevenpoint"].update(art.to_section())
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(raw, dest)
+    return {k: v for k, v in fields["calibration"].items() if k != "fitted_on"}
 
 
 def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
@@ -61,6 +68,5 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathL
         raise CalibrateError(f"{checkpoint}: refit on train + valid, so its validation split is training data and "
                              "temperatures fitted there would be too low; calibrate the model before refitting")
     data = load_dataset(data_dir, include_leaky_meta=cfg.data.include_leaky_meta)
-    temps, report, pred = fit_on_validation(model, cfg, data, precision, progress)
-    write_with_temperatures(checkpoint, out, temps, report, data, pred)
-    return report
+    _, _, pred = fit_on_validation(model, cfg, data, precision, progress)
+    return write_with_temperatures(checkpoint, out, data, pred)

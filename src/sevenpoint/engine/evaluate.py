@@ -224,6 +224,13 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
 
     eces = [metrics["tasks"][t.name].get("ece") for t in TASKS if metrics["tasks"][t.name].get("ece") is not None]
     metrics["ece_mean"] = float(np.mean(eces)) if eces else None
+    if temperature is not None or stacked.any():  # what the temperatures (and the stacked diagnosis) changed
+        raw = {}
+        for t, task in enumerate(TASKS):
+            exact = targets[:, t] >= 0
+            raw[task.name] = ece(targets[exact, t], pred.probs[t][exact]) if exact.any() else None
+        kept = [v for v in raw.values() if v is not None]
+        metrics["ece_uncalibrated"] = {"tasks": raw, "mean": float(np.mean(kept)) if kept else None}
     if bootstrap:
         metrics["intervals"] = bootstrap_intervals(probs, targets, bootstrap)
     sets = art.prediction_sets(probs, level)

@@ -79,6 +79,7 @@ def fit_held_out(pred, source: str, seed: int = 0) -> tuple[list[float], dict]:
         diag = shown[DIAG_INDEX].copy()
         diag[known] = stacked_cv
         shown[DIAG_INDEX] = diag
-    fitted_on = f"{source} ({len(pred.targets)} cases)"
+    n = len(pred.targets)  # "root (valid)" -> "root (valid, 203 cases)"
+    fitted_on = f"{source[:-1]}, {n} cases)" if source.endswith(")") else f"{source} ({n} cases)"
     return temps, {"calibration": {"fitted_on": fitted_on, **report}, "conformal": conformal_scores(shown, pred.targets),
                    "stacker": stacker, "fitted_on": fitted_on}

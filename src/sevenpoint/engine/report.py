@@ -38,8 +38,8 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}"
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def table(rows: dict[str, dict[str, float | None]]) -> str:
@@ -187,9 +187,16 @@ def trust_sections(m: dict) -> list[str]:
         text += ["", "## Calibration", "",
                  ("Temperatures applied: " + ", ".join(f"{t.name} {v:.2f}" for t, v in zip(TASKS, temps))
                   if temps else "No temperatures in this checkpoint: raw probabilities."),
-                 "", "| task | ECE |", "|---|---:|"]
-        text += [f"| {k} | {v:.3f} |" for k, v in eces.items() if v is not None]
-        text.append(f"| mean | {m['ece_mean']:.3f} |" if m.get("ece_mean") is not None else "")
+                 ""]
+        raw = (m.get("ece_uncalibrated") or {}).get("tasks")
+        if raw:
+            text += ["| task | ECE | ECE of the raw probabilities |", "|---|---:|---:|"]
+            text += [f"| {k} | {v:.3f} | {_fmt(raw.get(k), 3)} |" for k, v in eces.items() if v is not None]
+            text.append(f"| mean | {m['ece_mean']:.3f} | {m['ece_uncalibrated']['mean']:.3f} |")
+        else:
+            text += ["| task | ECE |", "|---|---:|"]
+            text += [f"| {k} | {v:.3f} |" for k, v in eces.items() if v is not None]
+            text.append(f"| mean | {m['ece_mean']:.3f} |" if m.get("ece_mean") is not None else "")
         text.append("Reliability diagrams: `reliability.png`.")
     sets = m.get("sets")
     if sets:

@@ -313,6 +313,9 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
     art = Artifacts.from_section(section)
     art.ood = OODModel.fit(desc["train"], desc["valid"]).to_dict()
     art.train_majority = train_majority(training_view(data, cfg).targets("train"))
+    info = run_info()
+    art.provenance = {"git_commit": info["git_commit"], "version": info["versions"]["sevenpoint"],
+                      "command": [str(a) for a in info["command"]]}
     if cfg.train.calibrate:
         if held_out is None:
             model, model_cfg, _ = model_from(ckpt, path)

@@ -1,8 +1,9 @@
-"""The web page and JSON API (FastAPI): one page, `POST /api/predict`, `GET /health`.
+"""The web page and JSON API (FastAPI): one page, `POST /api/predict`, `POST /api/report`, `GET /health`.
 
 `POST /api/predict` takes multipart fields derm, clinic (files), sex, location, elevation and, to
 correct a criterion, its name with the clinician's value (e.g. BWV=ABS): the score, the rule and the
-(stacked) diagnosis follow; an unknown criterion or value is a 422 naming it.
+(stacked) diagnosis follow; an unknown criterion or value is a 422 naming it. `POST /api/report`
+takes the same fields and answers with the one-page case report (HTML, images embedded).
 
 Uploads stay in memory (never written to disk, never logged); bodies over the limit are
 refused from their Content-Length before being read, and while streaming otherwise.
@@ -16,7 +17,6 @@ reading a body and running a prediction each have a time limit.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hmac
 import io
@@ -29,9 +29,10 @@ from starlette.formparsers import MultiPartParser
 
 from ..data.images import open_rgb
 from .batching import MicroBatcher
+from ..case_report import render_report
 from ..predict import Prediction, Predictor, PredictError
 from ..schema import CRITERIA, META_FIELDS
-from ..viz import overlay_attention
+from ..viz import jpeg_data_url, overlay_attention
 
 STATIC = Path(__file__).parent / "static"
 ALLOWED_TYPES = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}
@@ -60,13 +61,6 @@ class UploadError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
-
-
-def _jpeg_data_url(img) -> str:
-    """A JPEG data URL: a photo with a heatmap on it encodes ~10x faster than as PNG, and smaller."""
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _check_image(name: str, data: bytes, max_pixels: int):
@@ -105,7 +99,7 @@ def result_json(result: Prediction, images: dict) -> dict:
     for key, amap in result.attention.items():
         source = small.get(key.split(".")[0]) or small.get("derm")
         if source is not None:
-            overlays[key] = _jpeg_data_url(overlay_attention(source, amap))
+            overlays[key] = jpeg_data_url(overlay_attention(source, amap))
     body["attention_overlays"] = overlays
     body["notice"] = "Research tool, not a medical device. Do not use for diagnosis."
     return body
@@ -113,11 +107,13 @@ def result_json(result: Prediction, images: dict) -> dict:
 
 def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: int = 25_000_000,
                max_queue: int = 64, token: str | None = None, request_timeout: float = 30.0,
-               predict_timeout: float = 60.0, max_batch: int = 8, batch_wait_ms: float = 5.0) -> FastAPI:
+               predict_timeout: float = 60.0, max_batch: int = 8, batch_wait_ms: float = 5.0,
+               figures: dict | None = None) -> FastAPI:
     """`token`: required as `Authorization: Bearer TOKEN` on every /api call. `request_timeout`:
     seconds to receive a request body (408 after); `predict_timeout`: seconds for a prediction,
     queueing included (504 after). Concurrent predictions are gathered into batches of at most
-    `max_batch`, waiting at most `batch_wait_ms` for company (web/batching.py); 1 = one at a time."""
+    `max_batch`, waiting at most `batch_wait_ms` for company (web/batching.py); 1 = one at a time.
+    `figures`: the model's `evaluate` metrics.json, quoted in case reports."""
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files over 1 MB to a temp file on disk; keep them in memory.
     MultiPartParser.spool_max_size = max_bytes + 1
@@ -167,8 +163,8 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
                 "threads": threads,
                 "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms, **batcher.stats.to_dict()}}
 
-    @app.post("/api/predict")
-    async def api_predict(request: Request):
+    async def predict_request(request: Request):
+        """(result, images, meta) of one POSTed case, or the JSONResponse that says why not."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             return JSONResponse({"error": f"request body of {int(length)} bytes exceeds the limit of "
@@ -208,10 +204,28 @@ def create_app(predictor: Predictor, max_upload_mb: float = 10.0, max_pixels: in
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             except PredictError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=422)
-            # the overlays are the costliest part of an answer: built off the event loop, beside other work
-            return JSONResponse(await asyncio.to_thread(result_json, result, images))
+            return result, images, meta
         finally:
             state["waiting"] -= 1
+
+    @app.post("/api/predict")
+    async def api_predict(request: Request):
+        done = await predict_request(request)
+        if isinstance(done, JSONResponse):
+            return done
+        # the overlays are the costliest part of an answer: built off the event loop, beside other work
+        return JSONResponse(await asyncio.to_thread(result_json, *done[:2]))
+
+    @app.post("/api/report")
+    async def api_report(request: Request):
+        """The same fields as /api/predict; the answer is the case report (self-contained HTML)."""
+        done = await predict_request(request)
+        if isinstance(done, JSONResponse):
+            return done
+        result, images, meta = done
+        page = await asyncio.to_thread(render_report, result, images, meta, predictor.info,
+                                       predictor.artifacts.provenance, figures)
+        return HTMLResponse(page, headers={"Content-Disposition": "inline; filename=case-report.html"})
 
     return app
 

@@ -1,0 +1,258 @@
+"""What a clinician sees: temperatures, prediction sets and the stacked diagnosis fitted on cases the
+model did not train on (out of fold for a cross-fit refit ensemble), corrections of criteria, and the
+evaluation figures that say how far to trust it (intervals, coverage, breakdowns, interventions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sevenpoint.artifacts import Artifacts, CorrectionError, apply_corrections, parse_corrections
+from sevenpoint.checkpoint import load_model, read_checkpoint
+from sevenpoint.config import ConfigError, load_config
+from sevenpoint.data import Derm7pt
+from sevenpoint.engine.held_out import conformal_scores, fit_stacker
+from sevenpoint.engine.trust import _rank_auc, bootstrap_intervals, least_sure_corrections
+from sevenpoint.predict import Predictor, PredictError
+from sevenpoint.schema import CRITERIA, DIAG_INDEX, TASK_NAMES, TASKS, seven_point_score
+
+
+def test_cross_fit_members_leave_out_one_fold_each_and_oof_predictions_come_from_that_member(crossfit_run, trust_data):
+    from sevenpoint.engine.evaluate import predict_split
+
+    summary, run = crossfit_run
+    data = Derm7pt.load(trust_data)
+    valid, train_rows = data.splits["valid"], data.splits["train"]
+    oof = np.load(run / "out_of_fold.npz")
+    ids = [data.cases[i].case_id for i in valid]
+    assert list(oof["ids"]) == ids  # every validation case once, in split order
+    held_out = []
+    for i in range(3):
+        member = run / "members" / f"m{i}"
+        saw = json.loads((member / "train_summary.json").read_text())["train_cases"]
+        held_out.append(len(train_rows) + len(valid) - saw)
+        model, cfg, _ = load_model(member / "checkpoints" / "best.ckpt")
+        pred = predict_split(model, cfg, data, "valid", progress=False)
+        mine = {cid: k for k, cid in enumerate(pred.ids)}
+        # the member's own prediction is the out-of-fold one exactly on the cases it never saw
+        same = [np.allclose(pred.probs[0][mine[cid]], oof["probs_DIAG"][j], atol=1e-5) for j, cid in enumerate(ids)]
+        assert sum(same) >= held_out[-1]
+    assert sum(held_out) == len(valid) and min(held_out) > 0  # the folds partition the validation split
+    section = read_checkpoint(run / "checkpoints" / "best.ckpt")["sevenpoint"]
+    assert "out of fold" in section["fitted_on"] and section["conformal"] and section["stacker"]
+    assert section["config"]["infer"]["temperature"] == [section["calibration"][t.name]["temperature"] for t in TASKS]
+    assert summary["out_of_fold_avg_acc"] is not None and summary["best_val_avg_acc"] is None
+
+
+def test_cross_fit_and_refit_calibration_need_each_other():
+    with pytest.raises(ConfigError, match="cross_fit: needs train.refit"):
+        load_config("tiny", ["train.cross_fit=true", "train.ensemble=3"])
+    with pytest.raises(ConfigError, match="train.cross_fit=true"):
+        load_config("tiny", ["train.refit=true", "train.calibrate=true"])
+
+
+def test_class_conditional_sets_cover_each_class_and_match_the_conformal_rule():
+    """Classes with very different score distributions: a marginal (non-Mondrian) set would under-cover the
+    hard class; the Mondrian one covers each at >= level, and each set is exactly the p-value rule."""
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        y = rng.integers(0, 2, n)
+        conf = np.where(y == 0, rng.beta(8, 1, n), rng.beta(1.2, 1, n))  # class 1 is hard
+        p1 = np.where(y == 1, conf, 1 - conf)
+        return np.stack([1 - p1, p1], axis=1), y
+
+    cal_p, cal_y = draw(400)
+    bwv = TASK_NAMES.index("BWV")
+    probs = [np.full((400, t.num_classes), 1 / t.num_classes) for t in TASKS]
+    probs[bwv] = cal_p
+    targets = np.zeros((400, len(TASKS)), dtype=np.int64)
+    targets[:, bwv] = cal_y
+    art = Artifacts(conformal=conformal_scores(probs, targets))
+    test_p, test_y = draw(4000)
+    test = [np.full((4000, t.num_classes), 1 / t.num_classes) for t in TASKS]
+    test[bwv] = test_p
+    sets = art.prediction_sets(test, 0.9)[bwv]
+    for c in (0, 1):
+        assert sets[test_y == c, c].mean() >= 0.87  # finite-sample guarantee 0.9, minus sampling noise
+    scores = {c: 1 - cal_p[cal_y == c, c] for c in (0, 1)}
+    for i in range(20):  # the rule, by hand: c is in the set iff (#{cal scores of c >= s} + 1) / (n_c + 1) > 0.1
+        for c in (0, 1):
+            s = 1 - test_p[i, c]
+            p_value = ((scores[c] >= s).sum() + 1) / (len(scores[c]) + 1)
+            assert sets[i, c] == (p_value > 0.1)
+    with pytest.raises(ValueError, match="level"):
+        art.prediction_sets(test, 1.5)
+
+
+def _criteria_world(n, rng):
+    """Diagnosis decided by two criteria; the image model's diagnosis probabilities are noise."""
+    probs = [rng.dirichlet(np.ones(t.num_classes), n) for t in TASKS]
+    targets = np.stack([p.argmax(axis=1) for p in probs], axis=1)
+    pn, bwv = TASK_NAMES.index("PN"), TASK_NAMES.index("BWV")
+    targets[:, DIAG_INDEX] = np.where(targets[:, bwv] == 1, 2, np.where(targets[:, pn] == 1, 1, 4))
+    return probs, targets
+
+
+def test_stacked_diagnosis_learns_from_criteria_is_adopted_when_better_and_follows_corrections():
+    rng = np.random.default_rng(1)
+    probs, targets = _criteria_world(300, rng)
+    stacker, cv = fit_stacker(probs, targets)
+    assert stacker["default"] and stacker["held_out"]["stacked_diag_accuracy_cv"] > 0.8 > \
+        stacker["held_out"]["image_model_diag_accuracy"]
+    assert cv.shape == (300, 5)
+    art = Artifacts(stacker=stacker)
+    one = [p[:1] for p in probs]
+    fixed = apply_corrections(one, [{"BWV": 1}])
+    diag, used = art.diagnosis_probs(fixed, np.array([True]))
+    assert used[0] and diag[0].argmax() == 2  # blue-whitish veil present -> melanoma in this world
+    fixed = apply_corrections(one, [{"BWV": 0, "PN": 1}])
+    assert art.diagnosis_probs(fixed, np.array([True]))[0][0].argmax() == 1
+    # a stacker that loses to the image model is kept for corrections only
+    good = [p.copy() for p in probs]
+    good[DIAG_INDEX] = np.eye(5)[targets[:, DIAG_INDEX]] * 0.9 + 0.02
+    assert not fit_stacker(good, targets)[0]["default"] or \
+        fit_stacker(good, targets)[0]["held_out"]["stacked_diag_accuracy_cv"] >= 0.99
+
+
+def test_corrections_are_parsed_by_name_and_refused_with_the_name():
+    assert parse_corrections({"bwv": "present", "PN": "ATP", "DaG": "irregular"}) == {"BWV": 1, "PN": 2, "DaG": 2}
+    with pytest.raises(CorrectionError, match="'DIAG': not a criterion"):
+        parse_corrections({"DIAG": "MEL"})
+    with pytest.raises(CorrectionError, match="BWV='maybe': unknown value \\(allowed: ABS, PRS\\)"):
+        parse_corrections({"BWV": "maybe"})
+
+
+def test_predictor_corrections_recompute_score_rule_and_diagnosis(crossfit_run, trust_data):
+    summary, _ = crossfit_run
+    predictor = Predictor.from_checkpoint(summary["best_checkpoint"])
+    case = Derm7pt.load(trust_data).split_cases("test")[0]
+    plain = predictor.predict(derm=case.derm, clinic=case.clinic, meta=case.raw_meta)
+    assert plain.sets is not None and set(plain.sets) == set(TASK_NAMES) and plain.corrections == {}
+    assert plain.uncertain == (len(plain.sets["DIAG"]) != 1)
+    flip = {name: TASKS[TASK_NAMES.index(name)].classes[-1 if plain.tasks[name].predicted_index == 0 else 0]
+            for name in CRITERIA}
+    fixed = predictor.predict(derm=case.derm, clinic=case.clinic, meta=case.raw_meta, corrections=flip)
+    assert {n: fixed.tasks[n].predicted for n in CRITERIA} == flip and fixed.corrections == flip
+    assert all(fixed.sets[n] == [v] for n, v in flip.items())
+    assert fixed.seven_point_score == seven_point_score({n: fixed.tasks[n].predicted_index for n in CRITERIA})
+    assert fixed.seven_point_score != plain.seven_point_score
+    assert fixed.diagnosis_source == "stacked"
+    assert fixed.tasks["DIAG"].probabilities != plain.tasks["DIAG"].probabilities
+    with pytest.raises(PredictError, match="'XYZ': not a criterion"):
+        predictor.predict(derm=case.derm, corrections={"XYZ": "ABS"})
+
+
+def test_a_checkpoint_without_artefacts_still_predicts_and_says_what_it_lacks(tiny_run, synth_root, tmp_path):
+    from sevenpoint.engine.evaluate import evaluate
+
+    predictor = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
+    case = Derm7pt.load(synth_root).split_cases("test")[0]
+    result = predictor.predict(derm=case.derm, corrections={"BWV": "PRS"})
+    assert result.sets is None and result.uncertain is None and result.diagnosis_source == "image model"
+    assert result.tasks["BWV"].predicted == "PRS"  # the score and rule still follow the correction
+    assert any("prediction sets" in x for x in predictor.info["lacks"])
+    m = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", progress=False, bootstrap=50)
+    assert m["sets"] is None and m["diagnosis_models"] is None and m["lacks"]
+    assert "No prediction sets" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_evaluate_reports_intervals_coverage_breakdown_and_interventions(crossfit_run, trust_data, tmp_path):
+    from sevenpoint.engine.evaluate import evaluate
+
+    summary, _ = crossfit_run
+    m = evaluate(summary["best_checkpoint"], trust_data, tmp_path / "e", progress=False, bootstrap=200)
+    lo, hi = m["intervals"]["average_accuracy"]
+    assert lo <= m["average_accuracy"] <= hi and hi - lo > 0.01
+    for name, (lo, hi) in m["intervals"]["tasks"].items():
+        assert lo - 1e-9 <= m["tasks"][name]["accuracy"] <= hi + 1e-9
+    # the set figures, recomputed from predictions.csv through the checkpoint's artefacts
+    section = read_checkpoint(summary["best_checkpoint"])["sevenpoint"]
+    art = Artifacts.from_section(section)
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "e" / "predictions.csv")
+    probs = [frame[[f"{t.name}_p_{c}" for c in t.classes]].to_numpy() for t in TASKS]
+    targets = frame[[f"{t.name}_true" for t in TASKS]].to_numpy()
+    sets = art.prediction_sets(probs, 0.9)
+    bwv = TASK_NAMES.index("BWV")
+    covered = sets[bwv][np.arange(len(targets)), targets[:, bwv]].mean()
+    assert m["sets"]["tasks"]["BWV"]["coverage"] == pytest.approx(covered, abs=1e-6)
+    assert m["sets"]["tasks"]["BWV"]["mean_size"] == pytest.approx(sets[bwv].sum(1).mean(), abs=1e-6)
+    for field, groups in m["breakdown"].items():
+        assert sum(g["cases"] for g in groups.values()) == m["cases"], field
+    assert set(m["breakdown"]) >= {"level_of_diagnostic_difficulty", "sex", "location", "elevation", "diagnosis"}
+    # k = 7: every criterion replaced by the truth, so the rule is the true 7-point rule
+    true_flag = seven_point_score(targets) >= 3
+    assert m["diagnosis_models"]["intervention"]["7"]["rule_accuracy"] == \
+        pytest.approx(float((true_flag == (targets[:, 0] == 2)).mean()))
+    report = (tmp_path / "e" / "report.md").read_text()
+    for heading in ("95 % bootstrap intervals", "Prediction sets at 90%", "image model vs stacked", "Where it fails"):
+        assert heading in report
+    assert (tmp_path / "e" / "reliability.png").stat().st_size > 5000
+
+
+def test_least_sure_corrections_pick_the_lowest_confidence_labelled_criteria():
+    probs = [np.array([[0.5, 0.5, 0, 0, 0]])] + [np.array([[0.9, 0.05, 0.05]]) if t.num_classes == 3
+                                                  else np.array([[0.9, 0.1]]) for t in TASKS[1:]]
+    probs[TASK_NAMES.index("STR")] = np.array([[0.4, 0.3, 0.3]])
+    probs[TASK_NAMES.index("RS")] = np.array([[0.55, 0.45]])
+    targets = np.array([[1, 0, 1, 0, 0, 2, 0, 1]])
+    assert least_sure_corrections(probs, targets, 2) == [{"STR": 2, "RS": 1}]
+    targets[0, TASK_NAMES.index("STR")] = -1  # not labelled: skipped
+    assert least_sure_corrections(probs, targets, 1) == [{"RS": 1}]
+
+
+def test_bootstrap_intervals_bracket_and_collapse_when_nothing_varies():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    n = 120
+    targets = rng.integers(0, 2, (n, len(TASKS)))
+    probs = [np.eye(t.num_classes)[np.clip(targets[:, i], 0, t.num_classes - 1)] * 0.8 + 0.05 for i, t in enumerate(TASKS)]
+    out = bootstrap_intervals(probs, targets, 300)
+    assert out["tasks"]["PN"] == [1.0, 1.0]  # always right: no spread
+    score, truth = rng.random((4, 60)), rng.random((4, 60)) < 0.4
+    assert np.allclose(_rank_auc(score, truth), [roc_auc_score(truth[i], score[i]) for i in range(4)])
+
+
+def test_cli_set_and_report(crossfit_run, trust_data, tmp_path):
+    summary, _ = crossfit_run
+    case = Derm7pt.load(trust_data).split_cases("test")[0]
+    base = [sys.executable, "-m", "sevenpoint.cli", "predict", "--checkpoint", summary["best_checkpoint"],
+            "--derm", str(case.derm)]
+    proc = subprocess.run(base + ["--set", "BWV=PRS", "--set", "rs=present", "--out", str(tmp_path / "r.json"),
+                                  "--report", str(tmp_path / "case.html")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["corrections"] == {"BWV": "PRS", "RS": "PRS"} and result["tasks"]["BWV"]["predicted"] == "PRS"
+    page = (tmp_path / "case.html").read_text()
+    assert "data:image/jpeg;base64," in page and "not a medical device" in page and "BWV = PRS" in page
+    assert "src='http" not in page and "<script" not in page  # self-contained, nothing to load
+    bad = subprocess.run(base + ["--set", "BWV=maybe"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "BWV='maybe': unknown value" in bad.stderr
+    bad = subprocess.run(base + ["--set", "BWV"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "CRITERION=VALUE" in bad.stderr + bad.stdout
+
+
+def test_api_takes_corrections_and_writes_the_report(crossfit_run, trust_data):
+    from fastapi.testclient import TestClient
+
+    from sevenpoint.web.app import create_app
+
+    summary, _ = crossfit_run
+    case = Derm7pt.load(trust_data).split_cases("test")[0]
+    files = {"derm": ("d.jpg", case.derm.read_bytes(), "image/jpeg")}
+    with TestClient(create_app(Predictor.from_checkpoint(summary["best_checkpoint"]))) as client:
+        r = client.post("/api/predict", files=files, data={"BWV": "PRS", "PN": "ATP"})
+        assert r.status_code == 200 and r.json()["corrections"] == {"BWV": "PRS", "PN": "ATP"}
+        assert r.json()["sets"]["BWV"] == ["PRS"]
+        bad = client.post("/api/predict", files=files, data={"BWV": "sometimes"})
+        assert bad.status_code == 422 and "BWV='sometimes'" in bad.json()["error"]
+        report = client.post("/api/report", files=files, data={"STR": "IR"})
+        assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+        assert "STR = IR" in report.text and "data:image/jpeg;base64," in report.text
