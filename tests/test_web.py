@@ -111,21 +111,37 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+def _start_browser(window: str):
+    """Headless Chromium through selenium; skips without one (fails under SEVENPOINT_REQUIRE_BROWSER=1)."""
+    required = os.environ.get("SEVENPOINT_REQUIRE_BROWSER") == "1"
+    found = _chromium()
+    if found is None:
+        message = "Chromium/chromedriver not installed (apt-get install chromium chromium-driver)"
+        if required:
+            pytest.fail(message + "; SEVENPOINT_REQUIRE_BROWSER=1 requires it")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", f"--window-size={window}"):
+        options.add_argument(flag)
+    try:
+        return webdriver.Chrome(service=Service(found[1]), options=options)
+    except Exception as exc:  # noqa: BLE001 - a browser that cannot start here
+        if required:
+            pytest.fail(f"Chromium could not start here: {exc}")
+        pytest.skip(f"Chromium could not start here: {exc}")
+
+
 def test_browser_page_shows_what_the_api_answers(tiny_run, synth_root, tmp_path):
     """Headless Chromium on a server with a token: upload a synthetic case, and the page shows the
     API's diagnosis, every task's prediction, the score and the rule, with the attention images
     loaded; a bad upload shows the API's error. Screenshot saved. SEVENPOINT_REQUIRE_BROWSER=1
     (set by .ci/run) turns a missing browser into a failure instead of a skip."""
     import httpx
-
-    found = _chromium()
-    if found is None:
-        message = "Chromium/chromedriver not installed (apt-get install chromium chromium-driver)"
-        if os.environ.get("SEVENPOINT_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + "; SEVENPOINT_REQUIRE_BROWSER=1 requires it")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -133,17 +149,7 @@ def test_browser_page_shows_what_the_api_answers(tiny_run, synth_root, tmp_path)
     token = "browser-test-token-0123456789"
     server, url = start_server(tiny_run["best_checkpoint"], "--token", token)
     try:
-        options = webdriver.ChromeOptions()
-        options.binary_location = found[0]
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1300,1100"):
-            options.add_argument(flag)
-        try:
-            driver = webdriver.Chrome(service=Service(found[1]), options=options)
-        except Exception as exc:  # noqa: BLE001 - a browser that cannot start here
-            if os.environ.get("SEVENPOINT_REQUIRE_BROWSER") == "1":
-                pytest.fail(f"Chromium could not start here: {exc}")
-            pytest.skip(f"Chromium could not start here: {exc}")
+        driver = _start_browser("1300,1100")
         try:
             case = Derm7pt.load(synth_root).split_cases("test")[0]
             meta = {k: case.raw_meta[k] for k in ("sex", "location", "elevation")}
@@ -312,15 +318,6 @@ def test_browser_page_shows_sets_takes_a_correction_and_prints_a_report(crossfit
     'uncertain' banner shows exactly when the API says so, picking a criterion's value re-asks the API
     with it (the score follows), and "Print / save report" yields the case report (screenshot saved)."""
     import httpx
-
-    found = _chromium()
-    if found is None:
-        message = "Chromium/chromedriver not installed (apt-get install chromium chromium-driver)"
-        if os.environ.get("SEVENPOINT_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + "; SEVENPOINT_REQUIRE_BROWSER=1 requires it")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -328,17 +325,7 @@ def test_browser_page_shows_sets_takes_a_correction_and_prints_a_report(crossfit
     summary, _ = crossfit_run
     server, url = start_server(summary["best_checkpoint"])
     try:
-        options = webdriver.ChromeOptions()
-        options.binary_location = found[0]
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1300,1400"):
-            options.add_argument(flag)
-        try:
-            driver = webdriver.Chrome(service=Service(found[1]), options=options)
-        except Exception as exc:  # noqa: BLE001 - a browser that cannot start here
-            if os.environ.get("SEVENPOINT_REQUIRE_BROWSER") == "1":
-                pytest.fail(f"Chromium could not start here: {exc}")
-            pytest.skip(f"Chromium could not start here: {exc}")
+        driver = _start_browser("1300,1400")
         try:
             case = Derm7pt.load(trust_data).split_cases("test")[0]
             files = {"derm": ("d.jpg", case.derm.read_bytes(), "image/jpeg")}
