@@ -46,11 +46,15 @@ def test_packaged_recipes_load():
     assert recipe.data.short_side == 0 and recipe.data.augmentation == "affine" and recipe.model.bn_momentum == 0.1
     assert (recipe.train.lr, recipe.train.backbone_lr_scale, recipe.train.ema_decay) == (1e-3, 0.3, 0.99)
     # v6 = v5 refit on train + valid with v5's number of optimiser steps (616 cases x 20 epochs ~ 413 x 30)
-    v5 = load_config("cpu-recipe-v5")
-    assert recipe.train.refit and not recipe.train.calibrate and recipe.train.epochs == 20
+    v5, v6 = load_config("cpu-recipe-v5"), load_config("cpu-recipe-v6")
+    assert v6.train.refit and not v6.train.calibrate and v6.train.epochs == 20
     assert not v5.train.refit and v5.train.calibrate and v5.train.epochs == 30 and not v1.train.calibrate
-    assert dataclasses.replace(recipe.train, refit=False, calibrate=True, epochs=30) == v5.train
-    assert (recipe.data, recipe.model, recipe.infer) == (v5.data, v5.model, v5.infer)
+    assert dataclasses.replace(v6.train, refit=False, calibrate=True, epochs=30) == v5.train
+    assert (v6.data, v6.model, v6.infer) == (v5.data, v5.model, v5.infer)
+    # v11 (the recipe) = v6 cross-fitted and calibrated out of fold, 22 epochs on 548 cases ~ v6's steps
+    assert recipe.train.cross_fit and recipe.train.calibrate and recipe.train.epochs == 22
+    assert dataclasses.replace(recipe.train, cross_fit=False, calibrate=False, epochs=20) == v6.train
+    assert (recipe.data, recipe.model, recipe.infer) == (v6.data, v6.model, v6.infer)
 
 
 def test_short_side_keeps_the_aspect_ratio_and_the_centre():

@@ -258,3 +258,20 @@ def test_api_takes_corrections_and_writes_the_report(crossfit_run, trust_data):
         report = client.post("/api/report", files=files, data={"STR": "IR"})
         assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
         assert "STR = IR" in report.text and "data:image/jpeg;base64," in report.text
+
+
+def test_batch_csv_carries_each_tasks_set_and_the_uncertain_flag(crossfit_run, trust_data, tmp_path):
+    import pandas as pd
+
+    from sevenpoint.batch import run_batch
+
+    summary, _ = crossfit_run
+    cases = Derm7pt.load(trust_data).split_cases("test")[:3]
+    (tmp_path / "cases.csv").write_text("derm\n" + "".join(f"{c.derm}\n" for c in cases))
+    run_batch(summary["best_checkpoint"], tmp_path / "cases.csv", [tmp_path / "out.csv"], progress=False)
+    rows = pd.read_csv(tmp_path / "out.csv")
+    predictor = Predictor.from_checkpoint(summary["best_checkpoint"])
+    for (_, row), case in zip(rows.iterrows(), cases):
+        alone = predictor.predict(derm=case.derm)
+        assert {t: row[f"{t}_set"] for t in TASK_NAMES} == {t: "|".join(s) for t, s in alone.sets.items()}
+        assert bool(row["uncertain"]) == alone.uncertain

@@ -286,7 +286,7 @@ def csv_columns() -> list[str]:
             "diagnosis", "diagnosis_name", "melanoma_probability", "seven_point_score", "seven_point_rule"]
     for task in TASKS:
         cols += [task.name, *(f"{task.name}_p_{c}" for c in task.classes), f"{task.name}_set"]
-    return cols + ["ood_score", "ood_threshold", "ood_warning", "branches_used", "calibrated", "tta"]
+    return cols + ["ood_score", "ood_threshold", "ood_warning", "branches_used", "calibrated", "uncertain", "tta"]
 
 
 def csv_row(rec: dict) -> dict:
@@ -300,11 +300,13 @@ def csv_row(rec: dict) -> dict:
             "seven_point_rule": "melanoma" if p["melanoma_flag"] else "benign",
             "ood_score": p["ood_score"], "ood_threshold": p["ood_threshold"], "ood_warning": p["ood_warning"],
             "branches_used": "+".join(p["branches_used"]), "calibrated": rec.get("calibrated"), "tta": rec.get("tta")}
+    sets = p.get("sets")  # conformal sets, where the checkpoint carries them
     for name, task in p["tasks"].items():
         out[name] = task["predicted"]
         out |= {f"{name}_p_{c}": v for c, v in task["probabilities"].items()}
-        if "set" in task:  # a conformal set, where the checkpoint carries one
-            out[f"{name}_set"] = "|".join(task["set"])
+        if sets is not None:
+            out[f"{name}_set"] = "|".join(sets[name])
+    out["uncertain"] = p.get("uncertain")
     return out
 
 

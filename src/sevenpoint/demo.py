@@ -42,11 +42,14 @@ def run_demo(out: str | Path, cases: int = 400, epochs: int | None = None, progr
     (out / "predict").mkdir(parents=True, exist_ok=True)
     (out / "predict" / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     written = save_heatmaps(result, {"derm": case.derm, "clinic": case.clinic}, out / "predict")
-    console.print(f"[4/4] predicted case {case.case_id}: diagnosis {result.diagnosis}, 7-point score "
+    doubt = "" if result.sets is None else (f" (90 % set: {' or '.join(result.sets['DIAG'])}"
+                                            f"{', uncertain' if result.uncertain else ''})")
+    console.print(f"[4/4] predicted case {case.case_id}: diagnosis {result.diagnosis}{doubt}, 7-point score "
                   f"{result.seven_point_score}, branches {', '.join(result.branches_used)}; "
                   f"{len(written)} attention images in {out / 'predict'}")
     base = metrics["majority_baseline"]["AVG"]
     console.print(f"test average accuracy {100 * metrics['average_accuracy']:.1f} % vs majority class "
                   f"{100 * base:.1f} %; plots: {out / 'eval' / 'confusion_matrices.png'}, "
-                  f"{out / 'eval' / 'roc_curves.png'}; total {time.perf_counter() - t0:.0f} s")
+                  f"{out / 'eval' / 'roc_curves.png'}, {out / 'eval' / 'reliability.png'}; "
+                  f"total {time.perf_counter() - t0:.0f} s")
     return {"metrics": metrics, "summary": summary, "prediction": result.to_dict()}
