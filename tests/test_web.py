@@ -348,6 +348,8 @@ def test_browser_page_shows_sets_takes_a_correction_and_prints_a_report(crossfit
             assert f"BWV = {value}" in driver.find_element(By.ID, "corrections").text
             assert int(driver.find_element(By.ID, "score").text) == fixed["seven_point_score"]
             assert fixed["seven_point_score"] != api["seven_point_score"]  # BWV is worth 2 points either way
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(ARTIFACTS / "web-corrected.png"))  # the page as docs/web-page.png shows it
 
             page_window = driver.current_window_handle
             driver.find_element(By.ID, "report").click()
