@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .schema import DIAG_INDEX, TASK_BY_NAME, TASKS
+from .schema import DIAG_INDEX, TASK_BY_NAME, TASK_NAMES, TASKS
 
 DEFAULT_LEVEL = 0.9
 CRITERIA_INDEX = tuple(t for t, task in enumerate(TASKS) if task.is_criterion)
@@ -62,7 +62,7 @@ def apply_corrections(probs: list[np.ndarray], corrections: list[Mapping[str, in
     probs = [p.copy() for p in probs]
     for i, fix in enumerate(corrections):
         for name, cls in fix.items():
-            t = next(k for k, task in enumerate(TASKS) if task.name == name)
+            t = TASK_NAMES.index(name)
             probs[t][i] = 0.0
             probs[t][i, cls] = 1.0
     return probs

@@ -269,8 +269,7 @@ def evaluate(
     """Evaluate a checkpoint: metrics.json, report.md, predictions.csv, confusion/ROC/reliability PNGs."""
     from .engine.evaluate import evaluate as run_eval
 
-    if not 0.0 < level < 1.0:
-        raise typer.BadParameter(f"--level {level}: expected a value in (0, 1), e.g. 0.9", param_hint="--level")
+    _check_level(level)
     if bootstrap < 0:
         raise typer.BadParameter(f"--bootstrap {bootstrap}: expected 0 (none) or more resamples")
     m = run_eval(checkpoint, data, out, split=split, tta=tta, calibrate=calibrate, precision=precision,
@@ -371,8 +370,7 @@ def predict(
         if not sep or not name.strip() or not value.strip():
             raise typer.BadParameter(f"--set {item!r}: expected CRITERION=VALUE, e.g. BWV=ABS")
         corrections[name.strip()] = value.strip()
-    if not 0.0 < level < 1.0:
-        raise typer.BadParameter(f"--level {level}: expected a value in (0, 1), e.g. 0.9")
+    _check_level(level)
     predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
     predictor.set_level = level
     err.print(f"path {predictor.choice}", highlight=False)
@@ -452,8 +450,7 @@ def serve(
         help="This model's `evaluate` metrics.json, quoted in case reports.")] = None,
 ) -> None:
     """Serve the web page and JSON API (research tool, not a medical device)."""
-    if not 0.0 < level < 1.0:
-        raise typer.BadParameter(f"--level {level}: expected a value in (0, 1), e.g. 0.9", param_hint="--level")
+    _check_level(level)
     from .web.app import is_loopback
 
     if not is_loopback(host) and not token:
@@ -562,6 +559,12 @@ def loadtest(
     from .web.loadtest import run_load
 
     console.print_json(json.dumps(run_load(url, derm, clinic, requests, concurrency)))
+
+
+def _check_level(level: float) -> None:
+    """--level of predict, serve and evaluate: a conformal level strictly between 0 and 1."""
+    if not 0.0 < level < 1.0:
+        raise typer.BadParameter(f"--level {level}: expected a value in (0, 1), e.g. 0.9", param_hint="--level")
 
 
 def _print_prediction(result) -> None:

@@ -6,17 +6,14 @@ accuracies stay exactly the same; what changes is how far the probabilities can 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
-from ..artifacts import Artifacts
 from ..checkpoint import atomic_torch_save, load_model, read_checkpoint
-from ..config import config_from_dict
 from ..data import load_dataset
 from ..data.base import DatasetError
-from .evaluate import inference_path, predict_split
-from .held_out import fit_held_out
+from .evaluate import predict_measured
+from .held_out import fit_into
 from .metrics import temperature_report
 
 
@@ -30,9 +27,7 @@ def fit_on_validation(model, cfg, data, precision: str = "auto", progress: bool 
     if "valid" not in data.splits:
         raise DatasetError(f"{data.root}: temperatures are fitted on a validation split; this {data.format} "
                            "dataset has none")
-    batch = 32  # predict_split's default
-    bf16, channels_last, _ = inference_path(model, cfg, batch, precision)
-    pred = predict_split(model, cfg, data, "valid", cfg.infer.tta, batch, bf16, channels_last, progress)
+    pred = predict_measured(model, cfg, data, "valid", progress=progress, precision=precision)
     temps, report = temperature_report(pred.probs, pred.targets)
     return temps, report, pred
 
@@ -42,17 +37,10 @@ def write_with_temperatures(source: str | os.PathLike, dest: str | os.PathLike, 
     diagnosis: engine/held_out.py) from `data`'s validation predictions `pred`, written atomically to
     `dest` (may be `source`). Returns the per-task temperature report."""
     raw = read_checkpoint(source)
-    temps, fields = fit_held_out(pred, f"{data.root} (valid)")
-    cfg = config_from_dict(raw["sevenpoint"]["config"])
-    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, temperature=tuple(temps)))
-    raw["sevenpoint"]["config"] = cfg.to_dict()
-    art = Artifacts.from_section(raw["sevenpoint"])
-    for key, value in fields.items():
-        setattr(art, key, value)
-    raw["sevenpoint"].update(art.to_section())
+    art = fit_into(raw["sevenpoint"], pred, f"{data.root} (valid)")
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(raw, dest)
-    return {k: v for k, v in fields["calibration"].items() if k != "fitted_on"}
+    return {k: v for k, v in art.calibration.items() if k != "fitted_on"}
 
 
 def calibrate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,

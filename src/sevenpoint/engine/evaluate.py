@@ -105,6 +105,13 @@ def predict_split(model: FusionModel, cfg: RunConfig, data: CaseSet, split: str,
     return predict_loader(model, dl, tta, bf16, channels_last, progress, device)
 
 
+def predict_measured(model: FusionModel, cfg: RunConfig, data: CaseSet, split: str, batch_size: int = 32,
+                     progress: bool = True, precision: str = "auto") -> Predictions:
+    """`predict_split` with the checkpoint's own TTA on the numeric path `inference_path` picks (CPU)."""
+    bf16, channels_last, _ = inference_path(model, cfg, batch_size, precision)
+    return predict_split(model, cfg, data, split, cfg.infer.tta, batch_size, bf16, channels_last, progress)
+
+
 def branch_accuracy(pred: Predictions) -> dict[str, dict]:
     """Each branch on its own (on the cases it ran on): how much it contributes to the fused result."""
     out = {}

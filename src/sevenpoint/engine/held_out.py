@@ -12,13 +12,15 @@ ensemble (`train.cross_fit`). One call fits, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from ..artifacts import stacker_features
+from ..artifacts import Artifacts, stacker_features
+from ..config import config_from_dict
 from ..schema import DIAG_INDEX, TASKS
 from ..temperature import apply_temperatures
 from .metrics import temperature_report
@@ -66,6 +68,20 @@ def conformal_scores(probs: list[np.ndarray], targets: np.ndarray) -> dict:
         tasks[task.name] = {"scores": np.round(scores, 7).tolist(), "labels": y.astype(int).tolist(),
                             "counts": np.bincount(y, minlength=task.num_classes).astype(int).tolist()}
     return {"method": "split conformal, Mondrian by true class (crepes), score 1 - p(true class)", "tasks": tasks}
+
+
+def fit_into(section: dict, pred, source: str, seed: int = 0) -> Artifacts:
+    """`fit_held_out` stored into a checkpoint's `sevenpoint` section (changed in place): the temperatures
+    into its config's `infer.temperature`, the rest as its artefacts (the others it holds are kept)."""
+    temps, fields = fit_held_out(pred, source, seed)
+    saved = config_from_dict(section["config"])
+    section["config"] = dataclasses.replace(saved, infer=dataclasses.replace(saved.infer,
+                                                                             temperature=tuple(temps))).to_dict()
+    art = Artifacts.from_section(section)
+    for key, value in fields.items():
+        setattr(art, key, value)
+    section.update(art.to_section())
+    return art
 
 
 def fit_held_out(pred, source: str, seed: int = 0) -> tuple[list[float], dict]:

@@ -302,8 +302,8 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
     """
     from ..artifacts import Artifacts
     from ..checkpoint import model_from
-    from .evaluate import inference_path, predict_split, train_majority
-    from .held_out import fit_held_out
+    from .evaluate import predict_measured, train_majority
+    from .held_out import fit_into
 
     cache = make_cache(cfg)
     desc = {split: np.stack([descriptor(cache.load(c.derm, c.crop)) for c in data.split_cases(split)
@@ -316,30 +316,28 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
     info = run_info()
     art.provenance = {"git_commit": info["git_commit"], "version": info["versions"]["sevenpoint"],
                       "command": [str(a) for a in info["command"]]}
+    section.update(art.to_section())
     if cfg.train.calibrate:
         if held_out is None:
             model, model_cfg, _ = model_from(ckpt, path)
-            bf16, channels_last, _ = inference_path(model, model_cfg, cfg.train.batch_size)
-            held_out = predict_split(model, model_cfg, data, "valid", model_cfg.infer.tta, cfg.train.batch_size, bf16,
-                                     channels_last, progress)
+            held_out = predict_measured(model, model_cfg, data, "valid", cfg.train.batch_size, progress)
             source = f"{data.root} (valid)"
-        temps, fields = fit_held_out(held_out, source or "held-out predictions", cfg.seed)
-        for key, value in fields.items():
-            setattr(art, key, value)
-        saved = config_from_dict(section["config"])
-        section["config"] = dataclasses.replace(saved, infer=dataclasses.replace(saved.infer,
-                                                                                 temperature=tuple(temps))).to_dict()
-        stacker = art.stacker
-        print("fitted on " + art.fitted_on + ": temperatures " + ", ".join(
-            f"{k} {v['temperature']:.2f}" for k, v in art.calibration.items() if isinstance(v, dict))
-            + "; stacked diagnosis " + ("none (too few cases per diagnosis)" if stacker is None else
-                                        "{} ({:.1%} vs the image model's {:.1%}, cross-validated)".format(
-                                            "adopted" if stacker["default"] else "kept for corrections only",
-                                            stacker["held_out"]["stacked_diag_accuracy_cv"],
-                                            stacker["held_out"]["image_model_diag_accuracy"])), flush=True)
-    section.update(art.to_section())
+        print(_fitted_line(fit_into(section, held_out, source or "held-out predictions", cfg.seed)), flush=True)
     atomic_torch_save(ckpt, path)
     return held_out
+
+
+def _fitted_line(art) -> str:
+    """What `train.calibrate` fitted, in one line."""
+    temps = ", ".join(f"{k} {v['temperature']:.2f}" for k, v in art.calibration.items() if isinstance(v, dict))
+    stacker = art.stacker
+    if stacker is None:
+        stacked = "none (too few cases per diagnosis)"
+    else:
+        verdict = "adopted" if stacker["default"] else "kept for corrections only"
+        stacked = (f"{verdict} ({stacker['held_out']['stacked_diag_accuracy_cv']:.1%} vs the image model's "
+                   f"{stacker['held_out']['image_model_diag_accuracy']:.1%}, cross-validated)")
+    return f"fitted on {art.fitted_on}: temperatures {temps}; stacked diagnosis {stacked}"
 
 
 def _saved_ensemble(run_dir: Path) -> bool:
@@ -384,17 +382,15 @@ def out_of_fold_predictions(members: list[str], folds: list[np.ndarray], data: C
     """Each validation case predicted by the one member that never trained on it (`train.cross_fit`),
     gathered in validation-split order, with the ensemble's late-fusion weights and TTA."""
     from ..checkpoint import load_model
-    from .evaluate import Predictions, inference_path, predict_split
+    from .evaluate import Predictions, predict_measured
 
     parts = []
     for path, rows in zip(members, folds):
         model, member_cfg, _ = load_model(path)
-        model.fusion_weights = {"clinic": cfg.infer.clinic_weight}
-        bf16, channels_last, _ = inference_path(model, member_cfg, cfg.train.batch_size)
+        model.fusion_weights = {"clinic": cfg.infer.clinic_weight}  # the ensemble's late fusion (its TTA: the same)
         view = copy.copy(data)
         view.splits = {**data.splits, "fold": rows}
-        parts.append((rows, predict_split(model, member_cfg, view, "fold", cfg.infer.tta, cfg.train.batch_size,
-                                          bf16, channels_last, progress)))
+        parts.append((rows, predict_measured(model, member_cfg, view, "fold", cfg.train.batch_size, progress)))
     rows = np.concatenate([r for r, _ in parts])
     order = np.argsort(rows, kind="stable")
     probs = [np.concatenate([p.probs[t] for _, p in parts])[order] for t in range(len(TASKS))]
@@ -409,7 +405,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     """Train the members one after another in `run_dir/members/m<i>/` (each a normal, resumable run),
     then write their average as `run_dir/checkpoints/best.ckpt` and score it on validation."""
     from ..checkpoint import ensemble_checkpoint, load_model
-    from .evaluate import inference_path, predict_split
+    from .evaluate import predict_measured
     from .metrics import compute_metrics
 
     run_dir = Path(run_dir)
@@ -425,9 +421,10 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "run_info.json", run_info(argv))
     finished: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    data = load_training_data(data_dir, cfg, splits, extra=False)  # folds, and the ensemble's fits below
     folds = None
     if cfg.train.cross_fit:
-        folds = cross_fit_folds(load_training_data(data_dir, cfg, splits, extra=False), cfg)
+        folds = cross_fit_folds(data, cfg)
         if not resume:
             print(f"cross-fit: member i leaves out fold i of the validation split ({', '.join(str(len(f)) for f in folds)}"
                   " cases); its predictions there are the out-of-fold predictions", flush=True)
@@ -437,11 +434,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
             continue
         member_dir, member = run_dir / "members" / name, member_config(cfg, i)
         print(f"ensemble member {i + 1}/{cfg.train.ensemble} (seed {member.seed}) -> {member_dir}", flush=True)
-        if folds is not None:
-            base = load_training_data(data_dir, cfg, splits, extra=False)
-            member_rows = member_splits(base, folds, i)
-        else:
-            member_rows = splits
+        member_rows = splits if folds is None else member_splits(data, folds, i)
         summary = train(member, data_dir, member_dir,
                         resume=(member_dir / "checkpoints" / "last.ckpt").is_file(), progress=progress, argv=argv,
                         stop_after_epochs=stop_after_epochs, splits=member_rows)
@@ -452,8 +445,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     best = run_dir / "checkpoints" / "best.ckpt"
     members = [finished[f"m{i}"]["best_checkpoint"] for i in range(cfg.train.ensemble)]
     ckpt = ensemble_checkpoint(members, infer=dataclasses.asdict(cfg.infer))
-    data = load_training_data(data_dir, cfg, splits, extra=False)
-    oof = None
+    oof, oof_acc = None, None
     if folds is not None:
         oof = out_of_fold_predictions(members, folds, data, cfg, progress)
         np.savez_compressed(run_dir / "out_of_fold.npz", ids=np.asarray(oof.ids), targets=oof.targets,
@@ -462,13 +454,11 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     pred = finish_checkpoint(ckpt, best, data, cfg, held_out=oof, progress=progress,
                              source=f"{data.root} (valid, out of fold: each case by the member that never saw it)")
     if oof is not None:  # a member, not the ensemble: reported as such, not as the ensemble's validation score
-        summary_oof = compute_metrics(oof.probs, oof.targets)["average_accuracy"]
+        oof_acc = compute_metrics(oof.probs, oof.targets)["average_accuracy"]
         pred = None
     elif pred is None and not cfg.train.refit:  # a refit's validation cases are training data: not scored
         model, ens_cfg, _ = load_model(best)
-        bf16, channels_last, _ = inference_path(model, ens_cfg, cfg.train.batch_size)
-        pred = predict_split(model, cfg, data, "valid", ens_cfg.infer.tta, cfg.train.batch_size, bf16, channels_last,
-                             progress)
+        pred = predict_measured(model, ens_cfg, data, "valid", cfg.train.batch_size, progress)
     summary = {
         "best_checkpoint": str(best),
         "best_val_avg_acc": None if pred is None else compute_metrics(pred.probs, pred.targets)["average_accuracy"],
@@ -478,7 +468,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         "train_seconds": round(sum(m["train_seconds"] for m in finished.values()), 1),
         "train_cases": len(training_view(data, cfg).splits["train"]),
         "valid_cases": 0 if pred is None else len(pred.ids),
-        "out_of_fold_avg_acc": summary_oof if oof is not None else None,
+        "out_of_fold_avg_acc": oof_acc,
         "config": dataclasses.asdict(cfg),
     }
     write_json(run_dir / "train_summary.json", summary)
