@@ -109,6 +109,9 @@ class TrainConfig:
     #                          held-out predictions (validation, or out of fold with cross_fit) into best.ckpt
     refit: bool = False  # train on train + valid for `epochs`; best.ckpt = the final (EMA) weights, nothing selected
     #                      on validation (it is training data): choose the recipe first, then refit it
+    trunk_views: int = 0  # >0: each backbone's frozen part (model.freeze_blocks) is not run in training but read
+    #                       from a trunk-feature cache of this many augmented views per image (plus the un-augmented
+    #                       one, for validation), filled once (`sevenpoint cache-trunk`); 0: run it every step
     cross_fit: bool = False  # refit ensemble: member i leaves out fold i of `ensemble` (stratified on DIAG) of the
     #                          validation split, so every validation case has one member that never saw it; those
     #                          out-of-fold predictions fit the temperatures, prediction sets and stacked diagnosis
@@ -344,6 +347,15 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if cfg.train.refit and cfg.train.early_stopping:
         raise ConfigError("train.refit with train.early_stopping: a refit has no validation split to stop on; "
                           "set train.early_stopping=0 (it trains for train.epochs)")
+    if cfg.train.trunk_views < 0:
+        raise ConfigError(f"train.trunk_views: expected >= 0 (0 = off), got {cfg.train.trunk_views}")
+    if cfg.train.trunk_views and not model.freeze_blocks:
+        raise ConfigError("train.trunk_views: a trunk-feature cache holds the frozen blocks' output; set "
+                          "model.freeze_blocks > 0 (e.g. 11) or train.trunk_views=0")
+    if cfg.train.trunk_views and not all(name.startswith("efficientnet_lite")
+                                         for name in (model.backbone, model.derm_backbone or model.backbone)):
+        raise ConfigError(f"train.trunk_views: only EfficientNet-Lite backbones can start after their frozen "
+                          f"blocks, not {model.backbone_text}")
     if cfg.train.channels_last not in ("auto", "on", "off"):
         raise ConfigError(f"train.channels_last: {cfg.train.channels_last!r} is not one of auto, on, off")
     return dataclasses.replace(cfg, model=model)

@@ -187,7 +187,7 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
             if cl:
                 net.to(memory_format=fmt)
             g = torch.Generator().manual_seed(0)
-            images = [torch.rand(batch, 3, size, size, generator=g).contiguous(memory_format=fmt) for _ in range(2)]
+            images = [x.contiguous(memory_format=fmt) for x in net.example_inputs(batch, size, g)]
             meta = torch.zeros(batch, cfg.meta_dim)
             targets = torch.zeros(batch, len(TASKS), dtype=torch.long)
 
@@ -203,7 +203,8 @@ def choose_path(mode: str, model: torch.nn.Module, cfg, batch: int, precision: s
             return step
         return build
 
-    choice, why = pick_path(path_key(cfg, mode, f"batch{batch}"), candidates, ruled_out, timing, rounds, prune=2.5,
+    reads = "trunk" if any(getattr(m, "reads_trunk", False) for m in model.modules()) else "images"
+    choice, why = pick_path(path_key(cfg, mode, f"batch{batch}", reads), candidates, ruled_out, timing, rounds, prune=2.5,
                             cache=cache)
     cl, bf16 = PATHS[choice]
     return cl, bf16, why

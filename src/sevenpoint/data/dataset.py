@@ -46,28 +46,37 @@ class CaseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def _image(self, path, crop: int | None, seed: int | None) -> torch.Tensor:
+    def _input(self, modality: str, path, crop: int | None, seed: int | None) -> torch.Tensor:
+        """What the model reads for one photo (`TrunkDataset`: its trunk features instead)."""
         img = self.cache.load(path, crop)
         if seed is not None:
             self.transform.set_random_seed(seed)
         return to_tensor(self.transform(image=img)["image"])
 
+    def _blank(self, modality: str) -> torch.Tensor | None:
+        """The zeros standing in for a missing photo; None: zeros shaped like the other photo."""
+        return None
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
         case = self.cases[index]
-        derm = None if case.derm is None else self._image(case.derm, case.crop, seed)
+        derm = None if case.derm is None else self._input("derm", case.derm, case.crop, seed)
         has_clinic = case.clinic is not None
         fallback = not has_clinic and self.clinic_fallback and derm is not None
         if has_clinic:
-            clinic = self._image(case.clinic, case.crop, None if seed is None else seed + 1)
-        elif fallback:
-            clinic = derm.clone()
+            clinic = self._input("clinic", case.clinic, case.crop, None if seed is None else seed + 1)
+        elif fallback:  # the dermoscopy photo as the clinical branch reads it (with its augmentation)
+            clinic = self._input("clinic", case.derm, case.crop, seed)
         else:
-            clinic = torch.zeros_like(derm)
+            clinic = self._blank("clinic")
+            clinic = torch.zeros_like(derm) if clinic is None else clinic
         has_meta = case.meta is not None
         meta = torch.from_numpy(case.meta.copy()) if has_meta else torch.zeros(self.meta_dim)
+        if derm is None:
+            derm = self._blank("derm")
+            derm = torch.zeros_like(clinic) if derm is None else derm
         return {
-            "derm": torch.zeros_like(clinic) if derm is None else derm,
+            "derm": derm,
             "clinic": clinic,
             "meta": meta,
             "targets": torch.tensor(case.targets, dtype=torch.long),

@@ -89,13 +89,25 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
     return data
 
 
-def build_loaders(data: CaseSet, cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
+def build_loaders(data: CaseSet, cfg: RunConfig, model=None, progress: bool = True) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders. Both use `EpochSampler`, which also splits the cases between
-    processes under DDP (Lightning's own sampler replacement is switched off in `train`)."""
-    cache = make_cache(cfg)
-    train_tf, eval_tf = transforms_for(cfg.data)
-    train_ds = CaseDataset(data, "train", cache, train_tf, meta_dim=cfg.meta_dim)
-    valid_ds = CaseDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.clinic_only, meta_dim=cfg.meta_dim)
+    processes under DDP (Lightning's own sampler replacement is switched off in `train`).
+
+    With `train.trunk_views` they read `model`'s frozen-trunk features instead of images (the model must
+    then `read_trunk`), and whatever the cache lacks is filled first (`engine.trunk`)."""
+    if cfg.train.trunk_views:
+        from .trunk import describe, prepare_trunk, stores_for, trunk_datasets
+
+        stores = stores_for(model, cfg)
+        sets = trunk_datasets(stores, cfg, data, {"train": False, "valid": cfg.model.clinic_only})
+        print(describe(prepare_trunk(stores, cfg, list(sets.values()), progress)), flush=True)
+        train_ds, valid_ds = sets["train"], sets["valid"]
+    else:
+        cache = make_cache(cfg)
+        train_tf, eval_tf = transforms_for(cfg.data)
+        train_ds = CaseDataset(data, "train", cache, train_tf, meta_dim=cfg.meta_dim)
+        valid_ds = CaseDataset(data, "valid", cache, eval_tf, clinic_fallback=cfg.model.clinic_only,
+                               meta_dim=cfg.meta_dim)
     weights = balanced_weights(data.targets("train")) if cfg.train.balanced_sampling else None
     sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, weights=weights)
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
@@ -201,18 +213,22 @@ def train(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLik
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts on tensor-core GPUs
     data = load_training_data(data_dir, cfg, splits)
     refit = cfg.train.refit
-    train_dl, valid_dl = build_loaders(training_view(data, cfg), cfg)
-    if refit and not resume:
-        print(f"refit: training on train + valid ({len(train_dl.dataset)} cases) for {cfg.train.epochs} epochs; "
-              "best.ckpt will be the final weights (nothing is selected on validation)", flush=True)
     on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
     weights = class_weights_for(data.targets("train")) if cfg.train.class_weights else None
     module = SevenPointModule(cfg, weights)
-    if cfg.model.derm_init and not resume:  # on resume the run's own weights are loaded instead
+    # on resume the run's own weights are loaded instead, but a cached trunk is keyed by the frozen weights it starts with
+    if cfg.model.derm_init and (not resume or cfg.train.trunk_views):
         from ..checkpoint import load_derm_backbone
 
         n = load_derm_backbone(module.model, cfg.model.derm_init)
         print(f"dermoscopy backbone initialised from {cfg.model.derm_init} ({n} tensors)", flush=True)
+    # the frozen trunk's weights are final here (ImageNet or derm_init): the trunk cache is keyed by them
+    train_dl, valid_dl = build_loaders(training_view(data, cfg), cfg, module.model, progress)
+    if cfg.train.trunk_views:
+        module.model.read_trunk(True)  # best.ckpt still holds the whole model: it reads images like any other
+    if refit and not resume:
+        print(f"refit: training on train + valid ({len(train_dl.dataset)} cases) for {cfg.train.epochs} epochs; "
+              "best.ckpt will be the final weights (nothing is selected on validation)", flush=True)
     channels_last, bf16, why = choose_path("train", module.model, cfg, cfg.train.batch_size, cfg.train.precision,
                                            cfg.train.channels_last, on_gpu, loss=multitask_loss)
     module.set_channels_last(channels_last)

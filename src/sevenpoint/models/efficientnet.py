@@ -54,9 +54,27 @@ class EfficientNetLiteBackbone(EarlyFreeze, nn.Module):
         """The stem and the first `n_blocks` MBConv blocks, in forward order."""
         return [self.net._conv_stem, self.net._bn0, *self.net._blocks[:n_blocks]]
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part (stem + first `frozen_blocks` blocks) on images: what the trunk cache stores.
+        Frozen layers run in eval mode (no drop-connect, running BN statistics), so it depends on the
+        image alone."""
+        x = self.net._swish(self.net._bn0(self.net._conv_stem(x)))  # (N, 32, S/2, S/2)
+        return self._blocks(x, 0, self.frozen_blocks)
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        blocks, rate = self.net._blocks, self.net._global_params.drop_connect_rate
+        for idx in range(start, stop):  # drop-connect scaled by depth, as `EfficientNet.extract_features`
+            x = blocks[idx](x, drop_connect_rate=rate * idx / len(blocks) if rate else rate)
+        return x
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images (N, 3, S, S) -> exit features; with `reads_trunk`, x is the trunk's output instead."""
         maps: dict[str, torch.Tensor] = {}
-        x = self.net.extract_features(x)  # (N, 1280, S/32, S/32)
+        if self.reads_trunk:
+            x = self._blocks(x, self.frozen_blocks, len(self.net._blocks))
+            x = self.net._swish(self.net._bn1(self.net._conv_head(x)))  # (N, 1280, S/32, S/32)
+        else:
+            x = self.net.extract_features(x)  # (N, 1280, S/32, S/32)
         if self.exit_attention is not None:
             x, maps["exit"] = self.exit_attention(x)
         return x, maps

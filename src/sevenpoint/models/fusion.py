@@ -151,6 +151,24 @@ class FusionModel(nn.Module):
             self.hybrid = HybridBranch(derm_bb.num_features + clinic_bb.num_features, cfg.hybrid_channels,
                                        meta_dim, cfg.attention, cfg.attention_heads, cfg.dropout)
 
+    def read_trunk(self, on: bool = True) -> None:
+        """Read each backbone's frozen-trunk output instead of images (`train.trunk_views`: a trunk-feature
+        cache); the weights are those of the full model, which `read_trunk(False)` runs on images again."""
+        for branch in (self.derm, self.clinic):
+            if branch is not None:
+                branch.backbone.read_trunk(on)
+
+    def example_inputs(self, n: int, image_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Random (derm, clinic) inputs of the kind `forward` reads now: images, or trunk features."""
+        images = [torch.rand(n, 3, image_size, image_size, generator=generator) for _ in range(2)]
+        out = []
+        for branch, x in zip((self.derm, self.clinic), images):
+            if branch is not None and branch.backbone.reads_trunk:
+                with torch.no_grad():
+                    x = branch.backbone.trunk(x)
+            out.append(x)
+        return out
+
     def can_run(self, has_derm: torch.Tensor, has_clinic: torch.Tensor) -> bool:
         """Whether at least one case of the batch has an input one of our branches needs."""
         return bool((self.derm is not None and has_derm.any()) or (self.clinic is not None and has_clinic.any()))
@@ -204,6 +222,9 @@ class FusionEnsemble(nn.Module):
 
     def can_run(self, has_derm: torch.Tensor, has_clinic: torch.Tensor) -> bool:
         return self.members[0].can_run(has_derm, has_clinic)
+
+    def example_inputs(self, n: int, image_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        return self.members[0].example_inputs(n, image_size, generator)
 
     def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
                 has_derm: torch.Tensor | None = None, has_clinic: torch.Tensor | None = None,
