@@ -123,7 +123,7 @@ def test_engine_choice_checks_parity(tmp_path):
     _, trunk = stores_for(model, cfg)["derm"]
     sample = torch.rand(4, 3, 64, 64)
     name, run, report = choose_engine(trunk, sample)
-    assert name in report["ms_per_view"] and all(e <= report["tolerance"] for e in report["parity_rel_err"].values())
+    assert report["parity_rel_err"][name] <= report["tolerance"]  # an engine off by more is never chosen
     with torch.no_grad():
         torch.testing.assert_close(run(sample), trunk(sample), atol=1e-3, rtol=1e-3)
 
@@ -145,22 +145,29 @@ def test_fill_over_two_processes_writes_the_same_entries(synth_root, tmp_path):
 def test_training_on_the_trunk_cache_writes_an_ordinary_checkpoint(synth_root, tmp_path, capsys):
     from sevenpoint.checkpoint import load_model
     from sevenpoint.engine.evaluate import eval_dataset, predict_split
+    from sevenpoint.engine.metrics import compute_metrics
     from sevenpoint.engine.train import train
 
-    cfg = lite_cfg(tmp_path, "model.pretrained=true")  # ImageNet trunk: the same whatever the seed
-    summary = train(cfg, synth_root.parent, tmp_path / "run", progress=False)
+    cfg = lite_cfg(tmp_path, "model.pretrained=true")
+    train(cfg, synth_root.parent, tmp_path / "run", progress=False, stop_after_epochs=1)  # interrupted
     out = capsys.readouterr().out
     assert "trunk features:" in out and "already cached" not in out
+    summary = train(cfg, synth_root.parent, tmp_path / "run", progress=False, resume=True)
+    assert "every entry already cached" in capsys.readouterr().out  # resume reads what the first start filled
+    assert summary["epochs_run"] == cfg.train.epochs
     model, saved, _ = load_model(summary["best_checkpoint"])
     assert saved.train.trunk_views == 2 and not model.derm.backbone.reads_trunk  # reads images, no cache needed
     data = load_dataset(synth_root.parent)
     pred = predict_split(model, saved, data, "valid", progress=False)
     assert pred.probs[0].shape[0] == len(eval_dataset(saved, data, "valid"))
-    # validation in training read view 0 from the cache (fp16); the checkpoint on images scores the same
-    from sevenpoint.engine.metrics import compute_metrics
-
-    assert compute_metrics(pred.probs, pred.targets)["average_accuracy"] == pytest.approx(summary["best_val_avg_acc"],
-                                                                                         abs=0.02)
-    # a second run (another seed, say) finds every entry and fills nothing
-    train(dataclasses.replace(cfg, seed=1), synth_root.parent, tmp_path / "run2", progress=False)
-    assert "every entry already cached" in capsys.readouterr().out
+    # validation in training read view 0 from the cache (fp16): the checkpoint on images gives the same probabilities
+    sets = trunk_datasets(stores_for(model, saved), saved, data, {"valid": False})
+    batch = [sets["valid"][i] for i in range(len(sets["valid"]))]
+    stack = {k: torch.stack([b[k] for b in batch]) for k in ("derm", "clinic", "meta", "has_derm", "has_clinic",
+                                                             "has_meta")}
+    model.read_trunk(True)
+    with torch.no_grad():
+        cut = model(stack["derm"], stack["clinic"], stack["meta"], stack["has_derm"], stack["has_clinic"],
+                    stack["has_meta"])
+    for t in range(8):
+        np.testing.assert_allclose(cut.probs[t].numpy(), pred.probs[t], atol=5e-3)

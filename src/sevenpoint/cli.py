@@ -182,6 +182,32 @@ def train(
         (out / "seeds_summary.json").write_text(json.dumps({"seeds": seed_list, "best_val_avg_acc": vals}, indent=2))
 
 
+@app.command("cache-trunk", context_settings={"allow_extra_args": True})
+def cache_trunk(
+    data: Annotated[Path, typer.Option(help="Dataset folder (as for train).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides")] = None,
+    config: Annotated[Optional[str], typer.Option(help="YAML file or packaged name; needs train.trunk_views > 0.")] = None,
+    splits: Annotated[str, typer.Option(help="Splits to cache, comma-separated.")] = "train,valid",
+    engine: Annotated[str, typer.Option(help="auto (fastest measured, parity-checked) | eager | channels_last | "
+                                             "onnxruntime.")] = "auto",
+    processes: Annotated[int, typer.Option(help="Processes, each filling every n-th image with cores / n threads.")] = 1,
+    devices: Annotated[Optional[str], typer.Option(help="GPUs to fill on, comma-separated (cuda:0,cuda:1).")] = None,
+    progress: bool = True,
+) -> None:
+    """Fill the trunk-feature cache that `train` with train.trunk_views reads (train fills what is missing itself)."""
+    from .config import load_config
+    from .engine.trunk import ENGINES, cache_trunk as run_cache, describe
+
+    if engine not in ("auto", *ENGINES):
+        raise typer.BadParameter(f"{engine!r} is not one of auto, {', '.join(ENGINES)}", param_hint="--engine")
+    if processes < 1:
+        raise typer.BadParameter(f"need at least 1 process, got {processes}", param_hint="--processes")
+    cfg = load_config(config, overrides or [])
+    report = run_cache(cfg, data, tuple(s.strip() for s in splits.split(",") if s.strip()), engine, processes,
+                       devices.split(",") if devices else None, progress)
+    console.print(describe(report))
+
+
 @app.command(context_settings={"allow_extra_args": True})
 def cv(
     data: Annotated[Path, typer.Option(help="Derm7pt folder (release_v0 or its parent).")],

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data.cache import ImageCache, default_cache_dir, make_cache
 from ..data.transforms import to_tensor, transforms_for
 from ..data.trunk_store import TrunkDataset, TrunkStore, view_seed
@@ -101,6 +101,7 @@ def _ort_runner(trunk: Trunk, sample: torch.Tensor):
     path = Path(folder) / "trunk.onnx"
     with warnings.catch_warnings():  # the exporter's notes on constant folding of the static padding
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(trunk, (sample[:2],), str(path), input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
                           dynamo=False)
@@ -255,3 +256,30 @@ def describe(report: dict | None) -> str:
             f"on {report['engine']}" + (f" (ms per view: {ms})" if ms else ""))
 
 
+
+
+def cache_trunk(cfg: RunConfig, data_dir, splits: tuple[str, ...] = ("train", "valid"), engine: str = "auto",
+                processes: int = 1, devices: list[str] | None = None, progress: bool = True) -> dict | None:
+    """`sevenpoint cache-trunk`: fill the entries a run of `cfg` on `data_dir` reads (its `splits`), ahead of
+    training, e.g. over several processes or on GPUs; None when every entry is already there."""
+    from ..data import load_dataset
+    from ..models import FusionModel
+
+    if not cfg.train.trunk_views:
+        raise ConfigError("train.trunk_views is 0: give the number of views to cache (e.g. train.trunk_views=16)")
+    data = load_dataset(data_dir, cfg.data.format, include_leaky_meta=cfg.data.include_leaky_meta)
+    unknown = [s for s in splits if s not in data.splits]
+    if unknown:
+        raise ValueError(f"{data.root}: no split {', '.join(unknown)} (have: {', '.join(data.splits)})")
+    model = FusionModel(cfg.model, cfg.data.image_size, cfg.meta_dim)
+    if cfg.model.derm_init:
+        from ..checkpoint import load_derm_backbone
+
+        load_derm_backbone(model, cfg.model.derm_init)
+    stores = stores_for(model, cfg)
+    sets = trunk_datasets(stores, cfg, data, {s: cfg.model.clinic_only for s in splits})
+    todo = missing(stores, [item for ds in sets.values() for item in ds.needed()], cfg.train.trunk_views)
+    if not todo:
+        return None
+    return fill(todo, cfg, cfg.train.trunk_views, engine=engine, processes=processes, devices=devices,
+                progress=progress)
