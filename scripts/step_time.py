@@ -8,6 +8,7 @@ one step of each candidate and sums self CPU time by op class (depthwise / point
 convolution forward and backward, BatchNorm, activations, optimiser, the rest).
 
     .venv/bin/python scripts/step_time.py full= freeze3=model.freeze_blocks=3 --profile
+    .venv/bin/python scripts/step_time.py full= f11=model.freeze_blocks=11 c11=model.freeze_blocks=11,train.trunk_views=1
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/step_time.py full=   # emulated AVX2
 """
 
@@ -95,6 +96,8 @@ def profile_classes(step) -> dict[str, float]:
 def build(config: str, overrides: list[str]):
     cfg = load_config(config, overrides)
     model = FusionModel(cfg.model, cfg.data.image_size).to(memory_format=torch.channels_last).train()
+    if cfg.train.trunk_views:  # the frozen part read from a trunk-feature cache: the step starts after it
+        model.read_trunk(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.train.lr, weight_decay=cfg.train.weight_decay)
     return cfg, model, opt
@@ -119,7 +122,7 @@ def main() -> None:
 
     def make_step(cfg, model, opt):
         size = cfg.data.image_size
-        derm, clinic = (torch.randn(n, 3, size, size).to(memory_format=torch.channels_last) for _ in range(2))
+        derm, clinic = (x.to(memory_format=torch.channels_last) for x in model.example_inputs(n, size))
 
         def step():
             loss, _ = multitask_loss(model(derm, clinic, torch.zeros(n, 14)), labels)
