@@ -171,3 +171,12 @@ def test_training_on_the_trunk_cache_writes_an_ordinary_checkpoint(synth_root, t
                     stack["has_meta"])
     for t in range(8):
         np.testing.assert_allclose(cut.probs[t].numpy(), pred.probs[t], atol=5e-3)
+
+
+def test_screen_config_is_a_v5_member_on_the_cut_11_cache():
+    member = load_config("cpu-recipe-v5", ["train.ensemble=1", "train.calibrate=false"])
+    screen = load_config("screen")
+    assert (screen.model.freeze_blocks, screen.train.trunk_views) == (11, 16)
+    plain = dataclasses.replace(screen, model=dataclasses.replace(screen.model, freeze_blocks=0),
+                                train=dataclasses.replace(screen.train, trunk_views=0))
+    assert plain == member  # everything else is the v5 member that §2's figures were measured with
