@@ -101,6 +101,16 @@ def test_all_rows_predicted_exits_zero(tiny_run, synth_root, tmp_path, monkeypat
     assert [json.loads(x)["case_id"] for x in lines] == ["c0000", "c0001", "c0002", "c0003"]
 
 
+@pytest.mark.parametrize("option", [["--set", "BWV=ABS"], ["--level", "0.8"], ["--report", "r.html"],
+                                    ["--heatmaps", "maps"], ["--sex", "female"]])
+def test_batch_refuses_single_case_options_by_name(tiny_run, synth_root, tmp_path, monkeypatch, capsys, option):
+    cases = archive(synth_root, tmp_path, rows=2)
+    code, stderr = cli(monkeypatch, capsys, "predict", "--checkpoint", ckpt(tiny_run), "--batch", cases,
+                       "--out", tmp_path / "r.csv", *option)
+    assert code == 2 and f"{option[0]}: not supported with --batch" in stderr
+    assert not (tmp_path / "r.csv").exists()  # refused before anything was predicted
+
+
 def test_kill_minus_9_then_rerun_continues_without_repeating_a_row(tiny_run, synth_root, tmp_path, monkeypatch):
     cases = archive(synth_root, tmp_path, rows=400, bad_every=50)
     out = tmp_path / "r.csv"

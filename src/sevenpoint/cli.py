@@ -373,7 +373,8 @@ def predict(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Correct a criterion with the clinician's value, e.g. --set BWV=ABS (repeatable): the 7-point "
                       "score, the rule and the stacked diagnosis follow it.")] = None,
-    level: Annotated[float, typer.Option(help="Conformal level of the per-task prediction sets.")] = 0.9,
+    level: Annotated[Optional[float], typer.Option(
+        help="Conformal level of the per-task prediction sets [default: 0.9].")] = None,
     report: Annotated[Optional[Path], typer.Option(
         help="Write a one-page case report (self-contained HTML; print it to PDF from the browser).")] = None,
     figures: Annotated[Optional[Path], typer.Option(
@@ -384,6 +385,13 @@ def predict(
 
     outs = out or []
     if batch is not None:
+        ignored = [name for name, value in (("--set", set_), ("--level", level), ("--report", report),
+                                            ("--heatmaps", heatmaps), ("--figures", figures), ("--derm", derm),
+                                            ("--clinic", clinic), ("--sex", sex), ("--location", location),
+                                            ("--elevation", elevation)) if value is not None]
+        if ignored:  # refused rather than silently dropped (batch rows carry their own images and metadata)
+            raise typer.BadParameter(f"{', '.join(ignored)}: not supported with --batch (it predicts each row as it "
+                                     "is, at the default 90 % level, without reports or overlays)", param_hint="--batch")
         _predict_batch(checkpoint, batch, outs, precision=precision, backend=backend, tta=tta, devices=devices,
                        accelerator=accelerator, batch_size=batch_size, restart=restart, progress=progress)
         return
@@ -396,6 +404,7 @@ def predict(
         if not sep or not name.strip() or not value.strip():
             raise typer.BadParameter(f"--set {item!r}: expected CRITERION=VALUE, e.g. BWV=ABS")
         corrections[name.strip()] = value.strip()
+    level = 0.9 if level is None else level
     _check_level(level)
     predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
     predictor.set_level = level
