@@ -267,3 +267,17 @@ def test_each_branch_alone_is_reported_and_averages_to_the_fused_result(tiny_run
     metrics = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", split="valid", progress=False)
     assert metrics["branches"]["derm"]["average_accuracy"] == pytest.approx(acc["derm"]["average_accuracy"], abs=1e-6)
     assert "## Each branch alone" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_training_output_has_no_adverts(synth_root, tmp_path, caplog):
+    import logging
+
+    from sevenpoint.config import load_config
+    from sevenpoint.engine.train import train
+
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1"], seed=0)
+    with caplog.at_level(logging.INFO):
+        train(cfg, synth_root.parent, tmp_path / "run", progress=False)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "max_epochs=1" in said  # Lightning's own lines still come through
+    assert "litlogger" not in said and "Tip" not in said

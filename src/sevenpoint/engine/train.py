@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shutil
@@ -48,6 +49,18 @@ TRAIN_SPLITS = ("train", "valid")  # the trainer never sees "test"
 
 class RunDirError(ValueError):
     pass
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "Tip: try installing ..." advertisement from the console; its other lines stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+# lightning 2.6.6's own pytree helper calls torch's deprecated LeafSpec check on every batch (not our code)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
