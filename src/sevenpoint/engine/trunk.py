@@ -190,10 +190,10 @@ def fill(items: list[tuple[TrunkStore, Trunk, Path, int | None]], cfg: RunConfig
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        queue = ctx.Manager().Queue()
         threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
                       // processes)
-        with ctx.Pool(processes) as pool:
+        with ctx.Manager() as manager, ctx.Pool(processes) as pool:
+            queue = manager.Queue()  # the workers' progress, for the one bar here
             jobs = [pool.apply_async(_worker, (items[k::processes], cfg, views, engine, batch,
                                                devices[k % len(devices)], threads, queue)) for k in range(processes)]
             done = 0
