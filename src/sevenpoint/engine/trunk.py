@@ -83,9 +83,11 @@ def stores_for(model: nn.Module, cfg: RunConfig) -> dict[str, tuple[TrunkStore, 
     return out
 
 
-def image_views(images: ImageCache, cfg: RunConfig, path: Path, crop: int | None, views: int) -> torch.Tensor:
-    """(1 + views, 3, S, S): the un-augmented image, then views 1..V of the training augmentation."""
-    train_tf, eval_tf = transforms_for(cfg.data)
+def image_views(images: ImageCache, cfg: RunConfig, path: Path, crop: int | None, views: int,
+                transforms=None) -> torch.Tensor:
+    """(1 + views, 3, S, S): the un-augmented image, then views 1..V of the training augmentation
+    (`transforms`: `transforms_for(cfg.data)`, built once by a caller that makes many)."""
+    train_tf, eval_tf = transforms or transforms_for(cfg.data)
     img = images.load(path, crop)
     out = [to_tensor(eval_tf(image=img)["image"])]
     for v in range(1, views + 1):
@@ -97,15 +99,15 @@ def image_views(images: ImageCache, cfg: RunConfig, path: Path, crop: int | None
 def _ort_runner(trunk: Trunk, sample: torch.Tensor):
     from ..export import ort_session
 
-    folder = tempfile.mkdtemp(prefix="sevenpoint-trunk-")
-    path = Path(folder) / "trunk.onnx"
-    with warnings.catch_warnings():  # the exporter's notes on constant folding of the static padding
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(trunk, (sample[:2],), str(path), input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    session = ort_session(path)
+    with tempfile.TemporaryDirectory(prefix="sevenpoint-trunk-") as folder:  # the session keeps the graph in memory
+        path = Path(folder) / "trunk.onnx"
+        with warnings.catch_warnings():  # the exporter's notes on constant folding of the static padding
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(trunk, (sample[:2],), str(path), input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+        session = ort_session(path)
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
@@ -151,8 +153,9 @@ def _fill_items(items: list[tuple[TrunkStore, Trunk, Path, int | None]], cfg: Ru
     """Compute and write the entries `items` name (one process); returns the engine report."""
     report: dict = {}
     runners: dict[int, object] = {}  # per trunk (id), chosen on its first images
+    transforms = transforms_for(cfg.data)
     for store, trunk, path, crop in items:
-        x = image_views(store.images, cfg, path, crop, views)
+        x = image_views(store.images, cfg, path, crop, views, transforms)
         if device != "cpu":
             trunk = trunk.to(device)
             x = x.to(device)
@@ -256,8 +259,6 @@ def describe(report: dict | None) -> str:
             f"on {report['engine']}" + (f" (ms per view: {ms})" if ms else ""))
 
 
-
-
 def cache_trunk(cfg: RunConfig, data_dir, splits: tuple[str, ...] = ("train", "valid"), engine: str = "auto",
                 processes: int = 1, devices: list[str] | None = None, progress: bool = True) -> dict | None:
     """`sevenpoint cache-trunk`: fill the entries a run of `cfg` on `data_dir` reads (its `splits`), ahead of
@@ -278,8 +279,5 @@ def cache_trunk(cfg: RunConfig, data_dir, splits: tuple[str, ...] = ("train", "v
         load_derm_backbone(model, cfg.model.derm_init)
     stores = stores_for(model, cfg)
     sets = trunk_datasets(stores, cfg, data, {s: cfg.model.clinic_only for s in splits})
-    todo = missing(stores, [item for ds in sets.values() for item in ds.needed()], cfg.train.trunk_views)
-    if not todo:
-        return None
-    return fill(todo, cfg, cfg.train.trunk_views, engine=engine, processes=processes, devices=devices,
-                progress=progress)
+    return prepare_trunk(stores, cfg, list(sets.values()), progress, engine=engine, processes=processes,
+                         devices=devices)
