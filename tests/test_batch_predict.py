@@ -4,6 +4,7 @@ Lightning's Trainer.predict, folder input, CSV encodings, fuzzed CSV bytes."""
 import codecs
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -92,9 +93,12 @@ def test_bad_row_costs_only_itself_and_outputs_open_in_pandas(tiny_run, synth_ro
 
 def test_all_rows_predicted_exits_zero(tiny_run, synth_root, tmp_path, monkeypatch, capsys):
     cases = archive(synth_root, tmp_path, rows=4)
+    lightning_level = logging.getLogger("lightning.pytorch").level
     code, stderr = cli(monkeypatch, capsys, "predict", "--checkpoint", ckpt(tiny_run), "--batch", cases,
                        "--out", tmp_path / "r.jsonl")
     assert code == 0, stderr
+    # Lightning's INFO lines are muted while scoring, not for the rest of the process (a later train's are ours)
+    assert logging.getLogger("lightning.pytorch").level == lightning_level
     assert "4 rows: 4 predicted, 0 failed" in stderr
     assert "row/s" in stderr and "4/4" in stderr  # the progress bar, on by default
     lines = (tmp_path / "r.jsonl").read_text().splitlines()

@@ -465,6 +465,23 @@ def run_batch(checkpoint: str | os.PathLike, source: str | os.PathLike, outs: Se
                              batch_size, progress)
 
 
+@contextmanager
+def _lightning_quiet() -> Iterator[None]:
+    """Lightning's INFO lines ("GPU available: False", tips) are not ours to print while scoring a batch.
+
+    The levels are put back afterwards: muting them for the whole process would also silence the lines a
+    later `train` in the same process prints."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
+
+
 def _predict_into(journal: Journal, cases: CaseSource, outs: list[Path], settings: dict, devices: int,
                   accelerator: str, batch_size: int, progress: bool) -> BatchSummary:
     done = journal.done(cases.count)
@@ -473,13 +490,11 @@ def _predict_into(journal: Journal, cases: CaseSource, outs: list[Path], setting
         loader = torch.utils.data.DataLoader(_Remaining(cases, done), batch_size=batch_size,
                                              collate_fn=list, num_workers=0)
         strategy = "ddp_spawn" if devices > 1 else "auto"
-        for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False" and tips: not ours to print
-            logging.getLogger(name).setLevel(logging.WARNING)
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            use_distributed_sampler=False, inference_mode=True)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _lightning_quiet():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch 2.13 vs lightning 2.6, harmless
+            trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                use_distributed_sampler=False, inference_mode=True)
             trainer.predict(ArchiveModule(settings, journal, cases.count - resumed, progress), loader,
                             return_predictions=False)
     ok, failed = write_outputs(journal, outs)
