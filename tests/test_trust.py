@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from sevenpoint.artifacts import Artifacts, CorrectionError, apply_corrections, parse_corrections
+from sevenpoint.artifacts import Artifacts, CorrectionError, apply_corrections, parse_corrections, postprocess
 from sevenpoint.checkpoint import load_model, read_checkpoint
 from sevenpoint.config import ConfigError, load_config
 from sevenpoint.data import Derm7pt
-from sevenpoint.engine.held_out import conformal_scores, fit_stacker
+from sevenpoint.engine.held_out import conformal_scores, fit_stacker, mixed_criteria
 from sevenpoint.engine.trust import _rank_auc, bootstrap_intervals, least_sure_corrections
 from sevenpoint.predict import Predictor, PredictError
 from sevenpoint.schema import CRITERIA, DIAG_INDEX, TASK_NAMES, TASKS, seven_point_score
@@ -89,6 +89,105 @@ def test_class_conditional_sets_cover_each_class_and_match_the_conformal_rule():
         art.prediction_sets(test, 1.5)
 
 
+def _one_task(task_name, cal_p, cal_y):
+    t = TASK_NAMES.index(task_name)
+    probs = [np.full((len(cal_y), k.num_classes), 1 / k.num_classes) for k in TASKS]
+    probs[t] = cal_p
+    targets = np.zeros((len(cal_y), len(TASKS)), dtype=np.int64)
+    targets[:, t] = cal_y
+    return t, probs, targets
+
+
+def test_a_rare_class_is_not_in_every_set_and_no_set_is_empty():
+    """DIAG with 7 BCC calibration cases (like Derm7pt's validation split): one Mondrian bin per class puts
+    BCC in every 90 % set (its smallest p-value is 1/8); pooled / marginal scoring must not."""
+    rng = np.random.default_rng(3)
+    counts = {0: 7, 1: 120, 2: 50, 3: 30, 4: 10}  # BCC, NEV, MEL, MISC, SK
+    y = np.concatenate([np.full(n, c) for c, n in counts.items()])
+    conf = rng.beta(6, 2, len(y))
+    p = np.full((len(y), 5), 0.0)
+    p[np.arange(len(y)), y] = conf
+    p += (1 - conf)[:, None] / 5 * (np.arange(5)[None] != y[:, None])
+    p /= p.sum(1, keepdims=True)
+    t, probs, targets = _one_task("DIAG", p, y)
+    art = Artifacts(conformal=conformal_scores(probs, targets))
+    assert art.set_bins(t, 0.9) == {0: "marginal", 1: "own", 2: "own", 3: "own", 4: "own"}
+    assert art.set_bins(t, 0.8)[0] == "own"  # 7 cases can leave BCC out at 80 % (n >= 4)
+    sure = np.full((50, 5), 0.01)
+    sure[:, 1] = 0.96  # confident NEV answers
+    test = [np.full((50, k.num_classes), 1 / k.num_classes) for k in TASKS]
+    test[t] = sure
+    sets = art.prediction_sets(test, 0.9)
+    assert not sets[t][:, 0].any() and (sets[t].sum(1) == 1).all()  # a sure case gets one diagnosis
+    weird = [q.copy() for q in test]
+    weird[t] = np.full((50, 5), 0.2)  # each class as unusual as nothing in calibration: all p-values tiny
+    weird[t][:, 3] = 0.2001
+    shown = art.prediction_sets(weird, 0.5)[t]
+    assert (shown.sum(1) >= 1).all()  # never empty ...
+    assert shown[:, 3].all()  # ... the most probable class stands in
+
+
+def test_a_correction_equal_to_the_models_answer_changes_nothing():
+    rng = np.random.default_rng(1)
+    probs, targets = _criteria_world(300, rng)
+    stacker, _ = fit_stacker(probs, targets)
+    stacker["default"] = False  # the image model shows the diagnosis unless a correction moves it
+    art = Artifacts(stacker=stacker, conformal=conformal_scores(probs, targets))
+    one = [p[:4] for p in probs]
+    own = [{name: int(one[TASK_NAMES.index(name)][i].argmax()) for name in ("BWV", "PN")} for i in range(4)]
+    plain, confirmed = postprocess(one, art), postprocess(one, art, corrections=own)
+    assert confirmed.corrections == [{}] * 4 and not confirmed.stacked.any()
+    for a, b in zip(plain.probs + plain.sets, confirmed.probs + confirmed.sets):
+        np.testing.assert_array_equal(a, b)
+    flip = [{"BWV": 1 - own[i]["BWV"]} for i in range(4)]
+    moved = postprocess(one, art, corrections=flip)
+    assert moved.stacked.all() and all(m == f for m, f in zip(moved.corrections, flip))
+
+
+def test_a_corrected_cases_diagnosis_set_uses_the_stacked_models_scores():
+    rng = np.random.default_rng(1)
+    probs, targets = _criteria_world(300, rng)
+    stacker, stacked_cv = fit_stacker(probs, targets)
+    stacker["default"] = False
+    art = Artifacts(stacker=stacker, conformal=conformal_scores(
+        probs, targets, {"image model": probs[DIAG_INDEX], "stacked": stacked_cv}))
+    one = [p[:30] for p in probs]
+    flip = [{"BWV": 1 - int(one[TASK_NAMES.index("BWV")][i].argmax())} for i in range(30)]
+    moved = postprocess(one, art, corrections=flip, level=0.8)
+    alt = list(probs)
+    alt[DIAG_INDEX] = stacked_cv
+    stacked_only = Artifacts(conformal=conformal_scores(alt, targets))
+    expect = stacked_only.prediction_sets(moved.probs, 0.8)[DIAG_INDEX]
+    np.testing.assert_array_equal(moved.sets[DIAG_INDEX], expect)
+    image_scored = Artifacts(conformal=conformal_scores(probs, targets)).prediction_sets(moved.probs, 0.8)[DIAG_INDEX]
+    assert (image_scored != expect).any()  # the two score sets differ here: the check can tell them apart
+
+
+def test_doubt_without_sets_marks_a_low_top_probability():
+    low = [np.full((2, k.num_classes), 1 / k.num_classes) for k in TASKS]
+    low[DIAG_INDEX] = np.array([[0.22, 0.2, 0.2, 0.18, 0.2], [0.02, 0.9, 0.04, 0.02, 0.02]])
+    done = postprocess(low, Artifacts())
+    assert done.sets is None and done.uncertain.tolist() == [True, False]
+    assert "22%" in done.why[0] and "no prediction sets" in done.why[0] and done.why[1] is None
+
+
+def test_the_stacker_sees_true_criteria_mixed_with_predicted_ones():
+    rng = np.random.default_rng(2)
+    probs, targets = _criteria_world(100, rng)
+    targets[:10, TASK_NAMES.index("PN")] = -1  # unlabelled: never replaced
+    mixed, rows = mixed_criteria(probs, targets, 4, seed=0)
+    assert len(rows) == 500 and (rows[:100] == np.arange(100)).all()
+    for t in (TASK_NAMES.index(n) for n in CRITERIA):
+        np.testing.assert_array_equal(mixed[t][:100], probs[t])  # the originals as predicted
+        one_hot = (mixed[t][100:] == 1.0).any(axis=1)
+        assert 0.35 < one_hot.mean() < 0.65  # about half of the copies' values are the truth
+        truth = targets[rows[100:], t]
+        assert (mixed[t][100:][one_hot].argmax(1) == truth[one_hot]).all()
+        if n_unlabelled := (truth < 0).sum():
+            assert not one_hot[truth < 0].any(), n_unlabelled
+    np.testing.assert_array_equal(mixed[DIAG_INDEX][100:], probs[DIAG_INDEX][rows[100:]])
+
+
 def _criteria_world(n, rng):
     """Diagnosis decided by two criteria; the image model's diagnosis probabilities are noise."""
     probs = [rng.dirichlet(np.ones(t.num_classes), n) for t in TASKS]
@@ -153,7 +252,9 @@ def test_a_checkpoint_without_artefacts_still_predicts_and_says_what_it_lacks(ti
     predictor = Predictor.from_checkpoint(tiny_run["best_checkpoint"])
     case = Derm7pt.load(synth_root).split_cases("test")[0]
     result = predictor.predict(derm=case.derm, corrections={"BWV": "PRS"})
-    assert result.sets is None and result.uncertain is None and result.diagnosis_source == "image model"
+    assert result.sets is None and result.diagnosis_source == "image model"
+    top = max(result.tasks["DIAG"].probabilities.values())  # without sets, doubt is a low top probability
+    assert result.uncertain == (top < 0.5) and (result.uncertain_why is not None) == result.uncertain
     assert result.tasks["BWV"].predicted == "PRS"  # the score and rule still follow the correction
     assert any("prediction sets" in x for x in predictor.info["lacks"])
     m = evaluate(tiny_run["best_checkpoint"], synth_root, tmp_path / "e", progress=False, bootstrap=50)

@@ -12,13 +12,26 @@ The applying side is numpy (and crepes for the p-values): no training stack at i
 
 - **Prediction sets** (split conformal, Mondrian by true class — Vovk et al. 2005; crepes'
   `ConformalClassifier`): non-conformity = 1 - p(true class) on out-of-fold (or held-out
-  validation) cases; class c enters a case's set when its p-value exceeds 1 - level, so each
-  true class is covered at >= `level` of its cases (exchangeability assumed). A class with fewer
-  than 1 / (1 - level) - 1 calibration cases is always in the set: that is the honest answer.
+  validation) cases; class c enters a case's set when its p-value exceeds 1 - level. A class whose
+  bin holds enough calibration cases to be left out at `level` (n >= level / (1 - level): 9 at 90 %)
+  keeps its own bin, and that class is covered at >= `level` of its cases. Classes below that count are
+  pooled into one bin (clustered conformal, Ding et al. 2023: covered at >= `level` on average over
+  the pooled classes), and when the pool is still too small they are scored against every class's
+  calibration cases (marginal coverage only). So no class is in every set merely because its bin is
+  small. An empty set (every class scores as unusual as fewer than 1 - level of the calibration
+  cases) is never shown: it becomes the most probable class alone, which only adds coverage.
+  The guarantee assumes the calibration scores and the shown probabilities are exchangeable; for a
+  cross-fitted ensemble they are not exactly (single members' out-of-fold scores against the
+  members' average), so there the stated level is an approximation measured in RESULTS.
 - **Stacked diagnosis**: multinomial logistic regression on the 7 criteria's probabilities and the
   image model's own diagnosis probabilities, fitted out of fold. A clinician's correction of a
   criterion replaces that criterion's probabilities by its one-hot value, and the stacked model
-  re-derives the diagnosis from the corrected criteria and the image.
+  re-derives the diagnosis from the corrected criteria and the image. A correction equal to the
+  model's own answer for that criterion changes nothing. After a correction the diagnosis set is
+  scored against the stacked model's own calibration scores.
+- **Doubt**: `postprocess` marks a case uncertain when its diagnosis set holds more than one class,
+  or — for a model without sets — when the most probable diagnosis has probability below
+  `DOUBT_BELOW` (50 %); `why` says which rule fired.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import numpy as np
 from .schema import DIAG_INDEX, TASK_BY_NAME, TASK_NAMES, TASKS
 
 DEFAULT_LEVEL = 0.9
+DOUBT_BELOW = 0.5  # a model without sets calls a diagnosis below this probability uncertain
 CRITERIA_INDEX = tuple(t for t, task in enumerate(TASKS) if task.is_criterion)
 
 
@@ -115,17 +129,52 @@ class Artifacts:
         return out
 
     # --- prediction sets -------------------------------------------------------------------------
-    def _classifier(self, t: int):
-        if t not in self._sets:
+    def _calibration(self, t: int, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, true classes) of task t's calibration cases; for the diagnosis, `source` picks the model
+        ("image model" or "stacked") when the checkpoint stores both (older ones store the default's only)."""
+        part = self.conformal["tasks"][TASKS[t].name]
+        if source is not None and source in (self.conformal.get("diagnosis") or {}):
+            part = self.conformal["diagnosis"][source]
+        return np.asarray(part["scores"], dtype=np.float64), np.asarray(part["labels"], dtype=np.int64)
+
+    def set_bins(self, t: int, level: float, source: str | None = None) -> dict[int, str]:
+        """Per class of task t, how its p-values are computed at `level`: "own" (its own bin), "pooled" (with
+        the other classes too rare for a bin of their own) or "marginal" (against every calibration case)."""
+        _, labels = self._calibration(t, source)
+        need = _bin_minimum(level)
+        counts = np.bincount(labels, minlength=TASKS[t].num_classes)
+        rare = [c for c in range(TASKS[t].num_classes) if counts[c] < need]
+        pooled = "pooled" if rare and counts[rare].sum() >= need else "marginal"
+        return {c: pooled if c in rare else "own" for c in range(TASKS[t].num_classes)}
+
+    def _p_values(self, t: int, alphas: np.ndarray, level: float, source: str | None = None) -> np.ndarray:
+        """(N, C) conformal p-values of every class of task t for the cases' non-conformity scores `alphas`."""
+        key = (t, level, source)
+        if key not in self._sets:
             from crepes import ConformalClassifier
 
-            part = self.conformal["tasks"][TASKS[t].name]
-            self._sets[t] = ConformalClassifier().fit(np.asarray(part["scores"], dtype=np.float64),
-                                                      bins=np.asarray(part["labels"], dtype=np.int64))
-        return self._sets[t]
+            scores, labels = self._calibration(t, source)
+            bins = self.set_bins(t, level, source)
+            pool = -1  # the bin id of the pooled rare classes
+            bin_of = {c: (c if how == "own" else pool) for c, how in bins.items()}
+            binned = ConformalClassifier().fit(scores, bins=np.array([bin_of[int(y)] for y in labels]))
+            marginal = ConformalClassifier().fit(scores)
+            self._sets[key] = (bins, bin_of, binned, marginal)
+        bins, bin_of, binned, marginal = self._sets[key]
+        cols = []
+        for c in range(TASKS[t].num_classes):
+            a = alphas[:, c:c + 1]
+            if bins[c] == "marginal":
+                cols.append(marginal.predict_p(a, smoothing=False)[:, 0])
+            else:
+                cols.append(binned.predict_p(a, bins=np.full(len(a), bin_of[c]), smoothing=False)[:, 0])
+        return np.stack(cols, axis=1)
 
-    def prediction_sets(self, probs: list[np.ndarray], level: float = DEFAULT_LEVEL) -> list[np.ndarray] | None:
-        """Per task, an (N, C) boolean mask of the classes in each case's set at `level`; None without sets."""
+    def prediction_sets(self, probs: list[np.ndarray], level: float = DEFAULT_LEVEL,
+                        stacked: np.ndarray | None = None) -> list[np.ndarray] | None:
+        """Per task, an (N, C) boolean mask of the classes in each case's set at `level`; None without sets.
+        `stacked`: (N,) True where the diagnosis came from the stacked model (its own scores are used there
+        when the checkpoint stores them). Never empty: an empty set becomes the most probable class."""
         if self.conformal is None:
             return None
         if not 0.0 < level < 1.0:
@@ -133,10 +182,14 @@ class Artifacts:
         out = []
         for t, task in enumerate(TASKS):
             alphas = 1.0 - np.asarray(probs[t], dtype=np.float64)  # (N, C): the score each class would have
-            cc = self._classifier(t)
-            p = np.stack([cc.predict_p(alphas, bins=np.full(len(alphas), c), smoothing=False)[:, c]
-                          for c in range(task.num_classes)], axis=1)
-            out.append(p > 1.0 - level)
+            inside = self._p_values(t, alphas, level) > 1.0 - level
+            if t == DIAG_INDEX and stacked is not None and stacked.any() and self.conformal.get("diagnosis"):
+                for i, source in ((~stacked, "image model"), (stacked, "stacked")):
+                    if i.any():
+                        inside[i] = self._p_values(t, alphas[i], level, source) > 1.0 - level
+            empty = ~inside.any(axis=1)
+            inside[empty, np.asarray(probs[t])[empty].argmax(axis=1)] = True
+            out.append(inside)
         return out
 
     # --- stacked diagnosis -----------------------------------------------------------------------
@@ -162,3 +215,57 @@ class Artifacts:
         if not use.any():
             return probs[DIAG_INDEX], use
         return np.where(use[:, None], stacked, probs[DIAG_INDEX]), use
+
+
+def _bin_minimum(level: float) -> int:
+    """The fewest calibration cases with which a bin can leave its class out of a set at `level`
+    (p-values are at least 1 / (n + 1); the set keeps p > 1 - level)."""
+    return int(np.ceil(level / (1.0 - level) - 1e-9))
+
+
+@dataclass
+class Processed:
+    """What `postprocess` makes of a batch of model probabilities (per task (N, C) arrays)."""
+
+    probs: list[np.ndarray]           # shown: temperatures, corrections and the chosen diagnosis applied
+    corrections: list[dict[str, int]]  # per case, the corrections that changed something
+    stacked: np.ndarray                # (N,) True where the diagnosis came from the stacked model
+    sets: list[np.ndarray] | None      # per task (N, C) masks at `level`, or None without sets
+    uncertain: np.ndarray              # (N,) bool
+    why: list[str | None]              # per case, the rule that made it uncertain (None when it is not)
+
+
+def postprocess(probs: list[np.ndarray], art: Artifacts, temperature=None,
+                corrections: list[Mapping[str, int]] | None = None, level: float = DEFAULT_LEVEL) -> Processed:
+    """The one path from a model's probabilities to what a user sees (predict, batch, serve, evaluate):
+    temperatures, then the clinician's corrections (those equal to the model's own answer dropped: they
+    change nothing), then the diagnosis (the stacked model's where a case was corrected or where it is the
+    default), then the prediction sets (a corrected criterion's set is the clinician's value), then doubt."""
+    from .temperature import apply_temperatures
+
+    probs = apply_temperatures(probs, temperature)
+    n = len(probs[0])
+    given = list(corrections) if corrections is not None else [{} for _ in range(n)]
+    fixes = [{name: cls for name, cls in fix.items() if int(probs[TASK_NAMES.index(name)][i].argmax()) != cls}
+             for i, fix in enumerate(given)]
+    probs = apply_corrections(probs, fixes)
+    probs[DIAG_INDEX], stacked = art.diagnosis_probs(probs, np.array([bool(f) for f in fixes], dtype=bool))
+    sets = art.prediction_sets(probs, level, stacked)
+    if sets is not None:
+        for i, fix in enumerate(fixes):
+            for name, cls in fix.items():
+                t = TASK_NAMES.index(name)
+                sets[t][i] = np.arange(TASKS[t].num_classes) == cls
+    diag = TASKS[DIAG_INDEX]
+    why: list[str | None] = []
+    for i in range(n):
+        if sets is not None:
+            inside = [diag.classes[c] for c in np.flatnonzero(sets[DIAG_INDEX][i])]
+            why.append(None if len(inside) == 1 else
+                       f"its {level:.0%} prediction set holds {len(inside)} diagnoses ({' or '.join(inside)})")
+        else:
+            top = float(probs[DIAG_INDEX][i].max())
+            why.append(None if top >= DOUBT_BELOW else
+                       f"the most probable diagnosis has {top:.0%} (< {DOUBT_BELOW:.0%}; this model carries no "
+                       "prediction sets)")
+    return Processed(probs, fixes, stacked, sets, np.array([w is not None for w in why], dtype=bool), why)

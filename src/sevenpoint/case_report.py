@@ -3,8 +3,8 @@
 A self-contained HTML file (images embedded as data URLs, no script, no external resource), laid out
 for A4 so the browser's Print -> Save as PDF gives the PDF: the inputs, each criterion with its
 probability and prediction set (the clinician's corrections marked), the 7-point score and rule, the
-diagnosis and how sure the model is (an "uncertain" banner when the diagnosis set holds more than one
-class), the attention overlays, the out-of-distribution warning, the model (name, members, commit,
+diagnosis and how sure the model is (an "uncertain" banner with its reason: a diagnosis set of more than one
+class, or below 50 % for a model without sets), the attention overlays, the out-of-distribution warning, the model (name, members, commit,
 recipe command, what it was fitted on, its measured test figures when given) and the caveat.
 """
 
@@ -111,12 +111,14 @@ def render_report(result: Prediction, images: Mapping[str, object], meta: Mappin
                     f"<td>{_e(plausible)}</td><td>{who}</td></tr>")
     level = f"{result.set_level:.0%}" if result.set_level else ""
     if result.uncertain:
-        verdict = (f"<p class='uncertain' id='verdict'>Uncertain: the model cannot tell apart "
-                   f"{_e(' or '.join(result.sets['DIAG']))} at the {level} level. Most probable: "
-                   f"{_e(result.diagnosis)} ({_e(result.diagnosis_name)}).</p>")
-    elif result.uncertain is None:
-        verdict = (f"<p class='confident' id='verdict'>Diagnosis: {_e(result.diagnosis)} ({_e(result.diagnosis_name)}) "
-                   "<span class='muted'>(this model carries no prediction sets: how sure it is cannot be stated)</span></p>")
+        verdict = (f"<p class='uncertain' id='verdict'>Uncertain: {_e(result.uncertain_why)}. Most probable: "
+                   f"{_e(result.diagnosis)} ({_e(result.diagnosis_name)}, "
+                   f"{100 * result.tasks['DIAG'].probabilities[result.diagnosis]:.0f} %).</p>")
+    elif result.sets is None:
+        verdict = (f"<p class='confident' id='verdict'>Diagnosis: {_e(result.diagnosis)} ({_e(result.diagnosis_name)}, "
+                   f"{100 * result.tasks['DIAG'].probabilities[result.diagnosis]:.0f} %) "
+                   "<span class='muted'>(this model carries no prediction sets; an answer below 50 % would be marked "
+                   "uncertain)</span></p>")
     else:
         verdict = (f"<p class='confident' id='verdict'>Diagnosis: {_e(result.diagnosis)} ({_e(result.diagnosis_name)}); "
                    f"the only diagnosis in its {level} prediction set.</p>")

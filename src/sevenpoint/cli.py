@@ -615,8 +615,7 @@ def _print_prediction(result) -> None:
                       plausible)
     console.print(table)
     if result.uncertain:
-        console.print(f"UNCERTAIN: the diagnosis set holds {len(result.sets['DIAG'])} diagnoses "
-                      f"({', '.join(result.sets['DIAG'])}); the model cannot tell them apart at this level")
+        console.print(f"UNCERTAIN: {result.uncertain_why}")
     console.print(f"diagnosis: {result.diagnosis} ({result.diagnosis_name}, {result.diagnosis_source}); "
                   f"7-point score {result.seven_point_score}"
                   f" -> {'SUSPECT MELANOMA' if result.melanoma_flag else 'below'} (threshold {MELANOMA_THRESHOLD}); "

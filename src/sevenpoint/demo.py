@@ -42,8 +42,8 @@ def run_demo(out: str | Path, cases: int = 400, epochs: int | None = None, progr
     (out / "predict").mkdir(parents=True, exist_ok=True)
     (out / "predict" / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     written = save_heatmaps(result, {"derm": case.derm, "clinic": case.clinic}, out / "predict")
-    doubt = "" if result.sets is None else (f" (90 % set: {' or '.join(result.sets['DIAG'])}"
-                                            f"{', uncertain' if result.uncertain else ''})")
+    doubt = "" if result.sets is None else f" (90 % set: {' or '.join(result.sets['DIAG'])})"
+    doubt += f", uncertain: {result.uncertain_why}" if result.uncertain else ""
     console.print(f"[4/4] predicted case {case.case_id}: diagnosis {result.diagnosis}{doubt}, 7-point score "
                   f"{result.seven_point_score}, branches {', '.join(result.branches_used)}; "
                   f"{len(written)} attention images in {out / 'predict'}")

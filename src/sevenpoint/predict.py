@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .artifacts import DEFAULT_LEVEL, Artifacts, CorrectionError, apply_corrections, parse_corrections
+from .artifacts import DEFAULT_LEVEL, Artifacts, CorrectionError, parse_corrections, postprocess
 from .checkpoint import load_model
 from .config import TTA_MODES, config_from_dict
 from .data.images import ImageError, crop_and_resize, open_rgb
@@ -29,7 +29,6 @@ from .data.transforms import to_tensor, transforms_for, tta_views
 from .runtime import PATHS, ThreadGovernor, bf16_autocast, path_candidates, path_key, pick_path, use_bf16, use_channels_last
 from .models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
-from .temperature import apply_temperatures
 from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASK_NAMES, TASKS,
                      encode_meta, score_rule, seven_point_score)
 
@@ -70,12 +69,15 @@ class Prediction:
     ood_threshold: float | None = None
     ood_warning: bool = False
     # Per task, the classes of its conformal prediction set at `set_level` (None: the checkpoint has no
-    # sets); `uncertain`: the diagnosis set is not a single class (None without sets).
+    # sets). `uncertain`: the diagnosis set is not a single class, or, without sets, the most probable
+    # diagnosis is below 50 % (`sevenpoint.artifacts.postprocess`); `uncertain_why` says which, in words.
     sets: dict[str, list[str]] | None = None
     set_level: float | None = None
-    uncertain: bool | None = None
+    uncertain: bool = False
+    uncertain_why: str | None = None
     # The clinician's values for criteria ({task: class}); the score, the rule and (with a stacked model)
-    # the diagnosis follow them. `diagnosis_source`: "image model" or "stacked" (criteria + image).
+    # the diagnosis follow them (a value equal to the model's own answer changes nothing).
+    # `diagnosis_source`: "image model" or "stacked" (criteria + image).
     corrections: dict[str, str] = field(default_factory=dict)
     diagnosis_source: str = "image model"
 
@@ -370,16 +372,9 @@ class Predictor:
             probs = [a + b for a, b in zip(probs, self.backend(view_derm, view_clinic, meta, has)[0])]
         if self.governor is not None:
             self.governor.record(n, time.perf_counter() - start)
-        probs = apply_temperatures([p / len(views) for p in probs], self.cfg.infer.temperature)
-        fixes = [p.corrections for p in prepared]
-        probs = apply_corrections(probs, fixes)
-        probs[DIAG_INDEX], stacked = self.artifacts.diagnosis_probs(probs, np.array([bool(f) for f in fixes]))
-        sets = self.artifacts.prediction_sets(probs, self.set_level)
-        if sets is not None:  # a corrected criterion's set is the clinician's value
-            for i, fix in enumerate(fixes):
-                for name, cls in fix.items():
-                    t = TASK_NAMES.index(name)
-                    sets[t][i] = np.arange(TASKS[t].num_classes) == cls
+        done = postprocess([p / len(views) for p in probs], self.artifacts, self.cfg.infer.temperature,
+                           [p.corrections for p in prepared], self.set_level)
+        probs, sets, stacked = done.probs, done.sets, done.stacked
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)
         results = []
@@ -406,8 +401,8 @@ class Predictor:
                 sets=None if sets is None else {task.name: [c for c, inside in zip(task.classes, sets[t][i]) if inside]
                                                 for t, task in enumerate(TASKS)},
                 set_level=None if sets is None else self.set_level,
-                uncertain=None if sets is None else int(sets[DIAG_INDEX][i].sum()) != 1,
-                corrections={name: TASK_BY_NAME[name].classes[c] for name, c in fixes[i].items()},
+                uncertain=bool(done.uncertain[i]), uncertain_why=done.why[i],
+                corrections={name: TASK_BY_NAME[name].classes[c] for name, c in prepared[i].corrections.items()},
                 diagnosis_source="stacked" if stacked[i] else "image model",
             ))
         return results

@@ -20,7 +20,7 @@ from ..data import CaseDataset, CaseSet, DatasetError, load_dataset
 from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
-from ..artifacts import DEFAULT_LEVEL, Artifacts
+from ..artifacts import DEFAULT_LEVEL, Artifacts, postprocess
 from ..schema import DIAG_INDEX, TASKS
 from ..temperature import apply_temperatures
 from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
@@ -187,10 +187,11 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     pred = run(split)
     # the checkpoint's own temperatures (`sevenpoint calibrate`), unless --calibrate fits new ones below
     temperature = None if calibrate else cfg.infer.temperature
-    probs, targets, ids = apply_temperatures(pred.probs, temperature), pred.targets, pred.ids
+    targets, ids = pred.targets, pred.ids
     art = Artifacts.from_section(extra)
-    image_probs = list(probs)
-    probs[DIAG_INDEX], stacked = art.diagnosis_probs(probs, np.zeros(len(ids), dtype=bool))
+    image_probs = apply_temperatures(pred.probs, temperature)
+    shown = postprocess(pred.probs, art, temperature, level=level)  # what `predict` shows, case by case
+    probs, stacked = shown.probs, shown.stacked
     metrics = compute_metrics(probs, targets)
     metrics["diagnosis_source"] = "stacked" if stacked.any() else "image model"
     metrics["lacks"] = art.missing()
@@ -240,8 +241,10 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
         metrics["ece_uncalibrated"] = {"tasks": raw, "mean": float(np.mean(kept)) if kept else None}
     if bootstrap:
         metrics["intervals"] = bootstrap_intervals(probs, targets, bootstrap)
-    sets = art.prediction_sets(probs, level)
-    metrics["sets"] = None if sets is None else set_report(sets, targets, level)
+    if calibrate and shown.sets is not None:  # new temperatures: the sets follow the probabilities now shown
+        shown = postprocess(pred.probs, art, temps, level=level)
+    metrics["sets"] = None if shown.sets is None else set_report(shown.sets, targets, level)
+    metrics["uncertain_share"] = float(shown.uncertain.mean())
     by_id = {c.case_id: c for c in data.split_cases(split)}
     metrics["breakdown"] = breakdown(probs, targets, case_fields([by_id[i] for i in ids]))
     metrics["diagnosis_models"] = diagnosis_models(image_probs, targets, art)

@@ -4,10 +4,13 @@ ensemble (`train.cross_fit`). One call fits, in order:
 
 1. per-task temperatures (NLL on a grid, `metrics.fit_temperature`);
 2. the stacked diagnosis (logistic regression on the temperature-scaled criteria and diagnosis
-   probabilities), compared with the image model's own diagnosis by 5-fold cross-validation *within*
-   the held-out cases — the stacked model is the default diagnosis only if it is at least as accurate;
+   probabilities, with copies of the cases whose criteria are set at random to the truth, as a
+   correction sets them), compared with the image model's own diagnosis by 5-fold cross-validation
+   *within* the held-out cases — the stacked model is the default diagnosis only if it is at least as
+   accurate;
 3. the conformal scores of every task on the probabilities that will be shown (the stacked
-   model's cross-validated ones for the diagnosis when it is the default).
+   model's cross-validated ones for the diagnosis when it is the default), and both diagnosis models'
+   scores, so a corrected case's diagnosis set is scored against the model that gave it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import warnings
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedKFold
 
-from ..artifacts import Artifacts, stacker_features
+from ..artifacts import CRITERIA_INDEX, Artifacts, stacker_features
 from ..config import config_from_dict
 from ..schema import DIAG_INDEX, TASKS
 from ..temperature import apply_temperatures
@@ -32,42 +35,79 @@ def _stacker_model() -> LogisticRegression:
     return LogisticRegression(C=STACKER_C, max_iter=5000)
 
 
+MIX_COPIES = 8  # copies of each held-out case with criteria at random set to their true values
+
+
+def mixed_criteria(probs: list[np.ndarray], targets: np.ndarray, copies: int, seed: int) -> tuple[list[np.ndarray],
+                                                                                                   np.ndarray]:
+    """`probs` followed by `copies` copies of every case in which each exactly labelled criterion, on its own
+    coin (p = 1/2), is replaced by its one-hot true value: what the stacked diagnosis sees once a clinician
+    corrects some criteria (an independent bottleneck, Koh et al. 2020). Returns (probs, case index per row)."""
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    rows = np.concatenate([np.arange(n)] + [np.arange(n)] * copies)
+    out = [p[rows].copy() for p in probs]
+    for t in CRITERIA_INDEX:
+        y = targets[rows, t]
+        swap = (rng.random(len(rows)) < 0.5) & (y >= 0)
+        swap[:n] = False  # the originals stay as predicted
+        out[t][swap] = np.eye(probs[t].shape[1])[y[swap]]
+    return out, rows
+
+
 def fit_stacker(probs: list[np.ndarray], targets: np.ndarray, seed: int = 0) -> tuple[dict | None, np.ndarray | None]:
     """(stacker dict, its cross-validated diagnosis probabilities on the annotated cases) or (None, None)
-    when the held-out cases hold fewer than two diagnoses or too few cases to cross-validate."""
+    when the held-out cases hold fewer than two diagnoses or too few cases to cross-validate.
+
+    Fitted on the held-out cases as predicted plus `MIX_COPIES` copies with criteria set at random to the
+    truth (`mixed_criteria`), so it has seen the one-hot values a correction feeds it. The comparison with
+    the image model (which decides the default) is on the cases as predicted, by cross-validation whose
+    folds keep a case's copies together."""
     y = targets[:, DIAG_INDEX]
-    known = y >= 0
+    known = np.flatnonzero(y >= 0)
     classes, counts = np.unique(y[known], return_counts=True)
     folds = min(5, int(counts.min())) if len(classes) > 1 else 0
     if folds < 2:
         return None, None
-    X = stacker_features(probs)[known]
+    sub = [p[known] for p in probs]
+    mixed, rows = mixed_criteria(sub, targets[known], MIX_COPIES, seed)
+    X, Xmix, ymix = stacker_features(sub), stacker_features(mixed), y[known][rows]
+    full_cv = np.zeros((len(known), TASKS[DIAG_INDEX].num_classes))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
-        cv = cross_val_predict(_stacker_model(), X, y[known], method="predict_proba",
-                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
-        model = _stacker_model().fit(X, y[known])
-    full_cv = np.zeros((len(cv), TASKS[DIAG_INDEX].num_classes))
-    full_cv[:, classes] = cv
-    image_acc = float((probs[DIAG_INDEX][known].argmax(axis=1) == y[known]).mean())
+        for train_idx, test_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y[known]):
+            fit_rows = np.isin(rows, train_idx)
+            fold = _stacker_model().fit(Xmix[fit_rows], ymix[fit_rows])
+            full_cv[np.ix_(test_idx, fold.classes_)] = fold.predict_proba(X[test_idx])
+        model = _stacker_model().fit(Xmix, ymix)
+    image_acc = float((sub[DIAG_INDEX].argmax(axis=1) == y[known]).mean())
     stacked_acc = float((full_cv.argmax(axis=1) == y[known]).mean())
     stacker = {"coef": model.coef_.tolist(), "intercept": model.intercept_.tolist(), "classes": classes.tolist(),
-               "C": STACKER_C, "default": stacked_acc >= image_acc,
-               "held_out": {"cases": int(known.sum()), "folds": folds, "image_model_diag_accuracy": image_acc,
+               "C": STACKER_C, "default": stacked_acc >= image_acc, "mixed_copies": MIX_COPIES,
+               "held_out": {"cases": int(len(known)), "folds": folds, "image_model_diag_accuracy": image_acc,
                             "stacked_diag_accuracy_cv": stacked_acc}}
     return stacker, full_cv
 
 
-def conformal_scores(probs: list[np.ndarray], targets: np.ndarray) -> dict:
-    """Per task, each annotated case's non-conformity score 1 - p(true class) and its true class."""
-    tasks = {}
-    for t, task in enumerate(TASKS):
-        known = targets[:, t] >= 0
-        y = targets[known, t]
-        scores = 1.0 - probs[t][known][np.arange(len(y)), y]
-        tasks[task.name] = {"scores": np.round(scores, 7).tolist(), "labels": y.astype(int).tolist(),
-                            "counts": np.bincount(y, minlength=task.num_classes).astype(int).tolist()}
-    return {"method": "split conformal, Mondrian by true class (crepes), score 1 - p(true class)", "tasks": tasks}
+def _task_scores(probs: np.ndarray, targets: np.ndarray, num_classes: int) -> dict:
+    known = targets >= 0
+    y = targets[known]
+    scores = 1.0 - probs[known][np.arange(len(y)), y]
+    return {"scores": np.round(scores, 7).tolist(), "labels": y.astype(int).tolist(),
+            "counts": np.bincount(y, minlength=num_classes).astype(int).tolist()}
+
+
+def conformal_scores(probs: list[np.ndarray], targets: np.ndarray, diagnosis: dict[str, np.ndarray] | None = None) -> dict:
+    """Per task, each annotated case's non-conformity score 1 - p(true class) and its true class;
+    `diagnosis`: {"image model": (N, 5), "stacked": (N, 5)}, both diagnosis models' held-out probabilities,
+    stored too so a corrected case's set is scored against the model that gave its diagnosis."""
+    tasks = {task.name: _task_scores(probs[t], targets[:, t], task.num_classes) for t, task in enumerate(TASKS)}
+    out = {"method": "split conformal, Mondrian by true class with rare classes pooled (crepes), "
+                     "score 1 - p(true class)", "tasks": tasks}
+    if diagnosis:
+        n = TASKS[DIAG_INDEX].num_classes
+        out["diagnosis"] = {name: _task_scores(p, targets[:, DIAG_INDEX], n) for name, p in diagnosis.items()}
+    return out
 
 
 def fit_into(section: dict, pred, source: str, seed: int = 0) -> Artifacts:
@@ -89,13 +129,15 @@ def fit_held_out(pred, source: str, seed: int = 0) -> tuple[list[float], dict]:
     temps, report = temperature_report(pred.probs, pred.targets)
     probs = apply_temperatures(pred.probs, temps)
     stacker, stacked_cv = fit_stacker(probs, pred.targets, seed)
-    shown = list(probs)
-    if stacker is not None and stacker["default"]:
+    shown, diagnosis = list(probs), None
+    if stacker is not None:
         known = pred.targets[:, DIAG_INDEX] >= 0
         diag = shown[DIAG_INDEX].copy()
-        diag[known] = stacked_cv
-        shown[DIAG_INDEX] = diag
+        diag[known] = stacked_cv  # unannotated cases carry no score: their row is never read
+        diagnosis = {"image model": probs[DIAG_INDEX], "stacked": diag}
+        if stacker["default"]:
+            shown[DIAG_INDEX] = diag
     n = len(pred.targets)  # "root (valid)" -> "root (valid, 203 cases)"
     fitted_on = f"{source[:-1]}, {n} cases)" if source.endswith(")") else f"{source} ({n} cases)"
-    return temps, {"calibration": {"fitted_on": fitted_on, **report}, "conformal": conformal_scores(shown, pred.targets),
+    return temps, {"calibration": {"fitted_on": fitted_on, **report}, "conformal": conformal_scores(shown, pred.targets, diagnosis),
                    "stacker": stacker, "fitted_on": fitted_on}

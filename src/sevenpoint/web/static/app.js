@@ -64,11 +64,12 @@ function render(r) {
     `<figure><img src="${url}" alt="attention ${esc(k)}"><figcaption>${esc(k)}</figcaption></figure>`).join("");
   const used = Object.entries(r.inputs_used).map(([k, v]) => `${esc(k)}: ${v ? "used" : "not given"}`).join(" · ");
   const level = r.set_level ? `${Math.round(100 * r.set_level)} %` : "";
+  const top = fmt(r.tasks.DIAG.probabilities[r.diagnosis]);
   const head = r.uncertain
-    ? `<h2 class="uncertain" id="uncertain">Uncertain: <span id="diagnosis">${r.sets.DIAG.map(esc).join(" or ")}</span></h2>
-       <p class="muted">The model cannot tell these diagnoses apart at the ${level} level; the most probable is ${esc(r.diagnosis)} (${esc(r.diagnosis_name)}).</p>`
-    : `<h2>Diagnosis: <span id="diagnosis">${esc(r.diagnosis)}</span> <span class="muted">(${esc(r.diagnosis_name)})</span></h2>
-       <p class="muted">${r.sets ? `The only diagnosis in its ${level} prediction set.` : "This model carries no prediction sets."}</p>`;
+    ? `<h2 class="uncertain" id="uncertain">Uncertain: <span id="diagnosis">${r.sets ? r.sets.DIAG.map(esc).join(" or ") : `${esc(r.diagnosis)}?`}</span></h2>
+       <p class="muted" id="why">Because ${esc(r.uncertain_why)}; the most probable is ${esc(r.diagnosis)} (${esc(r.diagnosis_name)}, ${top}).</p>`
+    : `<h2>Diagnosis: <span id="diagnosis">${esc(r.diagnosis)}</span> <span class="muted">(${esc(r.diagnosis_name)}, ${top})</span></h2>
+       <p class="muted">${r.sets ? `The only diagnosis in its ${level} prediction set.` : "This model carries no prediction sets; an answer below 50 % would be marked uncertain."}</p>`;
   const fixed = Object.keys(r.corrections).length
     ? `<p id="corrections">Your corrections: ${Object.entries(r.corrections).map(([k, v]) => `${esc(k)} = ${esc(v)}`).join(", ")}; the score, the rule and the diagnosis (${esc(r.diagnosis_source)}) follow them.</p>` : "";
   document.getElementById("result").innerHTML = `
