@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from sevenpoint.artifacts import Artifacts, CorrectionError, apply_corrections, parse_corrections, postprocess
+from sevenpoint.artifacts import (Artifacts, CorrectionError, apply_corrections, parse_corrections, postprocess,
+                                  triage_point)
 from sevenpoint.checkpoint import load_model, read_checkpoint
 from sevenpoint.config import ConfigError, load_config
 from sevenpoint.data import Derm7pt
@@ -188,6 +189,20 @@ def test_the_stacker_sees_true_criteria_mixed_with_predicted_ones():
     np.testing.assert_array_equal(mixed[DIAG_INDEX][100:], probs[DIAG_INDEX][rows[100:]])
 
 
+def test_the_referral_point_refers_a_new_melanoma_at_the_stated_sensitivity():
+    """Over many draws of n held-out melanomas, a new melanoma's P(MEL) reaches the chosen threshold with
+    probability >= 90 % (the rank bound); an interpolated 10 % quantile of the held-out melanomas falls short."""
+    rng = np.random.default_rng(0)
+    reps, n = 20000, 30
+    held = rng.random((reps, n))
+    new = rng.random(reps)
+    hit = [new[r] >= triage_point(held[r], np.ones(n, dtype=bool), 0.9)["threshold"] for r in range(reps)]
+    assert np.mean(hit) >= 0.895  # exactly 1 - 3/31 = 0.903 in expectation
+    point = triage_point(np.array([0.1, 0.5, 0.9, 0.2]), np.array([True, True, False, False]), 0.9)
+    assert point["threshold"] == 0.0 and point["held_out_sensitivity"] == 1.0  # 2 melanomas: refer everyone
+    assert triage_point(np.array([0.3]), np.array([False])) is None
+
+
 def _criteria_world(n, rng):
     """Diagnosis decided by two criteria; the image model's diagnosis probabilities are noise."""
     probs = [rng.dirichlet(np.ones(t.num_classes), n) for t in TASKS]
@@ -241,6 +256,9 @@ def test_predictor_corrections_recompute_score_rule_and_diagnosis(crossfit_run, 
     assert fixed.seven_point_score == seven_point_score({n: fixed.tasks[n].predicted_index for n in CRITERIA})
     assert fixed.seven_point_score != plain.seven_point_score
     assert fixed.diagnosis_source == "stacked"
+    for r in (plain, fixed):  # the referral point travels in the checkpoint and is applied to P(MEL)
+        assert r.refer == (r.melanoma_probability >= r.triage["threshold"])
+        assert ("refer at the 90%-sensitivity point" in r.triage_text()) == r.refer
     assert fixed.tasks["DIAG"].probabilities != plain.tasks["DIAG"].probabilities
     with pytest.raises(PredictError, match="'XYZ': not a criterion"):
         predictor.predict(derm=case.derm, corrections={"XYZ": "ABS"})

@@ -29,6 +29,11 @@ The applying side is numpy (and crepes for the p-values): no training stack at i
   re-derives the diagnosis from the corrected criteria and the image. A correction equal to the
   model's own answer for that criterion changes nothing. After a correction the diagnosis set is
   scored against the stacked model's own calibration scores.
+- **Referral point** (`triage`): a threshold on P(MEL) chosen on the held-out melanomas so that a new
+  melanoma is referred with probability >= the stated sensitivity (default 90 %): refer when P(MEL) is
+  at least the k-th smallest held-out melanoma's, k = floor((1 - sensitivity) (n + 1)) — a conformal
+  bound on the melanomas' ranks, under the same exchangeability as the sets. Its held-out sensitivity
+  and specificity are stored beside it.
 - **Doubt**: `postprocess` marks a case uncertain when its diagnosis set holds more than one class,
   or — for a model without sets — when the most probable diagnosis has probability below
   `DOUBT_BELOW` (50 %); `why` says which rule fired.
@@ -41,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .schema import DIAG_INDEX, TASK_BY_NAME, TASK_NAMES, TASKS
+from .schema import DIAG_INDEX, MEL_CLASS, TASK_BY_NAME, TASK_NAMES, TASKS
 
 DEFAULT_LEVEL = 0.9
 DOUBT_BELOW = 0.5  # a model without sets calls a diagnosis below this probability uncertain
@@ -106,9 +111,10 @@ class Artifacts:
     stacker: dict | None = None
     fitted_on: str | None = None
     provenance: dict | None = None  # git commit, sevenpoint version, the training command
+    triage: dict | None = None  # the melanoma referral threshold on P(MEL) per diagnosis model (`triage_point`)
     _sets: dict = field(default_factory=dict, repr=False, compare=False)
 
-    KEYS = ("ood", "train_majority", "calibration", "conformal", "stacker", "fitted_on", "provenance")
+    KEYS = ("ood", "train_majority", "calibration", "conformal", "stacker", "fitted_on", "provenance", "triage")
 
     @classmethod
     def from_section(cls, section: Mapping) -> Artifacts:
@@ -126,6 +132,8 @@ class Artifacts:
             out.append("a criteria-aware diagnosis model (corrections change the score and rule, not the diagnosis)")
         if self.ood is None:
             out.append("out-of-distribution statistics")
+        if self.triage is None:
+            out.append("a melanoma referral point (only the checklist's score rule flags melanoma)")
         return out
 
     # --- prediction sets -------------------------------------------------------------------------
@@ -233,6 +241,8 @@ class Processed:
     sets: list[np.ndarray] | None      # per task (N, C) masks at `level`, or None without sets
     uncertain: np.ndarray              # (N,) bool
     why: list[str | None]              # per case, the rule that made it uncertain (None when it is not)
+    refer: np.ndarray | None = None    # (N,) bool: P(MEL) at or above the referral point; None without one
+    triage: list[dict] | None = None   # per case, the referral point used (threshold, sensitivity, ...)
 
 
 def postprocess(probs: list[np.ndarray], art: Artifacts, temperature=None,
@@ -268,4 +278,24 @@ def postprocess(probs: list[np.ndarray], art: Artifacts, temperature=None,
             why.append(None if top >= DOUBT_BELOW else
                        f"the most probable diagnosis has {top:.0%} (< {DOUBT_BELOW:.0%}; this model carries no "
                        "prediction sets)")
-    return Processed(probs, fixes, stacked, sets, np.array([w is not None for w in why], dtype=bool), why)
+    refer, points = None, None
+    if art.triage:
+        points = [art.triage.get("stacked" if s else "image model") or art.triage["image model"] for s in stacked]
+        refer = np.array([probs[DIAG_INDEX][i, MEL_CLASS] >= pt["threshold"] for i, pt in enumerate(points)], dtype=bool)
+    return Processed(probs, fixes, stacked, sets, np.array([w is not None for w in why], dtype=bool), why, refer,
+                     points)
+
+
+def triage_point(mel_prob: np.ndarray, is_mel: np.ndarray, sensitivity: float = 0.9) -> dict | None:
+    """The referral threshold on P(MEL) for `sensitivity` from held-out cases (see the module docstring):
+    None with no melanoma among them. Refer when P(MEL) >= threshold (0: refer everyone, too few
+    melanomas for the sensitivity asked)."""
+    pos = np.sort(mel_prob[is_mel])
+    if len(pos) == 0:
+        return None
+    k = int(np.floor((1.0 - sensitivity) * (len(pos) + 1) + 1e-9))
+    threshold = float(pos[k - 1]) if k >= 1 else 0.0
+    neg = mel_prob[~is_mel]
+    return {"threshold": threshold, "sensitivity": sensitivity, "melanomas": int(len(pos)), "others": int(len(neg)),
+            "held_out_sensitivity": float((pos >= threshold).mean()),
+            "held_out_specificity": float((neg < threshold).mean()) if len(neg) else None}

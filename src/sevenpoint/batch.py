@@ -286,7 +286,8 @@ def csv_columns() -> list[str]:
             "diagnosis", "diagnosis_name", "melanoma_probability", "seven_point_score", "seven_point_rule"]
     for task in TASKS:
         cols += [task.name, *(f"{task.name}_p_{c}" for c in task.classes), f"{task.name}_set"]
-    return cols + ["ood_score", "ood_threshold", "ood_warning", "branches_used", "calibrated", "uncertain", "tta"]
+    return cols + ["ood_score", "ood_threshold", "ood_warning", "branches_used", "calibrated", "uncertain", "refer",
+                   "tta"]
 
 
 def csv_row(rec: dict) -> dict:
@@ -307,6 +308,7 @@ def csv_row(rec: dict) -> dict:
         if sets is not None:
             out[f"{name}_set"] = "|".join(sets[name])
     out["uncertain"] = p.get("uncertain")
+    out["refer"] = p.get("refer")  # the melanoma referral point's decision, where the checkpoint carries one
     return out
 
 

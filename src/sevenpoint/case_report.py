@@ -125,6 +125,9 @@ def render_report(result: Prediction, images: Mapping[str, object], meta: Mappin
     ood = ("<p class='ood'>Warning: the dermoscopy image looks unlike the training images (out-of-distribution score "
            f"{result.ood_score:.1f} &gt; {result.ood_threshold:.1f}); treat this result with extra caution.</p>"
            if result.ood_warning else "")
+    triage = (f"<p class='{'uncertain' if result.refer else 'confident'}' id='triage'>Melanoma triage: "
+              f"{_e(result.triage_text())}.</p>" if result.triage is not None else
+              "<p class='muted' id='triage'>This model carries no melanoma referral point.</p>")
     fixes = ", ".join(f"{k} = {v}" for k, v in result.corrections.items()) or "none"
     prov = provenance or {}
     model_rows = [("model", f"{model_info.get('variant')} / {model_info.get('backbone')}, "
@@ -144,7 +147,7 @@ def render_report(result: Prediction, images: Mapping[str, object], meta: Mappin
 <p class="muted">Written {when}.</p>
 <p class="caveat" id="caveat">{_e(CAVEAT)}</p>
 <h2>Inputs</h2><div class="imgs">{inputs}</div><p>Metadata: {_e(meta_text)}</p>
-<h2>Result</h2>{verdict}{ood}
+<h2>Result</h2>{verdict}{triage}{ood}
 <p>7-point score: <strong id="score">{result.seven_point_score}</strong> &rarr;
 {'suspicious for melanoma' if result.melanoma_flag else 'below the melanoma threshold'} (rule: {_e(score_rule())}).
 Melanoma probability: {100 * result.melanoma_probability:.1f} %.</p>

@@ -620,6 +620,8 @@ def _print_prediction(result) -> None:
                   f"7-point score {result.seven_point_score}"
                   f" -> {'SUSPECT MELANOMA' if result.melanoma_flag else 'below'} (threshold {MELANOMA_THRESHOLD}); "
                   f"DIAG melanoma probability {result.melanoma_probability:.2f}; branches {', '.join(result.branches_used)}")
+    if result.triage is not None:
+        console.print(("REFER" if result.refer else "triage") + f": {result.triage_text()}")
     if result.ood_warning:
         err.print(f"[yellow]warning:[/] the dermoscopy image looks unlike the training images (out-of-distribution "
                   f"score {result.ood_score:.1f} > {result.ood_threshold:.1f}); treat this result with extra caution")

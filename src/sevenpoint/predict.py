@@ -80,6 +80,11 @@ class Prediction:
     # `diagnosis_source`: "image model" or "stacked" (criteria + image).
     corrections: dict[str, str] = field(default_factory=dict)
     diagnosis_source: str = "image model"
+    # The melanoma referral point: `refer` is P(MEL) >= the threshold fitted on held-out cases for the
+    # stated sensitivity (`triage`: threshold, sensitivity, held-out sensitivity / specificity, case counts);
+    # None when the checkpoint carries no referral point.
+    refer: bool | None = None
+    triage: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready (attention maps left out; draw them with `sevenpoint.viz`)."""
@@ -88,7 +93,22 @@ class Prediction:
         d.pop("attention_heads")
         d["score_rule"] = score_rule()
         d["melanoma_threshold"] = MELANOMA_THRESHOLD
+        d["triage_text"] = self.triage_text()
         return d
+
+    def triage_text(self) -> str | None:
+        """The referral decision in one sentence, with how the point was chosen and what it measured."""
+        if self.triage is None:
+            return None
+        t = self.triage
+        spec = t.get("held_out_specificity")
+        measured = (f"held out: sensitivity {t['held_out_sensitivity']:.0%}"
+                    + (f", specificity {spec:.0%}" if spec is not None else "")
+                    + f" on {t['melanomas']} melanomas and {t['others']} other lesions")
+        verdict = "refer" if self.refer else "no need to refer"
+        sign = "≥" if self.refer else "<"
+        return (f"{verdict} at the {t['sensitivity']:.0%}-sensitivity point: P(MEL) {self.melanoma_probability:.0%} "
+                f"{sign} {t['threshold']:.0%} ({measured})")
 
 
 def _image_array(value: ImageInput, name: str) -> Image.Image:
@@ -404,6 +424,8 @@ class Predictor:
                 uncertain=bool(done.uncertain[i]), uncertain_why=done.why[i],
                 corrections={name: TASK_BY_NAME[name].classes[c] for name, c in prepared[i].corrections.items()},
                 diagnosis_source="stacked" if stacked[i] else "image model",
+                refer=None if done.refer is None else bool(done.refer[i]),
+                triage=None if done.triage is None else dict(done.triage[i]),
             ))
         return results
 

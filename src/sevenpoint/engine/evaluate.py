@@ -26,7 +26,7 @@ from ..temperature import apply_temperatures
 from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
 from .module import forward_batch
 from .report import plot_confusion, plot_reliability, plot_roc, write_report
-from .trust import bootstrap_intervals, breakdown, case_fields, diagnosis_models, set_report
+from .trust import bootstrap_intervals, breakdown, case_fields, diagnosis_models, set_report, triage_report
 from ..runtime import bf16_autocast, choose_path
 
 
@@ -245,6 +245,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
         shown = postprocess(pred.probs, art, temps, level=level)
     metrics["sets"] = None if shown.sets is None else set_report(shown.sets, targets, level)
     metrics["uncertain_share"] = float(shown.uncertain.mean())
+    metrics["triage"] = triage_report(shown, targets)
     by_id = {c.case_id: c for c in data.split_cases(split)}
     metrics["breakdown"] = breakdown(probs, targets, case_fields([by_id[i] for i in ids]))
     metrics["diagnosis_models"] = diagnosis_models(image_probs, targets, art)

@@ -8,7 +8,9 @@ ensemble (`train.cross_fit`). One call fits, in order:
    correction sets them), compared with the image model's own diagnosis by 5-fold cross-validation
    *within* the held-out cases — the stacked model is the default diagnosis only if it is at least as
    accurate;
-3. the conformal scores of every task on the probabilities that will be shown (the stacked
+3. the melanoma referral point on P(MEL) for 90 % sensitivity (`artifacts.triage_point`), per
+   diagnosis model;
+4. the conformal scores of every task on the probabilities that will be shown (the stacked
    model's cross-validated ones for the diagnosis when it is the default), and both diagnosis models'
    scores, so a corrected case's diagnosis set is scored against the model that gave it.
 """
@@ -22,9 +24,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from ..artifacts import CRITERIA_INDEX, Artifacts, stacker_features
+from ..artifacts import CRITERIA_INDEX, Artifacts, stacker_features, triage_point
 from ..config import config_from_dict
-from ..schema import DIAG_INDEX, TASKS
+from ..schema import DIAG_INDEX, MEL_CLASS, TASKS
 from ..temperature import apply_temperatures
 from .metrics import temperature_report
 
@@ -35,6 +37,7 @@ def _stacker_model() -> LogisticRegression:
     return LogisticRegression(C=STACKER_C, max_iter=5000)
 
 
+TRIAGE_SENSITIVITY = 0.9  # the melanoma referral point's sensitivity (issue 40: a clinic states this one)
 MIX_COPIES = 8  # copies of each held-out case with criteria at random set to their true values
 
 
@@ -137,7 +140,12 @@ def fit_held_out(pred, source: str, seed: int = 0) -> tuple[list[float], dict]:
         diagnosis = {"image model": probs[DIAG_INDEX], "stacked": diag}
         if stacker["default"]:
             shown[DIAG_INDEX] = diag
+    known = pred.targets[:, DIAG_INDEX] >= 0
+    is_mel = pred.targets[known, DIAG_INDEX] == MEL_CLASS
+    models = diagnosis or {"image model": probs[DIAG_INDEX]}
+    triage = {name: triage_point(p[known, MEL_CLASS], is_mel, TRIAGE_SENSITIVITY) for name, p in models.items()}
+    triage = triage if triage.get("image model") else None
     n = len(pred.targets)  # "root (valid)" -> "root (valid, 203 cases)"
     fitted_on = f"{source[:-1]}, {n} cases)" if source.endswith(")") else f"{source} ({n} cases)"
     return temps, {"calibration": {"fitted_on": fitted_on, **report}, "conformal": conformal_scores(shown, pred.targets, diagnosis),
-                   "stacker": stacker, "fitted_on": fitted_on}
+                   "stacker": stacker, "fitted_on": fitted_on, "triage": triage}

@@ -206,8 +206,20 @@ def trust_sections(m: dict) -> list[str]:
             if v:
                 text.append(f"| {name} | {v['cases']} | {100 * v['coverage']:.1f} | {v['mean_size']:.2f} | "
                             f"{100 * v['single']:.1f} |")
+        text += ["", "Coverage per true class (%): " + "; ".join(
+            f"{name} " + ", ".join(f"{c} {100 * x:.0f}" for c, x in v["coverage_by_class"].items())
+            for name, v in sets["tasks"].items() if v) + "."]
     elif "lacks" in m:
         text += ["", "No prediction sets: " + "; ".join(m["lacks"]) + "."]
+    tr = m.get("triage")
+    if tr:
+        text += ["", f"## Melanoma referral at the {tr['sensitivity']:.0%}-sensitivity point (P(MEL) ≥ "
+                 f"{tr['threshold']:.3f})", "",
+                 "| | sensitivity % | specificity % | referred % |", "|---|---:|---:|---:|",
+                 f"| held out (where it was chosen) | {_fmt(_pct(tr['held_out_sensitivity']))} | "
+                 f"{_fmt(_pct(tr['held_out_specificity']))} | – |",
+                 f"| this split | {_fmt(_pct(tr['sensitivity_here']))} | {_fmt(_pct(tr['specificity_here']))} | "
+                 f"{_fmt(_pct(tr['referred_here']))} |"]
     dm = m.get("diagnosis_models")
     if dm:
         text += ["", f"## Diagnosis: image model vs stacked (default here: {dm['default']})", "",

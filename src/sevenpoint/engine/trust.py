@@ -112,6 +112,21 @@ def set_report(sets: list[np.ndarray], targets: np.ndarray, level: float) -> dic
     return out
 
 
+def triage_report(shown, targets: np.ndarray) -> dict | None:
+    """The melanoma referral point as the checkpoint stores it (the default diagnosis model's) and what it
+    does on these cases: sensitivity, specificity and the share referred, on the cases with a diagnosis."""
+    if shown.refer is None:
+        return None
+    y = targets[:, DIAG_INDEX]
+    has = y >= 0
+    mel, refer = (y == MEL_CLASS)[has], shown.refer[has]
+    point = dict(shown.triage[0])
+    point.update({"sensitivity_here": float(refer[mel].mean()) if mel.any() else None,
+                  "specificity_here": float((~refer[~mel]).mean()) if (~mel).any() else None,
+                  "referred_here": float(refer.mean()) if has.any() else None, "cases_here": int(has.sum())})
+    return point
+
+
 def breakdown(probs: list[np.ndarray], targets: np.ndarray, fields: list[dict[str, str]]) -> dict:
     """Average accuracy and DIAG accuracy per value of each descriptive field (difficulty, sex, location,
     elevation, raw diagnosis), with case counts; a group under SMALL_CELL cases is marked `small`."""
