@@ -169,6 +169,10 @@ def test_browser_page_shows_what_the_api_answers(tiny_run, synth_root, tmp_path)
             api = httpx.post(f"{url}/api/predict", files=files, data=meta, timeout=60,
                              headers={"Authorization": f"Bearer {token}"}).json()
             assert driver.find_element(By.ID, "diagnosis").text == api["diagnosis"]
+            # no sets here: a low top probability is still shown as doubt, never as a bold diagnosis
+            assert bool(driver.find_elements(By.ID, "uncertain")) == api["uncertain"]
+            if api["uncertain"]:
+                assert api["uncertain_why"] in driver.find_element(By.ID, "why").text
             assert int(driver.find_element(By.ID, "score").text) == api["seven_point_score"]
             rows = driver.find_elements(By.CSS_SELECTOR, "#criteria .task-row")
             assert [r.get_attribute("data-task") for r in rows] == list(TASK_NAMES)

@@ -66,7 +66,7 @@ function render(r) {
   const level = r.set_level ? `${Math.round(100 * r.set_level)} %` : "";
   const top = fmt(r.tasks.DIAG.probabilities[r.diagnosis]);
   const head = r.uncertain
-    ? `<h2 class="uncertain" id="uncertain">Uncertain: <span id="diagnosis">${r.sets ? r.sets.DIAG.map(esc).join(" or ") : `${esc(r.diagnosis)}?`}</span></h2>
+    ? `<h2 class="uncertain" id="uncertain">Uncertain: <span id="diagnosis">${r.sets ? r.sets.DIAG.map(esc).join(" or ") : esc(r.diagnosis)}</span>${r.sets ? "" : ` <span class="muted">(${top})</span>`}</h2>
        <p class="muted" id="why">Because ${esc(r.uncertain_why)}; the most probable is ${esc(r.diagnosis)} (${esc(r.diagnosis_name)}, ${top}).</p>`
     : `<h2>Diagnosis: <span id="diagnosis">${esc(r.diagnosis)}</span> <span class="muted">(${esc(r.diagnosis_name)}, ${top})</span></h2>
        <p class="muted">${r.sets ? `The only diagnosis in its ${level} prediction set.` : "This model carries no prediction sets; an answer below 50 % would be marked uncertain."}</p>`;
