@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from sevenpoint import predict, runtime
+from sevenpoint.infer import predict, runtime
 from sevenpoint.engine.loss import multitask_loss
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 
 
 def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):

@@ -381,7 +381,7 @@ def predict(
         help="--report: this model's `evaluate` metrics.json, to quote its measured test figures.")] = None,
 ) -> None:
     """Predict one case (or a batch: CSV or image folder): criteria, diagnosis, 7-point score, attention maps."""
-    from .predict import Predictor, PredictError, save_heatmaps
+    from .infer.predict import Predictor, PredictError, save_heatmaps
 
     outs = out or []
     if batch is not None:
@@ -416,7 +416,7 @@ def predict(
     meta = {"sex": sex, "location": location, "elevation": elevation}
     result = predictor.predict(derm=derm, clinic=clinic, meta=meta, corrections=corrections)
     if report:
-        from .case_report import read_figures, write_report
+        from .infer.case_report import read_figures, write_report
 
         write_report(report, result, {"derm": derm, "clinic": clinic}, meta, predictor.info,
                      predictor.artifacts.provenance, read_figures(figures),
@@ -499,7 +499,7 @@ def serve(
                                  "and writes demo-run/run/checkpoints/best.ckpt", param_hint="--checkpoint")
     import uvicorn
 
-    from .predict import Predictor
+    from .infer.predict import Predictor
     from .web.app import create_app
 
     predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta, precision=precision)
@@ -512,7 +512,7 @@ def serve(
     console.print(f"serving {predictor.info} on {link}")
     if max_batch < 1 or batch_wait_ms < 0:
         raise typer.BadParameter(f"--max-batch {max_batch} must be >= 1 and --batch-wait-ms {batch_wait_ms} >= 0")
-    from .case_report import read_figures
+    from .infer.case_report import read_figures
 
     app_ = create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue, token=token,
                       request_timeout=request_timeout, predict_timeout=predict_timeout, max_batch=max_batch,
@@ -535,7 +535,8 @@ def export(
 ) -> None:
     """Export to ONNX (dynamic batch; derm, clinic, meta + availability flags) and check it with onnxruntime.
     With --int8 DATA: an int8 model calibrated and checked on DATA (the fast CPU path where its accuracy holds)."""
-    from .export import check_parity, export_int8, export_onnx
+    from .engine.int8 import export_int8
+    from .infer.export import check_parity, export_onnx
 
     if int8 is not None:
         r = export_int8(checkpoint, onnx, int8, calibration_cases, check_split, max_drop, data_format)

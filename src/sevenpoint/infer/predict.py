@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 
 from .artifacts import DEFAULT_LEVEL, Artifacts, CorrectionError, parse_corrections, postprocess
-from .checkpoint import load_model
-from .config import TTA_MODES, config_from_dict
-from .data.images import ImageError, crop_and_resize, open_rgb
-from .data.transforms import to_tensor, transforms_for, tta_views
-from .runtime import PATHS, ThreadGovernor, bf16_autocast, path_candidates, path_key, pick_path, use_bf16, use_channels_last
-from .models import BRANCHES, freeze_for_inference
+from ..checkpoint import load_model
+from ..config import TTA_MODES, config_from_dict
+from ..data.images import ImageError, crop_and_resize, open_rgb
+from ..data.transforms import to_tensor, transforms_for, tta_views
+from ..runtime import PATHS, ThreadGovernor, bf16_autocast, path_candidates, path_key, pick_path, use_bf16, use_channels_last
+from ..models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
-from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASK_NAMES, TASKS,
+from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASK_NAMES, TASKS,
                      encode_meta, score_rule, seven_point_score)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -63,14 +63,14 @@ class Prediction:
     inputs_used: dict[str, bool]
     attention: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     attention_heads: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
-    # How unlike the training dermoscopy images the derm input looks (sevenpoint.ood); None when
+    # How unlike the training dermoscopy images the derm input looks (sevenpoint.infer.ood); None when
     # there is no derm input or the checkpoint has no OOD statistics.
     ood_score: float | None = None
     ood_threshold: float | None = None
     ood_warning: bool = False
     # Per task, the classes of its conformal prediction set at `set_level` (None: the checkpoint has no
     # sets). `uncertain`: the diagnosis set is not a single class, or, without sets, the most probable
-    # diagnosis is below 50 % (`sevenpoint.artifacts.postprocess`); `uncertain_why` says which, in words.
+    # diagnosis is below 50 % (`sevenpoint.infer.artifacts.postprocess`); `uncertain_why` says which, in words.
     sets: dict[str, list[str]] | None = None
     set_level: float | None = None
     uncertain: bool = False
@@ -87,7 +87,7 @@ class Prediction:
     triage: dict | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready (attention maps left out; draw them with `sevenpoint.viz`)."""
+        """JSON-ready (attention maps left out; draw them with `sevenpoint.infer.viz`)."""
         d = asdict(self)
         d.pop("attention")
         d.pop("attention_heads")
