@@ -362,7 +362,9 @@ def predict(
              "the CSV's folder) or a folder of dermoscopy images. Exit 3 if any row failed.")] = None,
     precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, with the layout, "
                                                 "the fastest kept) | fp32 | bf16")] = "auto",
-    backend: Annotated[str, typer.Option(help="torch (per-head maps) | frozen (fastest) | onnx (from .onnx)")] = "torch",
+    backend: Annotated[str, typer.Option(help="auto (eager, frozen and ONNX Runtime timed once on this CPU, the fastest "
+                                              "kept; eager when --heatmaps wants per-head maps) | torch | frozen | "
+                                              "onnx (from .onnx)")] = "auto",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
     devices: Annotated[int, typer.Option(help="--batch: processes (CPU) or GPUs for Lightning's Trainer.predict.")] = 1,
@@ -406,7 +408,8 @@ def predict(
         corrections[name.strip()] = value.strip()
     level = 0.9 if level is None else level
     _check_level(level)
-    predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
+    predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta,
+                                          heads=heatmaps is not None)
     predictor.set_level = level
     err.print(f"path {predictor.choice}", highlight=False)
     for lack in predictor.artifacts.missing():
@@ -464,7 +467,8 @@ def serve(
     port: int = 8000,
     max_upload_mb: float = 10.0,
     max_queue: Annotated[int, typer.Option(help="Predictions waiting at once; more get 503.")] = 64,
-    backend: Annotated[str, typer.Option(help="frozen (fastest on CPU) | torch | onnx (inferred from .onnx)")] = "frozen",
+    backend: Annotated[str, typer.Option(help="auto (eager, frozen and ONNX Runtime timed once on this CPU, the fastest "
+                                              "kept) | frozen | torch | onnx (inferred from .onnx)")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, with the layout, "
                                                 "the fastest kept) | fp32 | bf16")] = "auto",
     tta: Annotated[Optional[str], typer.Option(
