@@ -31,7 +31,7 @@ from sevenpoint.engine.evaluate import predict_split
 from sevenpoint.engine.metrics import ece, fit_temperature
 from sevenpoint.runtime import use_channels_last
 from sevenpoint.schema import DIAG_INDEX, TASKS
-from sevenpoint.temperature import apply_temperature
+from sevenpoint.infer.temperature import apply_temperature
 
 METHODS = ("none", "calibrate-then-pool", "pool-then-calibrate")
 

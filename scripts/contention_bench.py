@@ -23,7 +23,7 @@ from pathlib import Path
 
 WORKER = r"""
 import json, os, statistics, sys, time, torch
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 from sevenpoint.data import Derm7pt
 ckpt, images, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 p = Predictor.from_checkpoint(ckpt, backend="frozen")

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from sevenpoint.config import config_from_dict
-from sevenpoint.export import INPUT_NAMES, example_inputs, ort_session
+from sevenpoint.infer.export import INPUT_NAMES, example_inputs, ort_session
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/ood_auroc.py --checkpoint RUN/checkpoints/best.ckpt --data ~/data/derm7pt
 
 AUROC of the score separating the test split's dermoscopy images from (a) the non-lesion images
-of `sevenpoint.ood.non_lesion_examples` and (b) the test split's clinical photos (a lesion seen
+of `sevenpoint.infer.ood.non_lesion_examples` and (b) the test split's clinical photos (a lesion seen
 without a dermoscope), and the share of each flagged by the checkpoint's threshold. A checkpoint
 trained before the score existed gets it fitted here on train / valid, exactly as `train` does.
 """
@@ -21,7 +21,7 @@ from sevenpoint.data import Derm7pt
 from sevenpoint.data.cache import make_cache
 from sevenpoint.data.images import crop_and_resize
 from sevenpoint.engine.train import TRAIN_SPLITS
-from sevenpoint.ood import OODModel, descriptor, non_lesion_examples
+from sevenpoint.infer.ood import OODModel, descriptor, non_lesion_examples
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", required=True)

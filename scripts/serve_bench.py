@@ -27,7 +27,7 @@ from sevenpoint.checkpoint import SCHEMA_FINGERPRINT
 from sevenpoint.config import load_config
 from sevenpoint.data import Derm7pt, make_synthetic
 from sevenpoint.models import FusionModel
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 from sevenpoint.web.loadtest import run_load
 
 parser = argparse.ArgumentParser()

@@ -7,9 +7,10 @@ import time
 import pytest
 import torch
 
-from sevenpoint import predict, runtime
+from sevenpoint import runtime
+from sevenpoint.infer import predict
 from sevenpoint.engine.loss import multitask_loss
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 
 
 def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):
@@ -74,13 +75,50 @@ def test_predictor_path_is_measured_and_said(tiny_run, tmp_path, monkeypatch):
     assert p.info["precision"] == p.choice
     # the eager backend also times the layout (tiny.yaml leaves train.channels_last at auto) and builds the winner
     monkeypatch.setattr(runtime, "autotune", stub("fp32"))
-    p = Predictor.from_checkpoint(ckpt)
+    p = Predictor.from_checkpoint(ckpt, backend="torch")
     assert timed[-1] == set(runtime.PATHS) and not p.backend.channels_last and not p.backend.bf16
     monkeypatch.setattr(runtime, "autotune", stub("channels_last"))
-    p = Predictor.from_checkpoint(ckpt, precision="fp32")  # fp32 forced: only the layout is left to time
+    p = Predictor.from_checkpoint(ckpt, precision="fp32", backend="torch")  # fp32 forced: only the layout is left
     assert timed[-1] == {"fp32", "channels_last"} and p.backend.channels_last and not p.backend.bf16
     with pytest.raises(predict.PredictError, match="precision 'fp16'"):
         Predictor.from_checkpoint(ckpt, precision="fp16")
+
+
+def test_auto_times_every_engine_and_keeps_the_one_measured_fastest(tiny_run, synth_root, tmp_path, monkeypatch):
+    """backend auto: eager, frozen and ONNX Runtime (on an export made once, parity-checked, cached) are all
+    candidates; the winner is what runs; per-head maps leave eager alone."""
+    from sevenpoint.data import Derm7pt
+
+    monkeypatch.setenv("SEVENPOINT_AUTOTUNE", str(tmp_path / "autotune.json"))
+    ckpt = tiny_run["best_checkpoint"]
+    timed = []
+
+    def stub(answer):
+        def autotune(key, candidates, **timing):
+            timed.append(set(candidates))
+            return answer, f"{answer}: measured now (stub)"
+        return autotune
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "autotune", stub("onnx"))
+    fast = Predictor.from_checkpoint(ckpt, precision="fp32")
+    assert timed[-1] == {"torch fp32", "torch channels_last", "frozen channels_last", "onnx"}
+    assert fast.info["backend"] == "onnx" and fast.choice.startswith("onnx: measured now")
+    exported = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(exported) == 1  # kept for the next start: not exported again
+    stamp = exported[0].stat().st_mtime_ns
+    Predictor.from_checkpoint(ckpt, precision="fp32")
+    assert exported[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "onnx").iterdir())) == 1
+    case = Derm7pt.load(synth_root).split_cases("test")[0]
+    monkeypatch.setattr(runtime, "autotune", stub("fp32"))
+    eager = Predictor.from_checkpoint(ckpt, precision="fp32", backend="torch")
+    a, b = fast.predict(derm=case.derm), eager.predict(derm=case.derm)
+    for task in a.tasks:
+        for c, v in a.tasks[task].probabilities.items():
+            assert v == pytest.approx(b.tasks[task].probabilities[c], abs=1e-3)
+    monkeypatch.setattr(runtime, "autotune", stub("channels_last"))
+    heads = Predictor.from_checkpoint(ckpt, precision="fp32", heads=True)
+    assert timed[-1] == {"fp32", "channels_last"} and heads.info["backend"] == "torch"
 
 
 def test_thread_governor_drops_to_one_thread_when_passes_slow_down_and_retries(monkeypatch):

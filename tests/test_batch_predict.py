@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from sevenpoint import batch as batch_mod
 from sevenpoint.batch import BatchInputError, CaseSource, predict_cases, run_batch
 from sevenpoint.cli import _is_known
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 from sevenpoint.schema import TASKS
 
 CLI = [sys.executable, "-m", "sevenpoint.cli"]

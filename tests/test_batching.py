@@ -10,7 +10,7 @@ import pytest
 from conftest import start_server
 
 from sevenpoint.data import Derm7pt
-from sevenpoint.predict import Predictor, PredictError
+from sevenpoint.infer.predict import Predictor, PredictError
 from sevenpoint.web.batching import MicroBatcher
 
 

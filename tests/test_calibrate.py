@@ -7,14 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from sevenpoint.artifacts import Artifacts
+from sevenpoint.infer.artifacts import Artifacts
 from sevenpoint.checkpoint import assemble_ensemble, load_model, read_checkpoint
 from sevenpoint.data import Derm7pt
 from sevenpoint.engine.calibrate import CalibrateError, calibrate_checkpoint
 from sevenpoint.engine.evaluate import evaluate
 from sevenpoint.engine.metrics import nll
-from sevenpoint.temperature import apply_temperature
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.temperature import apply_temperature
+from sevenpoint.infer.predict import Predictor
 from sevenpoint.schema import TASK_NAMES
 
 

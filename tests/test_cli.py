@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sevenpoint.data import Derm7pt
-from sevenpoint.predict import Predictor, PredictError
+from sevenpoint.infer.predict import Predictor, PredictError
 from sevenpoint.schema import TASK_NAMES, seven_point_score
 
 CLI = [sys.executable, "-m", "sevenpoint.cli"]
@@ -99,7 +99,7 @@ def test_onnx_export_parity_and_onnx_predictor(tiny_run, synth_root, tmp_path):
     out = run("export", "--checkpoint", tiny_run["best_checkpoint"], "--onnx", onnx_path).stdout
     diff = float(out.split("PyTorch fp32:")[1].split()[0])
     assert diff < 1e-4
-    from sevenpoint.export import check_parity
+    from sevenpoint.infer.export import check_parity
 
     assert check_parity(tiny_run["best_checkpoint"], onnx_path) < 1e-4
     case = Derm7pt.load(synth_root).split_cases("test")[2]
@@ -135,7 +135,8 @@ def test_int8_export_is_checked_on_real_cases_and_written_only_when_it_holds(tin
     (the fp32 figure is the trained model's own validation score), the file written only within --max-drop."""
     import onnx
 
-    from sevenpoint.export import ExportError, export_int8
+    from sevenpoint.engine.int8 import export_int8
+    from sevenpoint.infer.export import ExportError
 
     ckpt, out = tiny_run["best_checkpoint"], tmp_path / "m8.onnx"
     report = export_int8(ckpt, out, synth_root, calibration_cases=16, max_drop=100)

@@ -13,9 +13,9 @@ from sevenpoint.checkpoint import CheckpointError, assemble_ensemble, load_model
 from sevenpoint.config import ConfigError, load_config
 from sevenpoint.engine.evaluate import evaluate
 from sevenpoint.engine.train import RunDirError, train
-from sevenpoint.export import check_parity, export_onnx
+from sevenpoint.infer.export import check_parity, export_onnx
 from sevenpoint.models import FusionEnsemble
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 
 
 def run(*args, check=True):

@@ -25,7 +25,7 @@ from sevenpoint.checkpoint import load_model
 from sevenpoint.cli import _is_known
 from sevenpoint.data import Derm7pt
 from sevenpoint.data.images import load_image, open_rgb
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 from sevenpoint.web.app import create_app
 
 EXAMPLES = int(os.environ.get("SEVENPOINT_FUZZ_EXAMPLES", "60"))

@@ -366,7 +366,7 @@ def test_predict_unsupported_and_oversize_images(tiny_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_predict_nan_inf_arrays(tiny_run, bad):
-    from sevenpoint.predict import Predictor, PredictError
+    from sevenpoint.infer.predict import Predictor, PredictError
 
     arr = np.zeros((32, 32, 3), np.float32)
     arr[3, 4, 1] = bad

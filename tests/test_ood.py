@@ -12,9 +12,9 @@ from sklearn.metrics import roc_auc_score
 from sevenpoint.checkpoint import assemble_ensemble, read_checkpoint
 from sevenpoint.data import Derm7pt
 from sevenpoint.data.images import crop_and_resize
-from sevenpoint.export import export_onnx
-from sevenpoint.ood import OODModel, descriptor, non_lesion_examples
-from sevenpoint.predict import Predictor, PredictError
+from sevenpoint.infer.export import export_onnx
+from sevenpoint.infer.ood import OODModel, descriptor, non_lesion_examples
+from sevenpoint.infer.predict import Predictor, PredictError
 from sevenpoint.web.app import create_app
 
 def test_tiny_images_and_strips_are_refused_by_the_gate(tiny_run):

@@ -20,7 +20,7 @@ from sevenpoint.engine.evaluate import evaluate
 from sevenpoint.engine.module import warmup_cosine
 from sevenpoint.engine.train import train
 from sevenpoint.models import build_backbone
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 
 
 @pytest.mark.parametrize("override, match", [

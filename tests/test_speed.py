@@ -132,7 +132,7 @@ def test_bf16_and_fp32_evaluation_agree(tiny_run, synth_root, tmp_path):
 
 def test_frozen_backend_matches_eager_and_handles_missing_inputs(tiny_run, synth_root):
     from sevenpoint.data import Derm7pt
-    from sevenpoint.predict import Predictor
+    from sevenpoint.infer.predict import Predictor
 
     eager = Predictor.from_checkpoint(tiny_run["best_checkpoint"], precision="fp32")
     frozen = Predictor.from_checkpoint(tiny_run["best_checkpoint"], precision="fp32", backend="frozen")

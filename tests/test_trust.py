@@ -11,14 +11,14 @@ import sys
 import numpy as np
 import pytest
 
-from sevenpoint.artifacts import (Artifacts, CorrectionError, apply_corrections, parse_corrections, postprocess,
+from sevenpoint.infer.artifacts import (Artifacts, CorrectionError, apply_corrections, parse_corrections, postprocess,
                                   triage_point)
 from sevenpoint.checkpoint import load_model, read_checkpoint
 from sevenpoint.config import ConfigError, load_config
 from sevenpoint.data import Derm7pt
 from sevenpoint.engine.held_out import conformal_scores, fit_stacker, mixed_criteria
 from sevenpoint.engine.trust import _rank_auc, bootstrap_intervals, least_sure_corrections
-from sevenpoint.predict import Predictor, PredictError
+from sevenpoint.infer.predict import Predictor, PredictError
 from sevenpoint.schema import CRITERIA, DIAG_INDEX, TASK_NAMES, TASKS, seven_point_score
 
 

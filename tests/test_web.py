@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import start_server
 
 from sevenpoint.data import Derm7pt
-from sevenpoint.predict import Predictor
+from sevenpoint.infer.predict import Predictor
 from sevenpoint.schema import TASK_NAMES
 from sevenpoint.web.app import create_app
 

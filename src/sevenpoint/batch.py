@@ -370,7 +370,7 @@ class ArchiveModule(L.LightningModule):
         self.bar = None
 
     def setup(self, stage: str) -> None:
-        from .predict import Predictor
+        from .infer.predict import Predictor
 
         world = self.trainer.world_size
         if self.device.type == "cpu":  # N processes share the cores
@@ -401,7 +401,7 @@ class ArchiveModule(L.LightningModule):
 def predict_cases(predictor, cases: Sequence[Case]) -> list[dict]:
     """One journal record per case: its prediction, or the reason it has none."""
     from .data.images import ImageError
-    from .predict import PredictError
+    from .infer.predict import PredictError
 
     records, prepared, where = [], [], []
     for case in cases:

@@ -362,7 +362,9 @@ def predict(
              "the CSV's folder) or a folder of dermoscopy images. Exit 3 if any row failed.")] = None,
     precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, with the layout, "
                                                 "the fastest kept) | fp32 | bf16")] = "auto",
-    backend: Annotated[str, typer.Option(help="torch (per-head maps) | frozen (fastest) | onnx (from .onnx)")] = "torch",
+    backend: Annotated[str, typer.Option(help="auto (eager, frozen and ONNX Runtime timed once on this CPU, the fastest "
+                                              "kept; eager when --heatmaps wants per-head maps) | torch | frozen | "
+                                              "onnx (from .onnx)")] = "auto",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
     devices: Annotated[int, typer.Option(help="--batch: processes (CPU) or GPUs for Lightning's Trainer.predict.")] = 1,
@@ -381,7 +383,7 @@ def predict(
         help="--report: this model's `evaluate` metrics.json, to quote its measured test figures.")] = None,
 ) -> None:
     """Predict one case (or a batch: CSV or image folder): criteria, diagnosis, 7-point score, attention maps."""
-    from .predict import Predictor, PredictError, save_heatmaps
+    from .infer.predict import Predictor, PredictError, save_heatmaps
 
     outs = out or []
     if batch is not None:
@@ -406,7 +408,8 @@ def predict(
         corrections[name.strip()] = value.strip()
     level = 0.9 if level is None else level
     _check_level(level)
-    predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta)
+    predictor = Predictor.from_checkpoint(checkpoint, precision=precision, backend=backend, tta=tta,
+                                          heads=heatmaps is not None)
     predictor.set_level = level
     err.print(f"path {predictor.choice}", highlight=False)
     for lack in predictor.artifacts.missing():
@@ -416,7 +419,7 @@ def predict(
     meta = {"sex": sex, "location": location, "elevation": elevation}
     result = predictor.predict(derm=derm, clinic=clinic, meta=meta, corrections=corrections)
     if report:
-        from .case_report import read_figures, write_report
+        from .infer.case_report import read_figures, write_report
 
         write_report(report, result, {"derm": derm, "clinic": clinic}, meta, predictor.info,
                      predictor.artifacts.provenance, read_figures(figures),
@@ -464,7 +467,8 @@ def serve(
     port: int = 8000,
     max_upload_mb: float = 10.0,
     max_queue: Annotated[int, typer.Option(help="Predictions waiting at once; more get 503.")] = 64,
-    backend: Annotated[str, typer.Option(help="frozen (fastest on CPU) | torch | onnx (inferred from .onnx)")] = "frozen",
+    backend: Annotated[str, typer.Option(help="auto (eager, frozen and ONNX Runtime timed once on this CPU, the fastest "
+                                              "kept) | frozen | torch | onnx (inferred from .onnx)")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (fp32 and bf16 timed once on a bf16 CPU, with the layout, "
                                                 "the fastest kept) | fp32 | bf16")] = "auto",
     tta: Annotated[Optional[str], typer.Option(
@@ -499,7 +503,7 @@ def serve(
                                  "and writes demo-run/run/checkpoints/best.ckpt", param_hint="--checkpoint")
     import uvicorn
 
-    from .predict import Predictor
+    from .infer.predict import Predictor
     from .web.app import create_app
 
     predictor = Predictor.from_checkpoint(checkpoint, backend=backend, tta=tta, precision=precision)
@@ -512,7 +516,7 @@ def serve(
     console.print(f"serving {predictor.info} on {link}")
     if max_batch < 1 or batch_wait_ms < 0:
         raise typer.BadParameter(f"--max-batch {max_batch} must be >= 1 and --batch-wait-ms {batch_wait_ms} >= 0")
-    from .case_report import read_figures
+    from .infer.case_report import read_figures
 
     app_ = create_app(predictor, max_upload_mb=max_upload_mb, max_queue=max_queue, token=token,
                       request_timeout=request_timeout, predict_timeout=predict_timeout, max_batch=max_batch,
@@ -535,7 +539,8 @@ def export(
 ) -> None:
     """Export to ONNX (dynamic batch; derm, clinic, meta + availability flags) and check it with onnxruntime.
     With --int8 DATA: an int8 model calibrated and checked on DATA (the fast CPU path where its accuracy holds)."""
-    from .export import check_parity, export_int8, export_onnx
+    from .engine.int8 import export_int8
+    from .infer.export import check_parity, export_onnx
 
     if int8 is not None:
         r = export_int8(checkpoint, onnx, int8, calibration_cases, check_split, max_drop, data_format)

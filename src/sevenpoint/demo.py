@@ -12,7 +12,7 @@ from .config import load_config
 from .data import Derm7pt, make_synthetic
 from .engine.evaluate import evaluate
 from .engine.train import train
-from .predict import Predictor, save_heatmaps
+from .infer.predict import Predictor, save_heatmaps
 
 
 def run_demo(out: str | Path, cases: int = 400, epochs: int | None = None, progress: bool = True,

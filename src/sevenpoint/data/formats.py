@@ -1,6 +1,6 @@
 """The registry of dataset formats: detected from the folder, or forced with `--format`.
 
-A format is a reader with `detect(path) -> bool` and `load(path, *, include_leaky_meta,
+A format is a reader (a class or a module) with `detect(path) -> bool` and `load(path, *, include_leaky_meta,
 check_images, skip_missing) -> CaseSet` (data/base.py). Adding one = a new module + a line here.
 """
 
@@ -11,13 +11,12 @@ from pathlib import Path
 
 from .base import CaseSet, DatasetError
 from .derm7pt import Derm7pt
-from .isic import ISIC
-from .ph2 import PH2
+from . import isic, ph2
 
 FORMATS = {
     "derm7pt": Derm7pt,
-    "ph2": PH2,
-    "isic": ISIC,
+    "ph2": ph2,  # a module with detect() and load() is a reader too
+    "isic": isic,
 }
 FORMAT_CHOICES = ("auto", *FORMATS)
 

@@ -111,46 +111,41 @@ def _read(csv: Path) -> tuple[list[tuple[int, str, str | None]], list[str]]:
     return rows, quirks
 
 
-class ISIC:
-    """The reader of ISIC challenge folders (dermoscopy + DIAG only)."""
-
-    detect = staticmethod(detect)
-
-    @staticmethod
-    def load(path: str | os.PathLike, *, include_leaky_meta: bool = False, check_images: bool = True,
-             skip_missing: bool = False) -> CaseSet:
-        root = Path(path)
-        files = ground_truth_files(root) if root.is_dir() else []
-        if not files:
-            raise DatasetError(f"{root}: no ISIC ground-truth CSV (a header like 'image_id,melanoma,...' "
-                               "or 'image,MEL,NV,...')")
-        index = image_index(root, (".jpg", ".jpeg", ".png")) if check_images else {}
-        diag = TASKS[_DIAG]
-        cases, missing, quirks, split_rows, seen = [], [], [], {}, {}
-        skipped = 0
-        for csv in files:
-            split = _split_of(csv)
-            if split in split_rows and split != "all":
-                raise DatasetError(f"{csv}: a second ground-truth file for split {split!r}")
-            rows, file_quirks = _read(csv)
-            quirks += file_quirks
-            for line, image, cls in rows:
-                if cls is None:
-                    skipped += 1
-                    continue
-                if image.lower() in seen:
-                    raise DatasetError(f"{csv.name}, line {line}: image {image} already listed in {seen[image.lower()]}")
-                seen[image.lower()] = f"{csv.name}, line {line}"
-                derm = index.get(image.lower()) if check_images else root / f"{image}.jpg"
-                if derm is None:
-                    missing.append((len(cases), f"{csv.name}, line {line}: no image file {image}.jpg under {root}"))
-                targets = [NOT_ANNOTATED] * len(TASKS)
-                targets[_DIAG] = diag.classes.index(cls)
-                split_rows.setdefault(split, []).append(len(cases))
-                cases.append(Case(case_id=image, derm=derm, clinic=None, targets=tuple(targets), row=line, crop=0))
-        if skipped:
-            quirks.append(f"{skipped} image(s) left out: AK / AKIEC, SCC or UNK have no Derm7pt diagnosis class")
-        splits = {s: np.array(idx, dtype=np.int64) for s, idx in split_rows.items() if s != "all"}
-        splits["all"] = np.arange(len(cases))
-        cases, splits = drop_missing(cases, splits, missing, skip_missing, quirks)
-        return CaseSet(NAME, root, cases, splits, quirks, meta_dim=0)
+def load(path: str | os.PathLike, *, include_leaky_meta: bool = False, check_images: bool = True,
+         skip_missing: bool = False) -> CaseSet:
+    """Read an ISIC challenge folder (dermoscopy + DIAG only) into a CaseSet."""
+    root = Path(path)
+    files = ground_truth_files(root) if root.is_dir() else []
+    if not files:
+        raise DatasetError(f"{root}: no ISIC ground-truth CSV (a header like 'image_id,melanoma,...' "
+                           "or 'image,MEL,NV,...')")
+    index = image_index(root, (".jpg", ".jpeg", ".png")) if check_images else {}
+    diag = TASKS[_DIAG]
+    cases, missing, quirks, split_rows, seen = [], [], [], {}, {}
+    skipped = 0
+    for csv in files:
+        split = _split_of(csv)
+        if split in split_rows and split != "all":
+            raise DatasetError(f"{csv}: a second ground-truth file for split {split!r}")
+        rows, file_quirks = _read(csv)
+        quirks += file_quirks
+        for line, image, cls in rows:
+            if cls is None:
+                skipped += 1
+                continue
+            if image.lower() in seen:
+                raise DatasetError(f"{csv.name}, line {line}: image {image} already listed in {seen[image.lower()]}")
+            seen[image.lower()] = f"{csv.name}, line {line}"
+            derm = index.get(image.lower()) if check_images else root / f"{image}.jpg"
+            if derm is None:
+                missing.append((len(cases), f"{csv.name}, line {line}: no image file {image}.jpg under {root}"))
+            targets = [NOT_ANNOTATED] * len(TASKS)
+            targets[_DIAG] = diag.classes.index(cls)
+            split_rows.setdefault(split, []).append(len(cases))
+            cases.append(Case(case_id=image, derm=derm, clinic=None, targets=tuple(targets), row=line, crop=0))
+    if skipped:
+        quirks.append(f"{skipped} image(s) left out: AK / AKIEC, SCC or UNK have no Derm7pt diagnosis class")
+    splits = {s: np.array(idx, dtype=np.int64) for s, idx in split_rows.items() if s != "all"}
+    splits["all"] = np.arange(len(cases))
+    cases, splits = drop_missing(cases, splits, missing, skip_missing, quirks)
+    return CaseSet(NAME, root, cases, splits, quirks, meta_dim=0)

@@ -105,70 +105,65 @@ def _read_xlsx(xlsx: Path) -> tuple[list[tuple[int, list]], list[str]]:
     return data, names
 
 
-class PH2:
-    """The reader of PH2's distributed layout (dermoscopy only, split `all`)."""
-
-    detect = staticmethod(detect)
-
-    @staticmethod
-    def load(path: str | os.PathLike, *, include_leaky_meta: bool = False, check_images: bool = True,
-             skip_missing: bool = False) -> CaseSet:
-        root = find_root(Path(path))
-        xlsx = root / XLSX
-        if not xlsx.is_file():
-            reduced = next(root / n for n in REDUCED if (root / n).is_file())
-            raise DatasetError(f"{reduced}: a reduced copy of PH2's labels (criteria columns are missing from it); "
-                               f"put the distributed {XLSX} in {root} — it is the reference")
-        rows, names = _read_xlsx(xlsx)
-        diag_cols = {j: DIAGNOSIS_COLUMNS[n] for j, n in enumerate(names) if n in DIAGNOSIS_COLUMNS}
-        if sorted(names[j] for j in diag_cols) != sorted(DIAGNOSIS_COLUMNS):
-            raise DatasetError(f"{xlsx}: header must have the columns Common Nevus, Atypical Nevus and Melanoma "
-                               f"(found: {', '.join(n for n in names if n) or 'none'})")
-        crit_cols: dict[str, int] = {}
-        for task, (prefix, _) in CRITERIA.items():
-            hits = [j for j, n in enumerate(names) if n.startswith(prefix)]
-            if hits:
-                crit_cols[task] = hits[0]
-        quirks = []
-        absent = [t for t in CRITERIA if t not in crit_cols]
-        if absent:
-            quirks.append(f"{xlsx.name} has no column for {', '.join(absent)}: not annotated "
-                          "(the distributed spreadsheet has them; this looks like a reduced copy)")
-        quirks.append("VS and PIG are not annotated in PH2" +
-                      ("; STR is scored as absent vs present" if "STR" in crit_cols else ""))
-        folder = next((root / f for f in IMAGE_FOLDERS if (root / f).is_dir()), None)
-        if check_images and folder is None:
-            raise DatasetError(f"{root}: image folder not found (expected one of: {', '.join(IMAGE_FOLDERS)})")
-        index = image_index(folder, (".bmp", ".png", ".jpg", ".jpeg")) if check_images else {}
-        cases, errors, missing, seen = [], [], [], {}
-        for excel_row, values in rows:
-            name = str(values[0]).strip().upper()
-            where = f"{xlsx.name} row {excel_row} ({name})"
-            if name in seen:
-                errors.append(f"{where}: duplicates row {seen[name]}")
+def load(path: str | os.PathLike, *, include_leaky_meta: bool = False, check_images: bool = True,
+         skip_missing: bool = False) -> CaseSet:
+    """Read PH2's distributed layout (dermoscopy only, split `all`) into a CaseSet."""
+    root = find_root(Path(path))
+    xlsx = root / XLSX
+    if not xlsx.is_file():
+        reduced = next(root / n for n in REDUCED if (root / n).is_file())
+        raise DatasetError(f"{reduced}: a reduced copy of PH2's labels (criteria columns are missing from it); "
+                           f"put the distributed {XLSX} in {root} — it is the reference")
+    rows, names = _read_xlsx(xlsx)
+    diag_cols = {j: DIAGNOSIS_COLUMNS[n] for j, n in enumerate(names) if n in DIAGNOSIS_COLUMNS}
+    if sorted(names[j] for j in diag_cols) != sorted(DIAGNOSIS_COLUMNS):
+        raise DatasetError(f"{xlsx}: header must have the columns Common Nevus, Atypical Nevus and Melanoma "
+                           f"(found: {', '.join(n for n in names if n) or 'none'})")
+    crit_cols: dict[str, int] = {}
+    for task, (prefix, _) in CRITERIA.items():
+        hits = [j for j, n in enumerate(names) if n.startswith(prefix)]
+        if hits:
+            crit_cols[task] = hits[0]
+    quirks = []
+    absent = [t for t in CRITERIA if t not in crit_cols]
+    if absent:
+        quirks.append(f"{xlsx.name} has no column for {', '.join(absent)}: not annotated "
+                      "(the distributed spreadsheet has them; this looks like a reduced copy)")
+    quirks.append("VS and PIG are not annotated in PH2" +
+                  ("; STR is scored as absent vs present" if "STR" in crit_cols else ""))
+    folder = next((root / f for f in IMAGE_FOLDERS if (root / f).is_dir()), None)
+    if check_images and folder is None:
+        raise DatasetError(f"{root}: image folder not found (expected one of: {', '.join(IMAGE_FOLDERS)})")
+    index = image_index(folder, (".bmp", ".png", ".jpg", ".jpeg")) if check_images else {}
+    cases, errors, missing, seen = [], [], [], {}
+    for excel_row, values in rows:
+        name = str(values[0]).strip().upper()
+        where = f"{xlsx.name} row {excel_row} ({name})"
+        if name in seen:
+            errors.append(f"{where}: duplicates row {seen[name]}")
+            continue
+        seen[name] = excel_row
+        marked = [diag for j, diag in diag_cols.items() if str(values[j] or "").strip().upper() == "X"]
+        if len(marked) != 1:
+            errors.append(f"{where}: {len(marked)} of Common Nevus / Atypical Nevus / Melanoma marked X, need 1")
+            continue
+        targets = [NOT_ANNOTATED] * len(TASK_NAMES)
+        targets[TASK_NAMES.index("DIAG")] = {"NEV": 1, "MEL": 2}[marked[0]]
+        for task, j in crit_cols.items():
+            raw = str(values[j] if j < len(values) and values[j] is not None else "").strip().upper()
+            mapping = CRITERIA[task][1]
+            if raw not in mapping:
+                errors.append(f"{where}, column {names[j]!r}: unknown value {raw!r} "
+                              f"(allowed: {', '.join(mapping)})")
                 continue
-            seen[name] = excel_row
-            marked = [diag for j, diag in diag_cols.items() if str(values[j] or "").strip().upper() == "X"]
-            if len(marked) != 1:
-                errors.append(f"{where}: {len(marked)} of Common Nevus / Atypical Nevus / Melanoma marked X, need 1")
-                continue
-            targets = [NOT_ANNOTATED] * len(TASK_NAMES)
-            targets[TASK_NAMES.index("DIAG")] = {"NEV": 1, "MEL": 2}[marked[0]]
-            for task, j in crit_cols.items():
-                raw = str(values[j] if j < len(values) and values[j] is not None else "").strip().upper()
-                mapping = CRITERIA[task][1]
-                if raw not in mapping:
-                    errors.append(f"{where}, column {names[j]!r}: unknown value {raw!r} "
-                                  f"(allowed: {', '.join(mapping)})")
-                    continue
-                targets[TASK_NAMES.index(task)] = mapping[raw]
-            derm = None
-            if check_images:
-                derm = index.get(name.lower())
-                if derm is None:
-                    missing.append((len(cases), f"{where}: {folder / name / f'{name}_Dermoscopic_Image' / f'{name}.bmp'}"))
-            cases.append(Case(case_id=name, derm=derm, clinic=None, targets=tuple(targets), row=excel_row))
-        if errors:
-            raise DatasetError(f"{len(errors)} problem(s) in {xlsx}:" + listing(errors, 20))
-        cases, splits = drop_missing(cases, {"all": np.arange(len(cases))}, missing, skip_missing, quirks)
-        return CaseSet(NAME, root, cases, splits, quirks, meta_dim=0)
+            targets[TASK_NAMES.index(task)] = mapping[raw]
+        derm = None
+        if check_images:
+            derm = index.get(name.lower())
+            if derm is None:
+                missing.append((len(cases), f"{where}: {folder / name / f'{name}_Dermoscopic_Image' / f'{name}.bmp'}"))
+        cases.append(Case(case_id=name, derm=derm, clinic=None, targets=tuple(targets), row=excel_row))
+    if errors:
+        raise DatasetError(f"{len(errors)} problem(s) in {xlsx}:" + listing(errors, 20))
+    cases, splits = drop_missing(cases, {"all": np.arange(len(cases))}, missing, skip_missing, quirks)
+    return CaseSet(NAME, root, cases, splits, quirks, meta_dim=0)

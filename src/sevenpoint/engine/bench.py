@@ -303,7 +303,7 @@ def _onnx_calls(model: FusionModel, size: int, meta_dim: int, batch: int, fp32: 
                 int8: bool = False) -> dict:
     """path name -> (no-argument ONNX Runtime call on a batch of `batch`, the same on one case): the
     fp32 export and/or its int8 quantisation (calibrated on a few random batches: speed only)."""
-    from ..export import export_model, ort_session, quantize_int8
+    from ..infer.export import export_model, ort_session, quantize_int8
 
     def feeds(n):
         d, c, m = _inputs(n, size, meta_dim, False)

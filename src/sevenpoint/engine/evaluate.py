@@ -20,9 +20,9 @@ from ..data import CaseDataset, CaseSet, DatasetError, load_dataset
 from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
-from ..artifacts import DEFAULT_LEVEL, Artifacts, postprocess
+from ..infer.artifacts import DEFAULT_LEVEL, Artifacts, postprocess
 from ..schema import DIAG_INDEX, TASKS
-from ..temperature import apply_temperatures
+from ..infer.temperature import apply_temperatures
 from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
 from .module import forward_batch
 from .report import plot_confusion, plot_reliability, plot_roc, write_report

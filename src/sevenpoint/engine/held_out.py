@@ -1,4 +1,4 @@
-"""Fitting what a model carries for inference (`sevenpoint.artifacts`) from predictions of cases it did
+"""Fitting what a model carries for inference (`sevenpoint.infer.artifacts`) from predictions of cases it did
 not train on: the validation split of a plain run, or the out-of-fold predictions of a cross-fit refit
 ensemble (`train.cross_fit`). One call fits, in order:
 
@@ -24,10 +24,10 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from ..artifacts import CRITERIA_INDEX, Artifacts, stacker_features, triage_point
+from ..infer.artifacts import CRITERIA_INDEX, Artifacts, stacker_features, triage_point
 from ..config import config_from_dict
 from ..schema import DIAG_INDEX, MEL_CLASS, TASKS
-from ..temperature import apply_temperatures
+from ..infer.temperature import apply_temperatures
 from .metrics import temperature_report
 
 STACKER_C = 1.0  # inverse L2 strength; not tuned (on ~200 held-out cases a search would fit noise)

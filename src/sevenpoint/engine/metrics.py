@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from ..temperature import apply_temperature
+from ..infer.temperature import apply_temperature
 from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, PRESENT, TASKS, annotated, correct,
                       seven_point_score)
 

@@ -37,7 +37,7 @@ from ..config import RunConfig, config_from_dict
 from ..data import CaseDataset, CaseSet, EpochSampler, balanced_weights, load_dataset
 from ..data.base import DatasetError, with_extra
 from ..data.cache import make_cache
-from ..ood import OODModel, descriptor
+from ..infer.ood import OODModel, descriptor
 from ..data.transforms import transforms_for
 from ..schema import TASKS
 from .loss import multitask_loss
@@ -319,7 +319,7 @@ def training_view(data: CaseSet, cfg: RunConfig) -> CaseSet:
 
 def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, held_out=None, source: str | None = None,
                       progress: bool = True):
-    """Add to the checkpoint dict `ckpt` what the model carries for inference (`sevenpoint.artifacts`)
+    """Add to the checkpoint dict `ckpt` what the model carries for inference (`sevenpoint.infer.artifacts`)
     and write it to `path` once, atomically. Returns the held-out predictions used (or None).
 
     Always: the out-of-distribution score (fitted on the training dermoscopy images, threshold from the
@@ -329,7 +329,7 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
     stacked diagnosis, fitted on `held_out` predictions (a cross-fit ensemble's out-of-fold ones), else
     on the model's own predictions of the validation split.
     """
-    from ..artifacts import Artifacts
+    from ..infer.artifacts import Artifacts
     from ..checkpoint import model_from
     from .evaluate import predict_measured, train_majority
     from .held_out import fit_into

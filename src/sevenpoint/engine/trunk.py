@@ -97,7 +97,7 @@ def image_views(images: ImageCache, cfg: RunConfig, path: Path, crop: int | None
 
 
 def _ort_runner(trunk: Trunk, sample: torch.Tensor):
-    from ..export import ort_session
+    from ..infer.export import ort_session
 
     with tempfile.TemporaryDirectory(prefix="sevenpoint-trunk-") as folder:  # the session keeps the graph in memory
         path = Path(folder) / "trunk.onnx"

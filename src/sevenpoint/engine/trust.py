@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from ..artifacts import CRITERIA_INDEX, Artifacts, apply_corrections
+from ..infer.artifacts import CRITERIA_INDEX, Artifacts, apply_corrections
 from ..schema import DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, TASKS, annotated, correct, seven_point_score
 
 SMALL_CELL = 20  # breakdown groups with fewer cases are marked: their accuracy moves by > 10 points per case pair

@@ -29,10 +29,10 @@ from starlette.formparsers import MultiPartParser
 
 from ..data.images import open_rgb
 from .batching import MicroBatcher
-from ..case_report import render_report
-from ..predict import Prediction, Predictor, PredictError
+from ..infer.case_report import render_report
+from ..infer.predict import Prediction, Predictor, PredictError
 from ..schema import CRITERIA, META_FIELDS
-from ..viz import jpeg_data_url, overlay_attention
+from ..infer.viz import jpeg_data_url, overlay_attention
 
 STATIC = Path(__file__).parent / "static"
 ALLOWED_TYPES = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}

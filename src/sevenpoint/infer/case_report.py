@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from .predict import Prediction, _image_array
-from .schema import MELANOMA_THRESHOLD, PAPER_ORDER, TASK_BY_NAME, score_rule
+from ..schema import MELANOMA_THRESHOLD, PAPER_ORDER, TASK_BY_NAME, score_rule
 from .viz import jpeg_data_url, overlay_attention
 
 CAVEAT = ("Research tool, not a medical device. These outputs are a model's estimate from images and metadata; "
@@ -164,7 +164,7 @@ Melanoma probability: {100 * result.melanoma_probability:.1f} %.</p>
 
 def write_report(path: str | os.PathLike, *args, **kwargs) -> Path:
     """`render_report` written to `path` atomically."""
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,15 @@ import torch
 from PIL import Image
 
 from .artifacts import DEFAULT_LEVEL, Artifacts, CorrectionError, parse_corrections, postprocess
-from .checkpoint import load_model
-from .config import TTA_MODES, config_from_dict
-from .data.images import ImageError, crop_and_resize, open_rgb
-from .data.transforms import to_tensor, transforms_for, tta_views
-from .runtime import PATHS, ThreadGovernor, bf16_autocast, path_candidates, path_key, pick_path, use_bf16, use_channels_last
-from .models import BRANCHES, freeze_for_inference
+from ..checkpoint import load_model
+from ..config import TTA_MODES, config_from_dict
+from ..data.images import ImageError, crop_and_resize, open_rgb
+from ..data.transforms import to_tensor, transforms_for, tta_views
+from ..runtime import (PATHS, ThreadGovernor, autotune_cache_file, bf16_autocast, path_candidates, path_key,
+                       pick_path, use_bf16, use_channels_last)
+from ..models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
-from .schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASK_NAMES, TASKS,
+from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASK_NAMES, TASKS,
                      encode_meta, score_rule, seven_point_score)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -63,14 +64,14 @@ class Prediction:
     inputs_used: dict[str, bool]
     attention: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     attention_heads: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
-    # How unlike the training dermoscopy images the derm input looks (sevenpoint.ood); None when
+    # How unlike the training dermoscopy images the derm input looks (sevenpoint.infer.ood); None when
     # there is no derm input or the checkpoint has no OOD statistics.
     ood_score: float | None = None
     ood_threshold: float | None = None
     ood_warning: bool = False
     # Per task, the classes of its conformal prediction set at `set_level` (None: the checkpoint has no
     # sets). `uncertain`: the diagnosis set is not a single class, or, without sets, the most probable
-    # diagnosis is below 50 % (`sevenpoint.artifacts.postprocess`); `uncertain_why` says which, in words.
+    # diagnosis is below 50 % (`sevenpoint.infer.artifacts.postprocess`); `uncertain_why` says which, in words.
     sets: dict[str, list[str]] | None = None
     set_level: float | None = None
     uncertain: bool = False
@@ -87,7 +88,7 @@ class Prediction:
     triage: dict | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready (attention maps left out; draw them with `sevenpoint.viz`)."""
+        """JSON-ready (attention maps left out; draw them with `sevenpoint.infer.viz`)."""
         d = asdict(self)
         d.pop("attention")
         d.pop("attention_heads")
@@ -248,24 +249,28 @@ class Predictor:
             raise PredictError(f"tta {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto", backend: str = "torch",
-                        tta: str | None = None, device: torch.device | str = "cpu") -> Predictor:
-        """`backend`: torch (eager, per-head attention maps), frozen (traced + frozen graph, fastest
-        at batch 1 on CPU, aggregated maps only) or onnx (an exported .onnx file). `tta=None`
-        applies the checkpoint's `infer.tta`. The numeric path is measured: the open candidates
-        (precision: fp32 and, on a CPU with bf16 units, bf16 — `fp32` / `bf16` force one; layout:
-        channels_last on and off for the eager backend unless the checkpoint's `train.channels_last`
-        pins it) are timed at batch 1 and the fastest kept (cached per CPU, torch version, threads,
-        backend and model; `choice` says which and why). `device` (torch backend only): a GPU runs fp32
-        unless `precision="bf16"`; no timing there."""
+    def from_checkpoint(cls, path: str | os.PathLike, precision: str = "auto", backend: str = "auto",
+                        tta: str | None = None, device: torch.device | str = "cpu", heads: bool = False) -> Predictor:
+        """`backend`: auto (the fastest engine measured on this CPU), torch (eager, per-head attention maps),
+        frozen (traced + frozen graph, aggregated maps) or onnx (an exported .onnx file). `tta=None` applies
+        the checkpoint's `infer.tta`.
+
+        Measured, not assumed: every open candidate is timed at batch 1 round robin and the fastest kept
+        (cached per CPU identity, torch version, threads, engines and model: `runtime.autotune`; `choice`
+        says which and why). Candidates: per engine, the numeric paths `runtime.path_candidates` leaves
+        open (precision: fp32 and, on a CPU with bf16 units, bf16 — `fp32` / `bf16` force one; layout:
+        channels_last on and off for eager unless the checkpoint's `train.channels_last` pins it; the frozen
+        graph is channels_last). With auto, ONNX Runtime fp32 runs on an export of this checkpoint made once
+        (parity-checked against eager, kept beside the autotune cache: `onnx_cache`). `heads=True` (per-head
+        maps wanted) leaves eager alone. `device` (a GPU): eager fp32 unless `precision="bf16"`; no timing."""
         if backend == "onnx" or str(path).endswith(".onnx"):
             return cls.from_onnx(path, tta)
-        if backend not in ("torch", "frozen"):
-            raise PredictError(f"backend {backend!r}: expected torch, frozen or onnx")
+        if backend not in ("auto", "torch", "frozen"):
+            raise PredictError(f"backend {backend!r}: expected auto, torch, frozen or onnx")
         if precision not in ("auto", "fp32", "bf16"):
             raise PredictError(f"precision {precision!r}: expected auto, fp32 or bf16")
         device = torch.device(device)
-        if device.type != "cpu" and backend != "torch":
+        if device.type != "cpu" and backend == "frozen":
             raise PredictError(f"backend {backend!r} runs on the CPU; use backend torch on {device}")
         model, cfg, section = load_model(path)
         if device.type != "cpu":
@@ -273,18 +278,35 @@ class Predictor:
                             tta, OODModel.from_dict(section.get("ood")), Artifacts.from_section(section))
             predictor.choice = f"{device}, {'bf16' if precision == 'bf16' else 'fp32'} (as asked; not timed)"
             return predictor
-        make = _FrozenBackend if backend == "frozen" else _TorchBackend
-        # The open paths (runtime.path_candidates): precision as asked (bf16 timed only on a CPU with bf16
-        # units), layout as the checkpoint's train.channels_last says; the frozen graph is always channels_last.
-        paths, ruled_out = path_candidates(precision, "on" if backend == "frozen" else cfg.train.channels_last)
-        if backend == "frozen":
-            ruled_out = ruled_out.replace("channels_last on pinned", "the frozen graph is channels_last")
+        engines = ["torch"] if heads else ["torch", "frozen", "onnx"] if backend == "auto" else [backend]
+        candidates, notes = {}, []  # name -> (engine, numeric path)
+        for engine in engines:
+            if engine == "onnx":
+                if precision == "bf16":
+                    notes.append("ONNX Runtime not timed: bf16 asked")
+                else:
+                    candidates["onnx"] = ("onnx", "fp32")
+                continue
+            # the open paths: precision as asked (bf16 timed only on a CPU with bf16 units), layout as the
+            # checkpoint's train.channels_last says; the frozen graph is always channels_last
+            paths, ruled_out = path_candidates(precision, "on" if engine == "frozen" else cfg.train.channels_last)
+            if engine == "frozen":
+                ruled_out = ruled_out.replace("channels_last on pinned", "the frozen graph is channels_last")
+            notes.append(ruled_out)
+            for name in paths:
+                candidates[name if len(engines) == 1 else f"{engine} {name}"] = (engine, name)
+        if heads and backend == "auto":
+            notes.append("per-head maps asked: eager only")
 
         built = {}  # backends autotune had to build for timing (none when the choice is cached or alone)
 
         def build(name: str):
-            cl, bf16 = PATHS[name]
-            return make(copy.deepcopy(model) if len(paths) > 1 else model, cfg, "bf16" if bf16 else "fp32", cl)
+            engine, numeric = candidates[name]
+            if engine == "onnx":
+                return _OnnxBackend(onnx_cache(path, model, cfg, section))
+            cl, bf16 = PATHS[numeric]
+            make = _FrozenBackend if engine == "frozen" else _TorchBackend
+            return make(copy.deepcopy(model) if len(candidates) > 1 else model, cfg, "bf16" if bf16 else "fp32", cl)
 
         def timing(name: str):
             def make_call():
@@ -294,8 +316,10 @@ class Predictor:
                                          {k: torch.ones(1, dtype=torch.bool) for k in ("derm", "clinic", "meta")})
             return make_call
 
-        key = path_key(cfg, backend, "batch1", "paths", f"ensemble{cfg.train.ensemble}")
-        choice, why = pick_path(key, paths, ruled_out, timing, rounds=5)
+        key = path_key(cfg, "+".join(engines), "batch1", "paths",
+                       f"ensemble{cfg.train.ensemble}")
+        ruled_out = "; ".join(dict.fromkeys(n for n in notes if n))
+        choice, why = pick_path(key, candidates, ruled_out, timing, rounds=5)
         impl = built.get(choice) or build(choice)
         predictor = cls(impl, cfg, tta, OODModel.from_dict(section.get("ood")), Artifacts.from_section(section))
         predictor.choice = why
@@ -428,6 +452,35 @@ class Predictor:
                 triage=None if done.triage is None else dict(done.triage[i]),
             ))
         return results
+
+
+def onnx_cache(path: str | os.PathLike, model: torch.nn.Module, cfg, section: dict) -> Path:
+    """An ONNX export of checkpoint `path`, made once and kept under the autotune cache's folder (`onnx/`),
+    named by the checkpoint's absolute path, size and modification time (a changed checkpoint is exported
+    afresh). Written only after its probabilities match eager fp32 within 1e-3 (else PredictError)."""
+    import hashlib
+
+    from .export import check_parity, export_loaded
+
+    src = Path(path).resolve()
+    stat = src.stat()
+    name = hashlib.sha1(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    folder = autotune_cache_file().parent / "onnx"
+    target = folder / f"{name}.onnx"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / f"{name}.{os.getpid()}.tmp.onnx"
+    try:
+        export_loaded(copy.deepcopy(model), cfg, section, staged)
+        gap = check_parity(path, staged)
+        if gap > 1e-3:
+            raise PredictError(f"{path}: its ONNX export differs from PyTorch by {gap:.2g} in probability; "
+                               "use --backend torch or frozen")
+        os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
+    return target
 
 
 def save_heatmaps(prediction: Prediction, images: Mapping[str, ImageInput], out_dir: str | os.PathLike,

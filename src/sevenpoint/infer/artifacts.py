@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .schema import DIAG_INDEX, MEL_CLASS, TASK_BY_NAME, TASK_NAMES, TASKS
+from ..schema import DIAG_INDEX, MEL_CLASS, TASK_BY_NAME, TASK_NAMES, TASKS
 
 DEFAULT_LEVEL = 0.9
 DOUBT_BELOW = 0.5  # a model without sets calls a diagnosis below this probability uncertain
