@@ -120,7 +120,7 @@ def test_kill_minus_9_then_rerun_continues_without_repeating_a_row(tiny_run, syn
     out = tmp_path / "r.csv"
     shard = tmp_path / "r.csv.parts" / "rank0.jsonl"
     proc = subprocess.Popen([*CLI, "predict", "--checkpoint", ckpt(tiny_run), "--batch", cases, "--out", out,
-                             "--batch-size", "2", "--no-progress", "--precision", "fp32"],
+                             "--batch-size", "2", "--no-progress", "--precision", "fp32", "--backend", "torch"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and (not shard.exists() or shard.read_bytes().count(b"\n") < 20):
@@ -136,14 +136,15 @@ def test_kill_minus_9_then_rerun_continues_without_repeating_a_row(tiny_run, syn
     predicted = []
     real = batch_mod.predict_cases
     monkeypatch.setattr(batch_mod, "predict_cases", lambda p, c: predicted.extend(x.row for x in c) or real(p, c))
-    summary = run_batch(ckpt(tiny_run), cases, [out], precision="fp32", progress=False)
+    summary = run_batch(ckpt(tiny_run), cases, [out], precision="fp32", backend="torch", progress=False)
     assert summary.resumed == kept and summary.total == 400
     assert len(predicted) == 400 - kept and len(set(predicted)) == len(predicted)  # nothing predicted twice
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table["row"]) == list(range(1, 401))  # every row once, in input order
     assert (table["status"] == "error").sum() == 8 == summary.failed
 
-    fresh = run_batch(ckpt(tiny_run), cases, [tmp_path / "fresh.csv"], precision="fp32", progress=False)
+    fresh = run_batch(ckpt(tiny_run), cases, [tmp_path / "fresh.csv"], precision="fp32", backend="torch",
+                      progress=False)
     assert fresh.resumed == 0
     again = pd.read_csv(tmp_path / "fresh.csv", keep_default_na=False)
     assert (again["diagnosis"] == table["diagnosis"]).all()

@@ -435,7 +435,7 @@ class BatchSummary:
 
 
 def run_batch(checkpoint: str | os.PathLike, source: str | os.PathLike, outs: Sequence[str | os.PathLike],
-              *, precision: str = "auto", backend: str = "torch", tta: str | None = None, devices: int = 1,
+              *, precision: str = "auto", backend: str = "auto", tta: str | None = None, devices: int = 1,
               accelerator: str = "cpu", batch_size: int = 16, restart: bool = False, progress: bool = True,
               threads: int | None = None) -> BatchSummary:
     """Predict every case of `source` into `outs` (suffix .csv, .json or .jsonl); resumable (see module doc)."""
@@ -449,6 +449,8 @@ def run_batch(checkpoint: str | os.PathLike, source: str | os.PathLike, outs: Se
         raise BatchInputError(f"--devices {devices} and --batch-size {batch_size} must be >= 1")
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator != "cpu" and backend == "auto":
+        backend = "torch"  # the only engine on a GPU
     if accelerator != "cpu" and backend != "torch":
         raise BatchInputError(f"backend {backend!r} runs on the CPU only; use --backend torch with --accelerator "
                               f"{accelerator}")
