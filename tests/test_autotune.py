@@ -50,6 +50,14 @@ def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):
                                               cache=cache)[1]
 
 
+def stub(timed: list, answer: str):
+    """An autotune that records the candidates it was offered and answers `answer`."""
+    def autotune(key, candidates, **timing):
+        timed.append(set(candidates))
+        return answer, f"{answer}: measured now (stub)"
+    return autotune
+
+
 def test_predictor_path_is_measured_and_said(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SEVENPOINT_AUTOTUNE", str(tmp_path / "autotune.json"))
     ckpt = tiny_run["best_checkpoint"]
@@ -62,22 +70,16 @@ def test_predictor_path_is_measured_and_said(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
     timed = []
 
-    def stub(answer):
-        def autotune(key, candidates, **timing):
-            timed.append(set(candidates))
-            return answer, f"{answer}: measured now (stub)"
-        return autotune
-
-    monkeypatch.setattr(runtime, "autotune", stub("channels_last+bf16"))
+    monkeypatch.setattr(runtime, "autotune", stub(timed, "channels_last+bf16"))
     p = Predictor.from_checkpoint(ckpt, backend="frozen")
     assert timed[-1] == {"channels_last", "channels_last+bf16"}  # the frozen graph: precision only
     assert p.choice.startswith("channels_last+bf16: measured now (stub)") and p.backend.bf16
     assert p.info["precision"] == p.choice
     # the eager backend also times the layout (tiny.yaml leaves train.channels_last at auto) and builds the winner
-    monkeypatch.setattr(runtime, "autotune", stub("fp32"))
+    monkeypatch.setattr(runtime, "autotune", stub(timed, "fp32"))
     p = Predictor.from_checkpoint(ckpt, backend="torch")
     assert timed[-1] == set(runtime.PATHS) and not p.backend.channels_last and not p.backend.bf16
-    monkeypatch.setattr(runtime, "autotune", stub("channels_last"))
+    monkeypatch.setattr(runtime, "autotune", stub(timed, "channels_last"))
     p = Predictor.from_checkpoint(ckpt, precision="fp32", backend="torch")  # fp32 forced: only the layout is left
     assert timed[-1] == {"fp32", "channels_last"} and p.backend.channels_last and not p.backend.bf16
     with pytest.raises(predict.PredictError, match="precision 'fp16'"):
@@ -93,14 +95,8 @@ def test_auto_times_every_engine_and_keeps_the_one_measured_fastest(tiny_run, sy
     ckpt = tiny_run["best_checkpoint"]
     timed = []
 
-    def stub(answer):
-        def autotune(key, candidates, **timing):
-            timed.append(set(candidates))
-            return answer, f"{answer}: measured now (stub)"
-        return autotune
-
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
-    monkeypatch.setattr(runtime, "autotune", stub("onnx"))
+    monkeypatch.setattr(runtime, "autotune", stub(timed, "onnx"))
     fast = Predictor.from_checkpoint(ckpt, precision="fp32")
     assert timed[-1] == {"torch fp32", "torch channels_last", "frozen channels_last", "onnx"}
     assert fast.info["backend"] == "onnx" and fast.choice.startswith("onnx: measured now")
@@ -110,13 +106,13 @@ def test_auto_times_every_engine_and_keeps_the_one_measured_fastest(tiny_run, sy
     Predictor.from_checkpoint(ckpt, precision="fp32")
     assert exported[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "onnx").iterdir())) == 1
     case = Derm7pt.load(synth_root).split_cases("test")[0]
-    monkeypatch.setattr(runtime, "autotune", stub("fp32"))
+    monkeypatch.setattr(runtime, "autotune", stub(timed, "fp32"))
     eager = Predictor.from_checkpoint(ckpt, precision="fp32", backend="torch")
     a, b = fast.predict(derm=case.derm), eager.predict(derm=case.derm)
     for task in a.tasks:
         for c, v in a.tasks[task].probabilities.items():
             assert v == pytest.approx(b.tasks[task].probabilities[c], abs=1e-3)
-    monkeypatch.setattr(runtime, "autotune", stub("channels_last"))
+    monkeypatch.setattr(runtime, "autotune", stub(timed, "channels_last"))
     heads = Predictor.from_checkpoint(ckpt, precision="fp32", heads=True)
     assert timed[-1] == {"fp32", "channels_last"} and heads.info["backend"] == "torch"
 
