@@ -17,7 +17,7 @@ from sevenpoint.checkpoint import load_model, read_checkpoint
 from sevenpoint.config import ConfigError, load_config
 from sevenpoint.data import Derm7pt
 from sevenpoint.engine.held_out import conformal_scores, fit_stacker, mixed_criteria
-from sevenpoint.engine.trust import _rank_auc, bootstrap_intervals, least_sure_corrections
+from sevenpoint.engine.trust import _rank_auc, bootstrap_intervals, least_sure_corrections, random_corrections
 from sevenpoint.infer.predict import Predictor, PredictError
 from sevenpoint.schema import CRITERIA, DIAG_INDEX, TASK_NAMES, TASKS, seven_point_score
 
@@ -326,6 +326,20 @@ def test_least_sure_corrections_pick_the_lowest_confidence_labelled_criteria():
     assert least_sure_corrections(probs, targets, 2) == [{"STR": 2, "RS": 1}]
     targets[0, TASK_NAMES.index("STR")] = -1  # not labelled: skipped
     assert least_sure_corrections(probs, targets, 1) == [{"RS": 1}]
+
+
+def test_random_corrections_are_the_control_of_the_least_sure_ones():
+    rng = np.random.default_rng(4)
+    targets = rng.integers(0, 2, (400, len(TASKS)))
+    targets[:, TASK_NAMES.index("PN")] = -1  # never labelled: never drawn
+    drawn = random_corrections(targets, 2, seed=1)
+    assert drawn == random_corrections(targets, 2, seed=1)  # reproducible
+    assert all(len(d) == 2 and "PN" not in d for d in drawn)
+    assert all(v == targets[i, TASK_NAMES.index(n)] for i, d in enumerate(drawn) for n, v in d.items())
+    counts = {n: sum(n in d for d in drawn) for n in CRITERIA if n != "PN"}
+    assert min(counts.values()) > 80  # every labelled criterion comes up (800 draws over 6: ~133 each)
+    everything = random_corrections(targets, 7)
+    assert all(set(d) == set(CRITERIA) - {"PN"} for d in everything)  # k = 7: both curves end at the truth
 
 
 def test_bootstrap_intervals_bracket_and_collapse_when_nothing_varies():

@@ -226,6 +226,8 @@ def trust_sections(m: dict) -> list[str]:
                  "| diagnosis from | DIAG accuracy % | melanoma AUC | 7-point rule accuracy % |", "|---|---:|---:|---:|"]
         rows = [("image model", dm["image_model"]), ("stacked, predicted criteria", dm["stacked"])]
         rows += [(f"stacked, {k} least sure criteria set to the truth", v) for k, v in dm["intervention"].items()]
+        rows += [(f"stacked, {k} random criteria set to the truth (control)", v)
+                 for k, v in dm.get("intervention_random", {}).items()]
         for label, v in rows:
             text.append(f"| {label} | {_fmt(_pct(v['diag_accuracy']))} | {_fmt(v['melanoma_auc'])} | "
                         f"{_fmt(_pct(v['rule_accuracy']))} |")

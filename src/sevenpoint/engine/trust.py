@@ -160,6 +160,18 @@ def least_sure_corrections(probs: list[np.ndarray], targets: np.ndarray, k: int)
     return out
 
 
+def random_corrections(targets: np.ndarray, k: int, seed: int = 0) -> list[dict[str, int]]:
+    """Per case, k criteria the data labels exactly, drawn at random (seeded), set to their true class: the
+    control for `least_sure_corrections` (does asking about the least sure criteria beat asking about any?)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(len(targets)):
+        labelled = [t for t in CRITERIA_INDEX if targets[i, t] >= 0]
+        chosen = rng.permutation(labelled)[:k] if labelled else []
+        out.append({TASKS[t].name: int(targets[i, t]) for t in chosen})
+    return out
+
+
 def _diag_figures(diag: np.ndarray, criteria_probs: list[np.ndarray], targets: np.ndarray) -> dict:
     y = targets[:, DIAG_INDEX]
     has = y >= 0
@@ -174,15 +186,19 @@ def _diag_figures(diag: np.ndarray, criteria_probs: list[np.ndarray], targets: n
 def diagnosis_models(probs: list[np.ndarray], targets: np.ndarray, art: Artifacts) -> dict | None:
     """DIAG accuracy and melanoma AUC (a) of the image model, (b) of the stacked model on the predicted
     criteria, (c) of the stacked model with the k least certain criteria replaced by the truth (k = 1, 2,
-    3, 7); the 7-point rule's accuracy beside each (it follows the corrected criteria too)."""
+    3, 7), and (d) with k criteria drawn at random replaced instead (the control); the 7-point rule's
+    accuracy beside each (it follows the corrected criteria too)."""
     if art.stacker is None:
         return None
     out = {"image_model": _diag_figures(probs[DIAG_INDEX], probs, targets),
            "stacked": _diag_figures(art.stacked_diagnosis(probs), probs, targets),
-           "default": "stacked" if art.stacker_default else "image model", "intervention": {}}
+           "default": "stacked" if art.stacker_default else "image model", "intervention": {},
+           "intervention_random": {}}
     for k in INTERVENTION_K:
         fixed = apply_corrections(probs, least_sure_corrections(probs, targets, k))
         out["intervention"][str(k)] = _diag_figures(art.stacked_diagnosis(fixed), fixed, targets)
+        fixed = apply_corrections(probs, random_corrections(targets, k))
+        out["intervention_random"][str(k)] = _diag_figures(art.stacked_diagnosis(fixed), fixed, targets)
     return out
 
 
