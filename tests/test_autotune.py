@@ -115,6 +115,8 @@ def test_auto_times_every_engine_and_keeps_the_one_measured_fastest(tiny_run, sy
     monkeypatch.setattr(runtime, "autotune", stub(timed, "channels_last"))
     heads = Predictor.from_checkpoint(ckpt, precision="fp32", heads=True)
     assert timed[-1] == {"fp32", "channels_last"} and heads.info["backend"] == "torch"
+    forced = Predictor.from_checkpoint(ckpt, precision="fp32", backend="frozen", heads=True)
+    assert forced.info["backend"] == "frozen"  # per-head maps narrow auto only, never an engine asked for
 
 
 def test_thread_governor_drops_to_one_thread_when_passes_slow_down_and_retries(monkeypatch):

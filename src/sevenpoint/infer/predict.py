@@ -278,7 +278,10 @@ class Predictor:
                             tta, OODModel.from_dict(section.get("ood")), Artifacts.from_section(section))
             predictor.choice = f"{device}, {'bf16' if precision == 'bf16' else 'fp32'} (as asked; not timed)"
             return predictor
-        engines = ["torch"] if heads else ["torch", "frozen", "onnx"] if backend == "auto" else [backend]
+        if backend != "auto":
+            engines = [backend]  # as asked (per-head maps or not)
+        else:
+            engines = ["torch"] if heads else ["torch", "frozen", "onnx"]
         candidates, notes = {}, []  # name -> (engine, numeric path)
         for engine in engines:
             if engine == "onnx":
