@@ -133,14 +133,13 @@ def fit_held_out(pred, source: str, seed: int = 0) -> tuple[list[float], dict]:
     probs = apply_temperatures(pred.probs, temps)
     stacker, stacked_cv = fit_stacker(probs, pred.targets, seed)
     shown, diagnosis = list(probs), None
+    known = pred.targets[:, DIAG_INDEX] >= 0
     if stacker is not None:
-        known = pred.targets[:, DIAG_INDEX] >= 0
         diag = shown[DIAG_INDEX].copy()
         diag[known] = stacked_cv  # unannotated cases carry no score: their row is never read
         diagnosis = {"image model": probs[DIAG_INDEX], "stacked": diag}
         if stacker["default"]:
             shown[DIAG_INDEX] = diag
-    known = pred.targets[:, DIAG_INDEX] >= 0
     is_mel = pred.targets[known, DIAG_INDEX] == MEL_CLASS
     models = diagnosis or {"image model": probs[DIAG_INDEX]}
     triage = {name: triage_point(p[known, MEL_CLASS], is_mel, TRIAGE_SENSITIVITY) for name, p in models.items()}

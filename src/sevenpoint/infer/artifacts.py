@@ -190,11 +190,13 @@ class Artifacts:
         out = []
         for t, task in enumerate(TASKS):
             alphas = 1.0 - np.asarray(probs[t], dtype=np.float64)  # (N, C): the score each class would have
-            inside = self._p_values(t, alphas, level) > 1.0 - level
+            by_source = [(np.ones(len(alphas), dtype=bool), None)]  # the shown model's scores for every case
             if t == DIAG_INDEX and stacked is not None and stacked.any() and self.conformal.get("diagnosis"):
-                for i, source in ((~stacked, "image model"), (stacked, "stacked")):
-                    if i.any():
-                        inside[i] = self._p_values(t, alphas[i], level, source) > 1.0 - level
+                by_source = [(~stacked, "image model"), (stacked, "stacked")]
+            inside = np.zeros(alphas.shape, dtype=bool)
+            for rows, source in by_source:
+                if rows.any():
+                    inside[rows] = self._p_values(t, alphas[rows], level, source) > 1.0 - level
             empty = ~inside.any(axis=1)
             inside[empty, np.asarray(probs[t])[empty].argmax(axis=1)] = True
             out.append(inside)
