@@ -8,6 +8,9 @@ case is scored once by temperatures that never saw it:
 - none: the members' probabilities averaged as they are;
 - calibrate-then-pool: per member and task a temperature (NLL, `metrics.fit_temperature`) on its own
   probabilities, applied before averaging;
+- calibrate-then-pool, one T: per task one temperature fitted on all members' probabilities together (the
+  members of one recipe are exchangeable, and the fit sees K times the cases), applied to each member
+  before averaging: what a cross-fitted refit can fit, where each member has only its own fold held out;
 - pool-then-calibrate: per task one temperature on the averaged probabilities, applied after.
 
 Reported per ensemble: mean NLL and ECE over the 8 tasks, and for the differences
@@ -33,7 +36,7 @@ from sevenpoint.runtime import use_channels_last
 from sevenpoint.schema import DIAG_INDEX, TASKS
 from sevenpoint.infer.temperature import apply_temperature
 
-METHODS = ("none", "calibrate-then-pool", "pool-then-calibrate")
+METHODS = ("none", "calibrate-then-pool", "calibrate-then-pool, one T", "pool-then-calibrate")
 
 
 def member_probs(paths: list[str], data) -> tuple[list[list[np.ndarray]], np.ndarray]:
@@ -60,6 +63,9 @@ def cross_fitted(members: list[list[np.ndarray]], targets: np.ndarray, folds: in
             temps = [fit_temperature(m[t][known], y) for m in members]
             out["calibrate-then-pool"][t][score_idx] = np.mean(
                 [apply_temperature(m[t][score_idx], temp) for m, temp in zip(members, temps)], axis=0)
+            shared = fit_temperature(np.concatenate([m[t][known] for m in members]), np.tile(y, len(members)))
+            out["calibrate-then-pool, one T"][t][score_idx] = np.mean(
+                [apply_temperature(m[t][score_idx], shared) for m in members], axis=0)
             out["pool-then-calibrate"][t][score_idx] = apply_temperature(pooled[t][score_idx],
                                                                        fit_temperature(pooled[t][known], y))
     return out
@@ -119,7 +125,7 @@ def main() -> None:
         for k, row in rows.items():
             extra = "".join(f"  {m}: {v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for m, v in row.items()
                             if isinstance(v, list))
-            print(f"  {k:20s} NLL {row['nll']:.4f}  ECE {row['ece']:.4f}{extra}")
+            print(f"  {k:27s} NLL {row['nll']:.4f}  ECE {row['ece']:.4f}{extra}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"folds": args.folds, "boot": args.boot, "ensembles": args.ensemble, **report}, f, indent=2)

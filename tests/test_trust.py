@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from sevenpoint.infer.artifacts import (Artifacts, CorrectionError, apply_corrections, parse_corrections, postprocess,
                                   triage_point)
@@ -47,6 +48,55 @@ def test_cross_fit_members_leave_out_one_fold_each_and_oof_predictions_come_from
     assert "out of fold" in section["fitted_on"] and section["conformal"] and section["stacker"]
     assert section["config"]["infer"]["temperature"] == [section["calibration"][t.name]["temperature"] for t in TASKS]
     assert summary["out_of_fold_avg_acc"] is not None and summary["best_val_avg_acc"] is None
+
+
+def test_cross_fit_ensemble_tempers_each_member_before_averaging(crossfit_run, trust_data):
+    """Calibrate-then-pool (RESULTS §13): the temperatures fitted on single members' out-of-fold predictions
+    are applied to each member, inside the network, and nowhere else."""
+    from sevenpoint.engine.evaluate import predict_split
+    from sevenpoint.infer.temperature import apply_temperature
+
+    summary, run = crossfit_run
+    data = Derm7pt.load(trust_data)
+    model, cfg, _ = load_model(summary["best_checkpoint"])
+    temps = cfg.infer.temperature
+    assert cfg.infer.temperature_on == "members" and model.member_temperature == temps
+    assert cfg.infer.output_temperature is None
+    assert any(abs(t - 1.0) > 0.05 for t in temps)  # else the checks below could not tell the orders apart
+    members = []
+    for i in range(3):
+        member, member_cfg, _ = load_model(run / "members" / f"m{i}" / "checkpoints" / "best.ckpt")
+        member.fusion_weights = model.fusion_weights
+        members.append(predict_split(member, member_cfg, data, "test", progress=False).probs)
+    ensemble = predict_split(model, cfg, data, "test", progress=False).probs
+    for t, temp in enumerate(temps):
+        expected = np.mean([apply_temperature(m[t], temp) for m in members], axis=0)
+        np.testing.assert_allclose(ensemble[t], expected, atol=1e-5)
+        if abs(temp - 1.0) > 0.05:  # not the same as calibrating the average
+            pooled_then = apply_temperature(np.mean([m[t] for m in members], axis=0), temp)
+            assert not np.allclose(ensemble[t], pooled_then, atol=1e-4)
+
+    case = data.split_cases("test")[0]
+    results = {}
+    for backend in ("torch", "frozen"):  # every engine carries them; the output is not tempered a second time
+        predictor = Predictor.from_checkpoint(summary["best_checkpoint"], backend=backend, precision="fp32")
+        prepared = predictor.prepare({"derm": case.derm, "clinic": case.clinic, "meta": case.raw_meta})
+        raw = predictor.backend(prepared.derm[None], prepared.clinic[None], prepared.meta[None],
+                                {k: torch.tensor([v]) for k, v in prepared.has.items()})[0]
+        result = predictor.run([prepared])[0]
+        pn = TASK_NAMES.index("PN")
+        np.testing.assert_allclose(list(result.tasks["PN"].probabilities.values()), raw[pn][0], atol=1e-5)
+        assert "each member's probabilities before averaging" in result.calibration
+        assert "out of fold" in result.calibration
+        results[backend] = raw[pn][0]
+    np.testing.assert_allclose(results["torch"], results["frozen"], atol=1e-4)
+
+
+def test_an_uncalibrated_model_says_so(tiny_run, synth_root):
+    predictor = Predictor.from_checkpoint(tiny_run["best_checkpoint"], backend="torch")
+    case = Derm7pt.load(synth_root).split_cases("test")[0]
+    result = predictor.predict(derm=case.derm)
+    assert result.calibration.startswith("not calibrated") and result.to_dict()["calibration"] == result.calibration
 
 
 def test_cross_fit_and_refit_calibration_need_each_other():
@@ -315,6 +365,16 @@ def test_evaluate_reports_intervals_coverage_breakdown_and_interventions(crossfi
     for heading in ("95 % bootstrap intervals", "Prediction sets at 60%", "image model vs stacked", "Where it fails"):
         assert heading in report
     assert (tmp_path / "e" / "reliability.png").stat().st_size > 5000
+    # the temperatures act inside the network (each member): "raw" is a pass without them
+    from sevenpoint.engine.evaluate import predict_split
+    from sevenpoint.engine.metrics import ece
+
+    assert m["temperature_on"] == "members" and "to each member before averaging" in report
+    model, cfg, _ = load_model(summary["best_checkpoint"])
+    model.member_temperature = None
+    raw = predict_split(model, cfg, Derm7pt.load(trust_data), "test", progress=False).probs
+    known = targets[:, 1] >= 0
+    assert m["ece_uncalibrated"]["tasks"]["PN"] == pytest.approx(ece(targets[known, 1], raw[1][known]), abs=1e-6)
 
 
 def test_least_sure_corrections_pick_the_lowest_confidence_labelled_criteria():

@@ -57,6 +57,8 @@ def build_model(cfg: RunConfig) -> FusionModel | FusionEnsemble:
     model = (FusionEnsemble(cfg_build, cfg.train.ensemble, size, meta) if cfg.train.ensemble > 1
              else FusionModel(cfg_build, size, meta))
     model.fusion_weights = {"clinic": cfg.infer.clinic_weight}
+    if isinstance(model, FusionEnsemble) and cfg.infer.temperature_on == "members":
+        model.member_temperature = cfg.infer.temperature
     return model
 
 
@@ -122,6 +124,7 @@ def ensemble_checkpoint(members: list[str | os.PathLike], infer: dict | None = N
     values["train"]["ensemble"] = len(members)
     values["train"]["refit"] = any(c.train.refit for c in configs)  # then validation was training data for one
     values["infer"]["temperature"] = None  # a member's temperatures do not fit the average: calibrate the ensemble
+    values["infer"]["temperature_on"] = "output"
     values["infer"].update(infer or {})
     cfg = config_from_dict(values)
     return {"state_dict": state, "sevenpoint": {

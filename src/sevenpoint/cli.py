@@ -627,6 +627,7 @@ def _print_prediction(result) -> None:
                   f"DIAG melanoma probability {result.melanoma_probability:.2f}; branches {', '.join(result.branches_used)}")
     if result.triage is not None:
         console.print(("REFER" if result.refer else "triage") + f": {result.triage_text()}")
+    console.print(f"probabilities: {result.calibration}")
     if result.ood_warning:
         err.print(f"[yellow]warning:[/] the dermoscopy image looks unlike the training images (out-of-distribution "
                   f"score {result.ood_score:.1f} > {result.ood_threshold:.1f}); treat this result with extra caution")

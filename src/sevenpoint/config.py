@@ -124,8 +124,24 @@ class InferConfig:
     tta: str = "none"  # none | flip (4 views) | flip_rot (8 dihedral views); probabilities averaged per branch
     clinic_weight: float = 1.0  # the clinical branch's weight in late fusion (derm and hybrid weigh 1);
     #                             validation during training always weighs the branches equally
-    temperature: tuple[float, ...] | None = None  # one per task (schema order), fitted on validation by
-    #                                               `sevenpoint calibrate`; None: the model's probabilities as they are
+    temperature: tuple[float, ...] | None = None  # one per task (schema order), fitted on held-out cases
+    #                                               (`train.calibrate`, `sevenpoint calibrate`); None: raw probabilities
+    temperature_on: str = "output"  # output: applied to the model's (an ensemble's averaged) probabilities |
+    #                                 members: to each ensemble member's probabilities before they are averaged
+    #                                 (calibrate-then-pool, RESULTS §13; inside the network, so every engine has it)
+
+    @property
+    def output_temperature(self) -> tuple[float, ...] | None:
+        """The temperatures left to apply to the model's output (None where the network applies them)."""
+        return self.temperature if self.temperature_on == "output" else None
+
+    def calibration_text(self, fitted_on: str | None = None) -> str:
+        """Whether and how the probabilities shown are calibrated, in one phrase."""
+        if self.temperature is None:
+            return "not calibrated: the model's own probabilities"
+        how = ("one temperature per task on each member's probabilities before averaging"
+               if self.temperature_on == "members" else "one temperature per task on the model's probabilities")
+        return how + (f", fitted on {fitted_on}" if fitted_on else "")
 
 
 @dataclass(frozen=True)
@@ -333,6 +349,8 @@ def finalize(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.ensemble: expected >= 1 members, got {cfg.train.ensemble}")
     if not 0.0 < cfg.infer.clinic_weight <= 1.0:
         raise ConfigError(f"infer.clinic_weight: expected a value in (0, 1], got {cfg.infer.clinic_weight}")
+    if cfg.infer.temperature_on not in ("output", "members"):
+        raise ConfigError(f"infer.temperature_on: {cfg.infer.temperature_on!r} is not one of output, members")
     temps = cfg.infer.temperature
     if temps is not None and (len(temps) != len(TASK_NAMES) or not all(t > 0 for t in temps)):
         raise ConfigError(f"infer.temperature: expected {len(TASK_NAMES)} positive values (one per task: "

@@ -184,9 +184,14 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     def run(which: str):
         return predict_split(model, cfg, data, which, tta, batch_size, bf16, channels_last, progress, device)
 
+    # the checkpoint's own temperatures (`train.calibrate`, `sevenpoint calibrate`), unless --calibrate fits new
+    # ones below; an ensemble calibrated per member applies them inside the network (`infer.temperature_on`)
+    member_temperature = getattr(model, "member_temperature", None)
+    if calibrate:
+        model.member_temperature = None
     pred = run(split)
-    # the checkpoint's own temperatures (`sevenpoint calibrate`), unless --calibrate fits new ones below
-    temperature = None if calibrate else cfg.infer.temperature
+    temperature = None if calibrate else cfg.infer.output_temperature
+    calibrated = not calibrate and cfg.infer.temperature is not None
     targets, ids = pred.targets, pred.ids
     art = Artifacts.from_section(extra)
     image_probs = apply_temperatures(pred.probs, temperature)
@@ -202,7 +207,8 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
                     "channels_last": channels_last, "path_choice": path_why, "variant": cfg.model.variant,
                     "backbone": cfg.model.backbone, "derm_backbone": cfg.model.derm_backbone,
                     "attention": cfg.model.attention,
-                    "temperature": None if temperature is None else list(temperature),
+                    "temperature": list(cfg.infer.temperature) if calibrated else None,
+                    "temperature_on": cfg.infer.temperature_on if calibrated else None,
                     "split_in_training_data": trained_on})
     metrics["format"] = data.format
     if calibrate:
@@ -232,11 +238,16 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
 
     eces = [metrics["tasks"][t.name].get("ece") for t in TASKS if metrics["tasks"][t.name].get("ece") is not None]
     metrics["ece_mean"] = float(np.mean(eces)) if eces else None
-    if temperature is not None or stacked.any():  # what the temperatures (and the stacked diagnosis) changed
+    if calibrated or stacked.any():  # what the temperatures (and the stacked diagnosis) changed
+        uncalibrated = pred.probs
+        if calibrated and member_temperature is not None:  # the network applied them: one more pass without
+            model.member_temperature = None
+            uncalibrated = run(split).probs
+            model.member_temperature = member_temperature
         raw = {}
         for t, task in enumerate(TASKS):
             exact = targets[:, t] >= 0
-            raw[task.name] = ece(targets[exact, t], pred.probs[t][exact]) if exact.any() else None
+            raw[task.name] = ece(targets[exact, t], uncalibrated[t][exact]) if exact.any() else None
         kept = [v for v in raw.values() if v is not None]
         metrics["ece_uncalibrated"] = {"tasks": raw, "mean": float(np.mean(kept)) if kept else None}
     if bootstrap:

@@ -113,13 +113,17 @@ def conformal_scores(probs: list[np.ndarray], targets: np.ndarray, diagnosis: di
     return out
 
 
-def fit_into(section: dict, pred, source: str, seed: int = 0) -> Artifacts:
+def fit_into(section: dict, pred, source: str, seed: int = 0, temperature_on: str = "output") -> Artifacts:
     """`fit_held_out` stored into a checkpoint's `sevenpoint` section (changed in place): the temperatures
-    into its config's `infer.temperature`, the rest as its artefacts (the others it holds are kept)."""
+    into its config's `infer.temperature`, the rest as its artefacts (the others it holds are kept).
+
+    `temperature_on="members"`: `pred` are single members' predictions (a cross-fit ensemble's out-of-fold
+    ones), so the temperatures fitted on them are applied to each member before averaging (calibrate-then-pool,
+    RESULTS §13); "output": `pred` are the model's own predictions, and so is what they are applied to."""
     temps, fields = fit_held_out(pred, source, seed)
     saved = config_from_dict(section["config"])
-    section["config"] = dataclasses.replace(saved, infer=dataclasses.replace(saved.infer,
-                                                                             temperature=tuple(temps))).to_dict()
+    infer = dataclasses.replace(saved.infer, temperature=tuple(temps), temperature_on=temperature_on)
+    section["config"] = dataclasses.replace(saved, infer=infer).to_dict()
     art = Artifacts.from_section(section)
     for key, value in fields.items():
         setattr(art, key, value)

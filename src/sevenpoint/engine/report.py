@@ -185,7 +185,8 @@ def trust_sections(m: dict) -> list[str]:
     if any(v is not None for v in eces.values()):
         temps = m.get("temperature")
         text += ["", "## Calibration", "",
-                 ("Temperatures applied: " + ", ".join(f"{t.name} {v:.2f}" for t, v in zip(TASKS, temps))
+                 ("Temperatures applied" + (" to each member before averaging" if m.get("temperature_on") == "members"
+                                           else "") + ": " + ", ".join(f"{t.name} {v:.2f}" for t, v in zip(TASKS, temps))
                   if temps else "No temperatures in this checkpoint: raw probabilities."),
                  ""]
         raw = (m.get("ece_uncalibrated") or {}).get("tasks")

@@ -318,7 +318,7 @@ def training_view(data: CaseSet, cfg: RunConfig) -> CaseSet:
 
 
 def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, held_out=None, source: str | None = None,
-                      progress: bool = True):
+                      progress: bool = True, temperature_on: str = "output"):
     """Add to the checkpoint dict `ckpt` what the model carries for inference (`sevenpoint.infer.artifacts`)
     and write it to `path` once, atomically. Returns the held-out predictions used (or None).
 
@@ -326,8 +326,9 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
     validation ones, also in a refit: it is a descriptor statistic, not the network) and each task's
     majority class in the data the model trained on (the no-skill baseline `evaluate` reports on data
     without a training split, e.g. PH2). With `train.calibrate`: temperatures, prediction sets and the
-    stacked diagnosis, fitted on `held_out` predictions (a cross-fit ensemble's out-of-fold ones), else
-    on the model's own predictions of the validation split.
+    stacked diagnosis, fitted on `held_out` predictions (a cross-fit ensemble's out-of-fold ones, each a
+    single member's: `temperature_on="members"` then applies the temperatures to each member before
+    averaging), else on the model's own predictions of the validation split (applied to its output).
     """
     from ..infer.artifacts import Artifacts
     from ..checkpoint import model_from
@@ -351,7 +352,8 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
             model, model_cfg, _ = model_from(ckpt, path)
             held_out = predict_measured(model, model_cfg, data, "valid", cfg.train.batch_size, progress)
             source = f"{data.root} (valid)"
-        print(_fitted_line(fit_into(section, held_out, source or "held-out predictions", cfg.seed)), flush=True)
+        art = fit_into(section, held_out, source or "held-out predictions", cfg.seed, temperature_on)
+        print(_fitted_line(art), flush=True)
     atomic_torch_save(ckpt, path)
     return held_out
 
@@ -481,7 +483,8 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
                             **{f"probs_{task.name}": p for task, p in zip(TASKS, oof.probs)})
     best.parent.mkdir(parents=True, exist_ok=True)
     pred = finish_checkpoint(ckpt, best, data, cfg, held_out=oof, progress=progress,
-                             source=f"{data.root} (valid, out of fold: each case by the member that never saw it)")
+                             source=f"{data.root} (valid, out of fold: each case by the member that never saw it)",
+                             temperature_on="output" if oof is None else "members")
     if oof is not None:  # a member, not the ensemble: reported as such, not as the ensemble's validation score
         oof_acc = compute_metrics(oof.probs, oof.targets)["average_accuracy"]
         pred = None

@@ -134,7 +134,7 @@ def render_report(result: Prediction, images: Mapping[str, object], meta: Mappin
                             f"{model_info.get('members')} member(s), {model_info.get('image_size')} px"),
                   ("sevenpoint", prov.get("version") or "unknown"), ("commit", prov.get("git_commit") or "unknown"),
                   ("recipe", " ".join(prov.get("command") or []) or "unknown"),
-                  ("calibrated on", model_info.get("fitted_on") or "not calibrated"),
+                  ("probabilities", result.calibration or "not calibrated"),
                   ("diagnosis from", result.diagnosis_source)]
     if model_info.get("lacks"):
         model_rows.append(("lacks", "; ".join(model_info["lacks"])))

@@ -86,6 +86,8 @@ class Prediction:
     # None when the checkpoint carries no referral point.
     refer: bool | None = None
     triage: dict | None = None
+    # Whether and how the probabilities shown were calibrated, and on what (`InferConfig.calibration_text`).
+    calibration: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready (attention maps left out; draw them with `sevenpoint.infer.viz`)."""
@@ -340,6 +342,7 @@ class Predictor:
                 "image_size": self.size, "tta": self.tta, "members": self.cfg.train.ensemble,
                 "clinic_weight": self.cfg.infer.clinic_weight, "precision": self.choice,
                 "temperature": None if self.cfg.infer.temperature is None else list(self.cfg.infer.temperature),
+                "calibration": self.cfg.infer.calibration_text(self.artifacts.fitted_on),
                 "backend": {_OnnxBackend: "onnx", _FrozenBackend: "frozen"}.get(type(self.backend), "torch"),
                 "int8": getattr(self.backend, "quantization", None), "set_level": self.set_level,
                 "stacked_diagnosis": None if self.artifacts.stacker is None else
@@ -419,9 +422,10 @@ class Predictor:
             probs = [a + b for a, b in zip(probs, self.backend(view_derm, view_clinic, meta, has)[0])]
         if self.governor is not None:
             self.governor.record(n, time.perf_counter() - start)
-        done = postprocess([p / len(views) for p in probs], self.artifacts, self.cfg.infer.temperature,
+        done = postprocess([p / len(views) for p in probs], self.artifacts, self.cfg.infer.output_temperature,
                            [p.corrections for p in prepared], self.set_level)
         probs, sets, stacked = done.probs, done.sets, done.stacked
+        calibration = self.cfg.infer.calibration_text(self.artifacts.fitted_on)
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
         scores = seven_point_score(preds)
         results = []
@@ -453,6 +457,7 @@ class Predictor:
                 diagnosis_source="stacked" if stacked[i] else "image model",
                 refer=None if done.refer is None else bool(done.refer[i]),
                 triage=None if done.triage is None else dict(done.triage[i]),
+                calibration=calibration,
             ))
         return results
 

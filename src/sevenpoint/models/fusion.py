@@ -219,6 +219,9 @@ class FusionEnsemble(nn.Module):
         self.members = nn.ModuleList(FusionModel(cfg, image_size, meta_dim) for _ in range(members))
         self.branch_names = self.members[0].branch_names
         self.fusion_weights: dict[str, float] = {}
+        # Per task, a temperature for each member's fused probabilities before averaging (calibrate-then-pool,
+        # `infer.temperature_on: members`); None: the members' probabilities averaged as they are.
+        self.member_temperature: tuple[float, ...] | None = None
 
     def can_run(self, has_derm: torch.Tensor, has_clinic: torch.Tensor) -> bool:
         return self.members[0].can_run(has_derm, has_clinic)
@@ -235,8 +238,18 @@ class FusionEnsemble(nn.Module):
             out.logits[b] = [mean_of([o.logits[b][t].float().softmax(dim=-1) for o in outs]).log()
                              for t in range(len(NUM_CLASSES))]
         out.attention = {k: mean_of([o.attention[k].float() for o in outs]) for k in outs[0].attention}
-        out.probs = late_fusion(out, self.fusion_weights)
+        if self.member_temperature is None:  # late fusion is linear: fusing the mean = the mean of the fused
+            out.probs = late_fusion(out, self.fusion_weights)
+        else:
+            fused = [late_fusion(o, self.fusion_weights) for o in outs]
+            out.probs = [mean_of([tempered(f[t], temp) for f in fused])
+                         for t, temp in enumerate(self.member_temperature)]
         return out
+
+
+def tempered(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T) over the last dimension: `infer.temperature.apply_temperature` in torch."""
+    return (probs.clamp_min(1e-12).log() / temperature).softmax(dim=-1)
 
 
 def weighted_branch_mean(probs: dict[str, list[torch.Tensor]], availability: dict[str, torch.Tensor],

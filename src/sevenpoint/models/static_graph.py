@@ -9,7 +9,7 @@ from torch import nn
 
 from ..runtime import bf16_autocast
 from ..schema import NUM_CLASSES
-from .fusion import BRANCHES, FusionEnsemble, FusionModel, mean_of, weighted_branch_mean
+from .fusion import BRANCHES, FusionEnsemble, FusionModel, mean_of, tempered, weighted_branch_mean
 
 
 def _dense_branches(m: FusionModel, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor,
@@ -52,8 +52,13 @@ class DenseFusion(nn.Module):
         parts = [_dense_branches(m, derm, clinic, meta, has_derm, has_clinic, has_meta) for m in members]
         weights = parts[0][1]
         maps = {k: mean_of([p[2][k] for p in parts]) for k in parts[0][2]}
-        branch_probs = {b: [mean_of([p[0][b][t] for p in parts]) for t in range(len(NUM_CLASSES))] for b in weights}
-        probs = weighted_branch_mean(branch_probs, weights, self.model.fusion_weights, eps=1e-12)
+        temps = getattr(self.model, "member_temperature", None)
+        if temps is None:  # late fusion is linear: fusing the members' mean = the mean of the fused
+            branch_probs = {b: [mean_of([p[0][b][t] for p in parts]) for t in range(len(NUM_CLASSES))] for b in weights}
+            probs = weighted_branch_mean(branch_probs, weights, self.model.fusion_weights, eps=1e-12)
+        else:  # each member fused and tempered, then averaged (`FusionEnsemble.forward`)
+            fused = [weighted_branch_mean(p[0], weights, self.model.fusion_weights, eps=1e-12) for p in parts]
+            probs = [mean_of([tempered(f[t], temp) for f in fused]) for t, temp in enumerate(temps)]
         n = derm.shape[0]
         used = torch.stack([weights.get(b, torch.zeros(n, device=derm.device)) for b in BRANCHES], dim=1)
         self.attention_names = list(maps)

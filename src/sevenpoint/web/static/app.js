@@ -78,6 +78,7 @@ function render(r) {
     <p>7-point score: <span class="score" id="score">${r.seven_point_score}</span>
       <span class="${r.melanoma_flag ? "flag" : "ok"}">${r.melanoma_flag ? `≥ ${r.melanoma_threshold}: suspicious for melanoma (checklist rule)` : `&lt; ${r.melanoma_threshold}: below the checklist's melanoma threshold`}</span></p>
     <p class="muted">${esc(r.score_rule)}. Melanoma probability: ${fmt(r.melanoma_probability)}.</p>
+    <p class="muted" id="calibration">Probabilities: ${esc(r.calibration)}.</p>
     ${r.triage ? `<p class="${r.refer ? "flag" : "ok"}" id="triage">Melanoma triage: ${esc(r.triage_text)}.</p>` : `<p class="muted" id="triage">This model carries no melanoma referral point.</p>`}
     ${fixed}
     <table id="criteria"><thead><tr><th>task</th><th>prediction</th><th>probabilities</th><th>${level} set</th><th>your value</th></tr></thead><tbody>${rows}</tbody></table>
