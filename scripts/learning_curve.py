@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from sevenpoint.config import load_config
 from sevenpoint.data import load_dataset
 from sevenpoint.engine.cv import diag_strata
-from sevenpoint.engine.train import train
+from sevenpoint.engine.run import train
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", required=True)

@@ -44,7 +44,7 @@ def synth_copy(synth_root, tmp_path) -> Path:
 def tiny_run(synth_root, tmp_path_factory) -> dict:
     """A tiny DCIHMM trained for 2 epochs on the synthetic data (shared by several tests)."""
     from sevenpoint.config import load_config
-    from sevenpoint.engine.train import train
+    from sevenpoint.engine.run import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = load_config("tiny", [f"data.cache_dir={out / 'cache'}"], seed=0)
@@ -66,7 +66,7 @@ def trust_data(tmp_path_factory) -> Path:
 def crossfit_run(trust_data, tmp_path_factory) -> tuple[dict, Path]:
     """A tiny cross-fitted refit ensemble of 3 (the default recipe's shape), calibrated out of fold."""
     from sevenpoint.config import load_config
-    from sevenpoint.engine.train import train
+    from sevenpoint.engine.run import train
 
     out = tmp_path_factory.mktemp("crossfit")
     cfg = load_config("tiny", [f"data.cache_dir={out / 'cache'}", "train.ensemble=3", "train.refit=true",

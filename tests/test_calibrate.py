@@ -110,7 +110,7 @@ def test_train_calibrate_stores_validation_temperatures_in_best_ckpt(synth_root,
     from sevenpoint.config import load_config
     from sevenpoint.data import load_dataset
     from sevenpoint.engine.calibrate import fit_on_validation
-    from sevenpoint.engine.train import train
+    from sevenpoint.engine.run import train
 
     cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'c'}", "train.epochs=1", f"train.ensemble={members}",
                                "train.calibrate=true"])

@@ -289,7 +289,8 @@ def test_evaluate_on_ph2_scores_the_shared_tasks(tiny_run, ph2_root, tmp_path, c
 
 def test_isic_as_extra_training_data_joins_the_train_split_only(synth_root, tmp_path):
     from sevenpoint.config import load_config
-    from sevenpoint.engine.train import load_training_data, train
+    from sevenpoint.engine.run import train
+    from sevenpoint.engine.train import load_training_data
 
     isic = make_synthetic_isic(tmp_path, cases=24, size=48)
     cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={isic}", "train.epochs=1"])

@@ -9,7 +9,8 @@ from sevenpoint.checkpoint import read_checkpoint
 from sevenpoint.config import ConfigError, load_config
 from sevenpoint.engine.evaluate import evaluate
 from sevenpoint.engine.metrics import apply_temperature, fit_temperature
-from sevenpoint.engine.train import RunDirError, train
+from sevenpoint.engine.run import train
+from sevenpoint.engine.train import RunDirError
 from sevenpoint.schema import TASKS
 
 
@@ -273,7 +274,7 @@ def test_training_output_has_no_adverts(synth_root, tmp_path, caplog):
     import logging
 
     from sevenpoint.config import load_config
-    from sevenpoint.engine.train import train
+    from sevenpoint.engine.run import train
 
     cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1"], seed=0)
     with caplog.at_level(logging.INFO):

@@ -12,7 +12,8 @@ import torch
 from sevenpoint.checkpoint import CheckpointError, assemble_ensemble, load_model, read_checkpoint
 from sevenpoint.config import ConfigError, load_config
 from sevenpoint.engine.evaluate import evaluate
-from sevenpoint.engine.train import RunDirError, train
+from sevenpoint.engine.run import train
+from sevenpoint.engine.train import RunDirError
 from sevenpoint.infer.export import check_parity, export_onnx
 from sevenpoint.models import FusionEnsemble
 from sevenpoint.infer.predict import Predictor

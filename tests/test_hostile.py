@@ -318,7 +318,7 @@ def test_full_disk_fails_before_training(tmp_path, synth_root, monkeypatch):
 
     monkeypatch.setattr(tr.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(tr.RunDirError, match="only 1 MB free"):
-        tr.train(load_config("tiny"), synth_root, tmp_path / "run", progress=False)
+        tr.train_model(load_config("tiny"), synth_root, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 from sevenpoint.config import load_config
 from sevenpoint.data import Derm7pt, make_synthetic
 from sevenpoint.engine.evaluate import evaluate
-from sevenpoint.engine.train import train
+from sevenpoint.engine.run import train
 from sevenpoint.schema import TASKS
 
 

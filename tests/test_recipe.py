@@ -18,7 +18,7 @@ from sevenpoint.data.images import center_square, crop_and_resize
 from sevenpoint.data.transforms import transforms_for
 from sevenpoint.engine.evaluate import evaluate
 from sevenpoint.engine.module import warmup_cosine
-from sevenpoint.engine.train import train
+from sevenpoint.engine.run import train
 from sevenpoint.models import build_backbone
 from sevenpoint.infer.predict import Predictor
 

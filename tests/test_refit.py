@@ -14,7 +14,7 @@ from sevenpoint.config import ConfigError, load_config
 from sevenpoint.data import Derm7pt, make_synthetic
 from sevenpoint.engine.calibrate import CalibrateError, calibrate_checkpoint
 from sevenpoint.engine.evaluate import evaluate, train_majority
-from sevenpoint.engine.train import train
+from sevenpoint.engine.run import train
 
 REFIT = ["train.refit=true", "train.epochs=2"]
 

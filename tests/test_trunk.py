@@ -146,7 +146,7 @@ def test_training_on_the_trunk_cache_writes_an_ordinary_checkpoint(synth_root, t
     from sevenpoint.checkpoint import load_model
     from sevenpoint.engine.evaluate import eval_dataset, predict_split
     from sevenpoint.engine.metrics import compute_metrics
-    from sevenpoint.engine.train import train
+    from sevenpoint.engine.run import train
 
     cfg = lite_cfg(tmp_path, "model.pretrained=true")
     train(cfg, synth_root.parent, tmp_path / "run", progress=False, stop_after_epochs=1)  # interrupted

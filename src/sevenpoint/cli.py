@@ -159,7 +159,7 @@ def train(
     """Train (checkpoints selected on validation average accuracy, or train.refit=true: train + valid, final
     weights; the test split is never read)."""
     from .config import load_config
-    from .engine.train import train as run_train
+    from .engine.run import train as run_train
 
     seed_list = _seeds(seed, seeds)
     results = []

@@ -11,7 +11,7 @@ from rich.console import Console
 from .config import load_config
 from .data import Derm7pt, make_synthetic
 from .engine.evaluate import evaluate
-from .engine.train import train
+from .engine.run import train
 from .infer.predict import Predictor, save_heatmaps
 
 

@@ -17,7 +17,7 @@ from ..config import ConfigError, RunConfig, config_from_dict, load_config
 from .evaluate import evaluate
 from ..schema import PAPER_ORDER
 from .report import PAPER_ABLATIONS, mean_sd
-from .train import train
+from .run import train
 
 VARIANTS = ("DIM", "CIM", "DCIHMM")
 SELECTABLE_TTA = ("none", "flip")  # tta="select" picks one of these per run, on validation

@@ -20,7 +20,8 @@ from ..config import ConfigError, RunConfig
 from ..data import CaseSet, load_dataset
 from ..schema import DIAG_INDEX
 from .report import mean_sd
-from .train import TRAIN_SPLITS, train
+from .finish import TRAIN_SPLITS
+from .run import train
 
 
 def diag_strata(data: CaseSet, rows: np.ndarray, min_count: int) -> np.ndarray:
