@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `pytest -n 2` (pytest-xdist, the suite's default: pyproject addopts) runs two workers, one per core: each
+# runs torch, and every process a test starts, on one thread, so the workers never oversubscribe the cores
+# (small ops slow down many times when two 2-thread processes share 2 cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Measured precision choices (runtime.autotune) go to one file per test session, never to ~/.cache:
 # every predictor of a session (and every server it starts) then uses the same choice.
 os.environ.setdefault("SEVENPOINT_AUTOTUNE", os.path.join(tempfile.mkdtemp(prefix="sevenpoint-autotune-"),

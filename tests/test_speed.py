@@ -8,6 +8,7 @@ from sevenpoint.engine.bench import run_bench
 from sevenpoint.engine.evaluate import evaluate
 from sevenpoint.models import FusionModel
 from sevenpoint.config import load_config
+from sevenpoint.schema import TASKS
 
 
 def test_bench_tiny_writes_all_fields(tmp_path, monkeypatch):
@@ -123,9 +124,11 @@ def test_bf16_and_fp32_evaluation_agree(tiny_run, synth_root, tmp_path):
 
     a = pd.read_csv(tmp_path / "a" / "predictions.csv")
     b = pd.read_csv(tmp_path / "b" / "predictions.csv")
-    cols = [c for c in a.columns if c.endswith("_pred")]
-    agree = float((a[cols].to_numpy() == b[cols].to_numpy()).mean())
-    assert agree >= 0.99, agree
+    # bf16 keeps ~3 significant digits: the probabilities move little (only near-ties can flip an answer, and a
+    # 2-epoch model has many, so the answers themselves are not compared one by one)
+    probs = [f"{t.name}_p_{c}" for t in TASKS for c in t.classes]
+    moved = np.abs(a[probs].to_numpy() - b[probs].to_numpy()).max()
+    assert moved <= 0.03, moved
     assert abs(fp32["average_accuracy"] - bf16["average_accuracy"]) <= 0.02
     assert np.isfinite(bf16["average_accuracy"])
 
