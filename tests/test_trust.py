@@ -362,7 +362,9 @@ def test_evaluate_reports_intervals_coverage_breakdown_and_interventions(crossfi
     assert m["diagnosis_models"]["intervention"]["7"]["rule_accuracy"] == \
         pytest.approx(float((true_flag == (targets[:, 0] == 2)).mean()))
     report = (tmp_path / "e" / "report.md").read_text()
-    for heading in ("95 % bootstrap intervals", "Prediction sets at 60%", "image model vs stacked", "Where it fails"):
+    assert set(m["diagnosis_models"]["correction_effects"]["BWV"]) == {"PRS"}
+    for heading in ("95 % bootstrap intervals", "Prediction sets at 60%", "image model vs stacked", "Where it fails",
+                    "What a correction does to the stacked model's P(MEL)"):
         assert heading in report
     assert (tmp_path / "e" / "reliability.png").stat().st_size > 5000
     # the temperatures act inside the network (each member): "raw" is a pass without them
@@ -375,6 +377,31 @@ def test_evaluate_reports_intervals_coverage_breakdown_and_interventions(crossfi
     raw = predict_split(model, cfg, Derm7pt.load(trust_data), "test", progress=False).probs
     known = targets[:, 1] >= 0
     assert m["ece_uncalibrated"]["tasks"]["PN"] == pytest.approx(ece(targets[known, 1], raw[1][known]), abs=1e-6)
+
+
+def test_correction_effects_measure_how_a_criterion_moves_p_mel():
+    from sevenpoint.engine.trust import correction_effects
+    from sevenpoint.infer.artifacts import CRITERIA_INDEX
+
+    widths = [TASKS[t].num_classes for t in CRITERIA_INDEX]
+    column = {(TASKS[t].name, c): sum(widths[:i]) + c for i, t in enumerate(CRITERIA_INDEX) for c in range(widths[i])}
+    coef = np.zeros((5, 24))
+    coef[2, column[("BWV", 1)]] = 2.0    # BWV present raises the MEL logit
+    coef[2, column[("RS", 1)]] = -1.0    # RS present lowers it
+    art = Artifacts(stacker={"coef": coef.tolist(), "intercept": [0.0] * 5, "classes": [0, 1, 2, 3, 4],
+                             "default": False})
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(t.num_classes), size=6) for t in TASKS]
+    effects = correction_effects(probs, art)
+    def p_mel(z):  # only the MEL logit is not 0
+        return np.exp(z) / (np.exp(z) + 4)
+
+    bwv, rs = probs[TASK_NAMES.index("BWV")][:, 1], probs[TASK_NAMES.index("RS")][:, 1]
+    assert effects["BWV"]["PRS"] == pytest.approx(np.mean(p_mel(2 - rs) - p_mel(-rs)))
+    assert effects["RS"]["PRS"] == pytest.approx(np.mean(p_mel(2 * bwv - 1) - p_mel(2 * bwv)))
+    assert effects["BWV"]["PRS"] > 0 > effects["RS"]["PRS"]
+    assert set(effects["PN"]) == {"TYP", "ATP"} and effects["PN"]["ATP"] == pytest.approx(0.0)
+    assert correction_effects(probs, Artifacts()) is None
 
 
 def test_least_sure_corrections_pick_the_lowest_confidence_labelled_criteria():

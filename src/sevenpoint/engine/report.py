@@ -232,6 +232,13 @@ def trust_sections(m: dict) -> list[str]:
         for label, v in rows:
             text.append(f"| {label} | {_fmt(_pct(v['diag_accuracy']))} | {_fmt(v['melanoma_auc'])} | "
                         f"{_fmt(_pct(v['rule_accuracy']))} |")
+        effects = dm.get("correction_effects")
+        if effects:
+            text += ["", "What a correction does to the stacked model's P(MEL): the mean change, in points, when a "
+                     "criterion is set to a value instead of ABS (the checklist's melanoma signs should be positive).",
+                     "", "| criterion | value | mean change in P(MEL) |", "|---|---|---:|"]
+            text += [f"| {name} | {value} | {100 * d:+.1f} |" for name, values in effects.items()
+                     for value, d in values.items()]
     bd = m.get("breakdown")
     if bd:
         text += ["", "## Where it fails: accuracy by kind of case", "",

@@ -193,12 +193,32 @@ def diagnosis_models(probs: list[np.ndarray], targets: np.ndarray, art: Artifact
     out = {"image_model": _diag_figures(probs[DIAG_INDEX], probs, targets),
            "stacked": _diag_figures(art.stacked_diagnosis(probs), probs, targets),
            "default": "stacked" if art.stacker_default else "image model", "intervention": {},
-           "intervention_random": {}}
+           "intervention_random": {}, "correction_effects": correction_effects(probs, art)}
     for k in INTERVENTION_K:
         fixed = apply_corrections(probs, least_sure_corrections(probs, targets, k))
         out["intervention"][str(k)] = _diag_figures(art.stacked_diagnosis(fixed), fixed, targets)
         fixed = apply_corrections(probs, random_corrections(targets, k))
         out["intervention_random"][str(k)] = _diag_figures(art.stacked_diagnosis(fixed), fixed, targets)
+    return out
+
+
+def correction_effects(probs: list[np.ndarray], art: Artifacts) -> dict[str, dict[str, float]] | None:
+    """What a clinician's correction does to the stacked model's P(MEL): per criterion and non-absent value,
+    the mean over the cases of P(MEL) with the criterion set to that value minus P(MEL) with it set to ABS
+    (class 0), everything else as predicted. The checklist's melanoma signs (PN atypical, BWV present, VS,
+    PIG, STR, DaG irregular, RS present) should each come out positive. None without a stacked model."""
+    if art.stacker is None:
+        return None
+    n = len(probs[DIAG_INDEX])
+
+    def p_mel(t: int, value: int) -> np.ndarray:
+        return art.stacked_diagnosis(apply_corrections(probs, [{TASKS[t].name: value}] * n))[:, MEL_CLASS]
+
+    out = {}
+    for t in CRITERIA_INDEX:
+        absent = p_mel(t, 0)
+        out[TASKS[t].name] = {TASKS[t].classes[c]: float((p_mel(t, c) - absent).mean())
+                              for c in range(1, TASKS[t].num_classes)}
     return out
 
 
