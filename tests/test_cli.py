@@ -1,6 +1,8 @@
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,8 +140,12 @@ def test_int8_export_is_checked_on_real_cases_and_written_only_when_it_holds(tin
     from sevenpoint.engine.int8 import export_int8
     from sevenpoint.infer.export import ExportError
 
-    ckpt, out = tiny_run["best_checkpoint"], tmp_path / "m8.onnx"
+    # a copy: an accepted int8 export is kept for `--backend auto` of that checkpoint file
+    ckpt, out = shutil.copy(tiny_run["best_checkpoint"], tmp_path / "m.ckpt"), tmp_path / "m8.onnx"
+    assert "onnx int8" not in Predictor.from_checkpoint(ckpt).choice
     report = export_int8(ckpt, out, synth_root, calibration_cases=16, max_drop=100)
+    assert "onnx int8" in Predictor.from_checkpoint(ckpt).choice  # auto now times it beside the others
+    assert Path(report["kept_for_auto"]).read_bytes() == out.read_bytes()
     assert report["fp32_avg_acc"] == pytest.approx(tiny_run["best_val_avg_acc"], abs=1e-6)
     assert report["cases"] == len(Derm7pt.load(synth_root).split_cases("valid"))
     assert report["drop_points"] == pytest.approx(100 * (report["fp32_avg_acc"] - report["int8_avg_acc"]))

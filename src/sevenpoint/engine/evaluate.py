@@ -21,7 +21,7 @@ from ..data.cache import make_cache
 from ..data.transforms import transforms_for, tta_views
 from ..models import BRANCHES, FusionModel
 from ..infer.artifacts import DEFAULT_LEVEL, Artifacts, postprocess
-from ..schema import DIAG_INDEX, TASKS
+from ..schema import TASKS
 from ..infer.temperature import apply_temperatures
 from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
 from .module import forward_batch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..atomic import atomic_path
 from ..checkpoint import load_model
 from ..data import load_dataset
 from ..infer.export import ExportError, export_loaded, ort_session, quantize_int8
+from ..infer.predict import cached_export
 from ..schema import TASK_NAMES
 from .evaluate import eval_dataset
 from .metrics import compute_metrics
@@ -101,4 +103,10 @@ def export_int8(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, dat
             entry.key, entry.value = "sevenpoint_quantization", json.dumps(
                 {k: report[k] for k in ("calibration_cases", "check_split", "fp32_avg_acc", "int8_avg_acc")})
             onnx.save(proto, str(out))
+    # kept beside the autotune cache too, so `--backend auto` times it for this checkpoint (`Predictor`)
+    kept = cached_export(checkpoint, "int8")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(kept, suffix=".onnx.tmp") as out:
+        shutil.copyfile(onnx_path, out)
+    report["kept_for_auto"] = str(kept)
     return report

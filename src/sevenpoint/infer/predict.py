@@ -30,7 +30,7 @@ from ..runtime import (PATHS, ThreadGovernor, autotune_cache_file, bf16_autocast
                        pick_path, use_bf16, use_channels_last)
 from ..models import BRANCHES, freeze_for_inference
 from .ood import GateError, OODModel, descriptor, gate
-from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASK_NAMES, TASKS,
+from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASKS,
                      encode_meta, score_rule, seven_point_score)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -263,8 +263,9 @@ class Predictor:
         open (precision: fp32 and, on a CPU with bf16 units, bf16 — `fp32` / `bf16` force one; layout:
         channels_last on and off for eager unless the checkpoint's `train.channels_last` pins it; the frozen
         graph is channels_last). With auto, ONNX Runtime fp32 runs on an export of this checkpoint made once
-        (parity-checked against eager, kept beside the autotune cache: `onnx_cache`). `heads=True` (per-head
-        maps wanted) leaves eager alone. `device` (a GPU): eager fp32 unless `precision="bf16"`; no timing."""
+        (parity-checked against eager, kept beside the autotune cache: `onnx_cache`), and ONNX Runtime int8 on
+        the int8 export `export --int8` accepted for this checkpoint, if any (`cached_export`). `heads=True`
+        (per-head maps wanted) leaves eager alone. `device` (a GPU): eager fp32 unless `precision="bf16"`; no timing."""
         if backend == "onnx" or str(path).endswith(".onnx"):
             return cls.from_onnx(path, tta)
         if backend not in ("auto", "torch", "frozen"):
@@ -284,8 +285,16 @@ class Predictor:
             engines = [backend]  # as asked (per-head maps or not)
         else:
             engines = ["torch"] if heads else ["torch", "frozen", "onnx"]
+            if not heads and cached_export(path, "int8").is_file():  # `export --int8` accepted one for this file
+                engines.append("onnx-int8")
         candidates, notes = {}, []  # name -> (engine, numeric path)
         for engine in engines:
+            if engine == "onnx-int8":
+                if precision == "bf16":
+                    notes.append("ONNX Runtime int8 not timed: bf16 asked")
+                else:
+                    candidates["onnx int8"] = ("onnx-int8", "int8")
+                continue
             if engine == "onnx":
                 if precision == "bf16":
                     notes.append("ONNX Runtime not timed: bf16 asked")
@@ -309,6 +318,8 @@ class Predictor:
             engine, numeric = candidates[name]
             if engine == "onnx":
                 return _OnnxBackend(onnx_cache(path, model, cfg, section))
+            if engine == "onnx-int8":
+                return _OnnxBackend(cached_export(path, "int8"))
             cl, bf16 = PATHS[numeric]
             make = _FrozenBackend if engine == "frozen" else _TorchBackend
             return make(copy.deepcopy(model) if len(candidates) > 1 else model, cfg, "bf16" if bf16 else "fp32", cl)
@@ -462,19 +473,26 @@ class Predictor:
         return results
 
 
-def onnx_cache(path: str | os.PathLike, model: torch.nn.Module, cfg, section: dict) -> Path:
-    """An ONNX export of checkpoint `path`, made once and kept under the autotune cache's folder (`onnx/`),
-    named by the checkpoint's absolute path, size and modification time (a changed checkpoint is exported
-    afresh). Written only after its probabilities match eager fp32 within 1e-3 (else PredictError)."""
+def cached_export(path: str | os.PathLike, kind: str = "fp32") -> Path:
+    """Where the ONNX export of checkpoint `path` is kept (`kind` fp32: `onnx_cache`; int8: the one
+    `export --int8` accepted): under the autotune cache's folder (`onnx/`), named by the checkpoint's absolute
+    path, size and modification time, so a changed checkpoint never meets an old export."""
     import hashlib
-
-    from .export import check_parity, export_loaded
 
     src = Path(path).resolve()
     stat = src.stat()
     name = hashlib.sha1(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
-    folder = autotune_cache_file().parent / "onnx"
-    target = folder / f"{name}.onnx"
+    return autotune_cache_file().parent / "onnx" / (f"{name}.onnx" if kind == "fp32" else f"{name}.{kind}.onnx")
+
+
+def onnx_cache(path: str | os.PathLike, model: torch.nn.Module, cfg, section: dict) -> Path:
+    """An ONNX export of checkpoint `path`, made once and kept (`cached_export`). Written only after its
+    probabilities match eager fp32 within 1e-3 (else PredictError)."""
+    from .export import check_parity, export_loaded
+
+    target = cached_export(path)
+    folder = target.parent
+    name = target.name.removesuffix(".onnx")
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
