@@ -289,17 +289,13 @@ class Predictor:
                 engines.append("onnx-int8")
         candidates, notes = {}, []  # name -> (engine, numeric path)
         for engine in engines:
-            if engine == "onnx-int8":
+            if engine in ("onnx", "onnx-int8"):  # ONNX Runtime: one numeric path each, the export's own
+                numeric = "int8" if engine == "onnx-int8" else "fp32"
+                name = "onnx int8" if engine == "onnx-int8" else "onnx"
                 if precision == "bf16":
-                    notes.append("ONNX Runtime int8 not timed: bf16 asked")
+                    notes.append(f"ONNX Runtime {numeric} not timed: bf16 asked")
                 else:
-                    candidates["onnx int8"] = ("onnx-int8", "int8")
-                continue
-            if engine == "onnx":
-                if precision == "bf16":
-                    notes.append("ONNX Runtime not timed: bf16 asked")
-                else:
-                    candidates["onnx"] = ("onnx", "fp32")
+                    candidates[name] = (engine, numeric)
                 continue
             # the open paths: precision as asked (bf16 timed only on a CPU with bf16 units), layout as the
             # checkpoint's train.channels_last says; the frozen graph is always channels_last
