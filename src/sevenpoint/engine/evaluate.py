@@ -40,6 +40,7 @@ class Predictions:
     ids: list[str]
     branch_probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     branch_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    untempered: list[np.ndarray] | None = None  # a model tempered inside the network: `probs` without it
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
         model.to(memory_format=torch.channels_last)
     dev_type = torch.device(device).type
     names = ["fused", *model.branch_names]
-    chunks: dict[str, list[list[np.ndarray]]] = {b: [[] for _ in TASKS] for b in names}
+    chunks: dict[str, list[list[np.ndarray]]] = {b: [[] for _ in TASKS] for b in [*names, "untempered"]}
     masks: dict[str, list[np.ndarray]] = {b: [] for b in model.branch_names}
     targets, ids = [], []
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
@@ -61,10 +62,12 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
             with bf16_autocast(bf16, dev_type):
                 out = forward_batch(model, {**batch, "derm": vd, "clinic": vc}, channels_last)
             view = {"fused": out.probs, **{b: out.branch_probs(b) for b in model.branch_names}}
+            if out.untempered is not None:
+                view["untempered"] = out.untempered
             for b, ps in view.items():
                 ps = [p.float().cpu() for p in ps]
                 acc[b] = ps if b not in acc else [a + p for a, p in zip(acc[b], ps)]
-        for b in names:
+        for b in acc:
             for t in range(len(TASKS)):
                 chunks[b][t].append((acc[b][t] / len(views_d)).numpy())
         used = out.branches_used().cpu().numpy()  # (N, 3) over BRANCHES; the same for every view
@@ -72,9 +75,10 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
             masks[b].append(used[:, BRANCHES.index(b)])
         targets.append(batch["targets"].cpu().numpy())
         ids += list(batch["case_id"])
+    untempered = [np.concatenate(p) for p in chunks["untempered"]] if chunks["untempered"][0] else None
     probs = {b: [np.concatenate(p) for p in chunks[b]] for b in names}
     return Predictions(probs.pop("fused"), np.concatenate(targets), ids, probs,
-                       {b: np.concatenate(m) for b, m in masks.items()})
+                       {b: np.concatenate(m) for b, m in masks.items()}, untempered)
 
 
 def inference_path(model: FusionModel, cfg: RunConfig, batch_size: int, precision: str = "auto",
@@ -186,7 +190,6 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
 
     # the checkpoint's own temperatures (`train.calibrate`, `sevenpoint calibrate`), unless --calibrate fits new
     # ones below; an ensemble calibrated per member applies them inside the network (`infer.temperature_on`)
-    member_temperature = getattr(model, "member_temperature", None)
     if calibrate:
         model.member_temperature = None
     pred = run(split)
@@ -239,11 +242,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     eces = [metrics["tasks"][t.name].get("ece") for t in TASKS if metrics["tasks"][t.name].get("ece") is not None]
     metrics["ece_mean"] = float(np.mean(eces)) if eces else None
     if calibrated or stacked.any():  # what the temperatures (and the stacked diagnosis) changed
-        uncalibrated = pred.probs
-        if calibrated and member_temperature is not None:  # the network applied them: one more pass without
-            model.member_temperature = None
-            uncalibrated = run(split).probs
-            model.member_temperature = member_temperature
+        uncalibrated = pred.probs if pred.untempered is None else pred.untempered  # tempered in the network
         raw = {}
         for t, task in enumerate(TASKS):
             exact = targets[:, t] >= 0

@@ -94,6 +94,7 @@ class FusionOutput:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> (N,) bool
     probs: list[torch.Tensor] = field(default_factory=list)  # 8 x (N, C_t), late fusion
     attention: dict[str, torch.Tensor] = field(default_factory=dict)  # "derm.exit" -> (N, K, h, w)
+    untempered: list[torch.Tensor] | None = None  # an ensemble tempered per member: `probs` without temperatures
 
     def branch_probs(self, branch: str) -> list[torch.Tensor]:
         """One branch's own probabilities; rows it did not run on are uniform (zero logits), including
@@ -238,9 +239,10 @@ class FusionEnsemble(nn.Module):
             out.logits[b] = [mean_of([o.logits[b][t].float().softmax(dim=-1) for o in outs]).log()
                              for t in range(len(NUM_CLASSES))]
         out.attention = {k: mean_of([o.attention[k].float() for o in outs]) for k in outs[0].attention}
-        if self.member_temperature is None:  # late fusion is linear: fusing the mean = the mean of the fused
-            out.probs = late_fusion(out, self.fusion_weights)
-        else:
+        # late fusion is linear: fusing the members' mean = the mean of the members' fused probabilities
+        out.probs = late_fusion(out, self.fusion_weights)
+        if self.member_temperature is not None:
+            out.untempered = out.probs
             fused = [late_fusion(o, self.fusion_weights) for o in outs]
             out.probs = [mean_of([tempered(f[t], temp) for f in fused])
                          for t, temp in enumerate(self.member_temperature)]
