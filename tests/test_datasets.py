@@ -220,6 +220,45 @@ def test_a_task_without_labels_in_the_batch_gives_its_heads_no_gradient():
     assert torch.isfinite(loss)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to")
+def test_mixup_trains_on_blended_cases_against_blended_labels(monkeypatch):
+    """train.mixup: the step sees convex blends of two cases (a modality kept only where both have it) and its loss
+    is the cross-entropy against the same blend of their one-hot labels."""
+    from sevenpoint.config import load_config
+    from sevenpoint.engine import module as mod
+
+    cfg = load_config("tiny", ["train.mixup=1.0", "model.dropout=0", "train.meta_dropout=0"])
+    step = mod.SevenPointModule(cfg).train()
+    torch.manual_seed(0)
+    n = 6
+    batch = {"derm": torch.rand(n, 3, 64, 64), "clinic": torch.rand(n, 3, 64, 64), "meta": torch.rand(n, 14),
+             "has_derm": torch.ones(n, dtype=torch.bool), "has_clinic": torch.ones(n, dtype=torch.bool),
+             "has_meta": torch.tensor([True, True, False, True, True, True]),
+             "targets": torch.stack([torch.randint(0, t.num_classes, (n,)) for t in TASKS], dim=1)}
+    seen, real = {}, mod.mix_batch
+
+    def spy(b, lam, perm):
+        seen.update(lam=lam, perm=perm, mixed=real(b, lam, perm))
+        return seen["mixed"]
+
+    monkeypatch.setattr(mod, "mix_batch", spy)
+    loss = step.training_step(batch, 0)
+    lam, perm, mixed = seen["lam"], seen["perm"], seen["mixed"]
+    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(n))
+    assert torch.allclose(mixed["derm"], lam * batch["derm"] + (1 - lam) * batch["derm"][perm])
+    assert torch.equal(mixed["has_meta"], batch["has_meta"] & batch["has_meta"][perm])
+    assert torch.equal(mixed["targets"], batch["targets"])  # the labels are blended in the loss, not here
+    out = step.model(mixed["derm"], mixed["clinic"], mixed["meta"], mixed["has_derm"], mixed["has_clinic"],
+                     mixed["has_meta"])
+    expected = 0.0
+    for logits in out.logits.values():
+        for t, lg in enumerate(logits):
+            y = batch["targets"][:, t]
+            soft = lam * F.one_hot(y, lg.shape[1]) + (1 - lam) * F.one_hot(y[perm], lg.shape[1])
+            expected = expected + F.cross_entropy(lg, soft.float())
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
 def test_metrics_weights_and_baselines_skip_unannotated_targets():
     from sevenpoint.data.dataset import balanced_weights
     from sevenpoint.engine.evaluate import majority_baseline, train_majority

@@ -95,6 +95,8 @@ class TrainConfig:
     class_weights: bool = False  # inverse-frequency CE weights per task
     balanced_sampling: bool = False  # sample train cases to balance DIAG
     meta_dropout: float = 0.1  # chance to hide metadata in training, so "unknown" is learned
+    mixup: float = 0.0  # >0: MixUp with lambda ~ Beta(mixup, mixup): each batch mixed with a shuffled copy of itself
+    #                     (images or cached trunk features, and metadata), the loss mixed alike; 0 = off
     early_stopping: int = 30  # epochs without val improvement; 0 = off
     precision: str = "auto"  # auto (CPU: fp32 / bf16 timed, runtime.choose_path; GPU: bf16 if supported) | fp32 | bf16
     channels_last: str = "auto"  # auto (timed on CPU, like precision) | on | off
@@ -287,6 +289,7 @@ _RANGES = [
     ("train", "backbone_lr_scale", lambda v: v >= 0, ">= 0"), ("train", "warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("train", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train", "meta_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train", "mixup", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train", "early_stopping", lambda v: v >= 0, ">= 0 (0 = off)"), ("train", "devices", lambda v: v >= 1, ">= 1"),
     ("train", "limit_train_batches", lambda v: 0 < v <= 1, "in (0, 1]"),
 ]

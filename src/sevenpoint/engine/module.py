@@ -27,6 +27,18 @@ def forward_batch(model: FusionModel, batch: dict, channels_last: bool = False,
                  batch["meta"], batch["has_derm"], batch["has_clinic"], has_meta)
 
 
+def mix_batch(batch: dict, lam: float, perm: torch.Tensor) -> dict:
+    """MixUp's inputs: each case blended with case `perm[i]` at weight `lam` (images or cached trunk features, and
+    metadata); a modality counts as present only where both cases have it. Targets are left as they are: the loss
+    mixes them (`SevenPointModule.training_step`)."""
+    mixed = dict(batch)
+    for key in ("derm", "clinic", "meta"):
+        mixed[key] = lam * batch[key] + (1.0 - lam) * batch[key][perm]
+    for key in ("has_derm", "has_clinic", "has_meta"):
+        mixed[key] = batch[key] & batch[key][perm]
+    return mixed
+
+
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
     """lr multiplier: linear from ~0 to 1 over `warmup` steps, then cosine from 1 to 0 at `total`."""
     if step < warmup:
@@ -56,9 +68,19 @@ class SevenPointModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if not self.model.can_run(batch["has_derm"], batch["has_clinic"]):
             return None  # e.g. a clinical-only model and a batch with no clinical photo: skip the step
-        out = forward_batch(self.model, batch, self.channels_last, self.cfg.train.meta_dropout)
-        loss, parts = multitask_loss(out, batch["targets"], self.class_weights, self.cfg.train.label_smoothing)
-        n = batch["targets"].shape[0]
+        tc = self.cfg.train
+        targets = batch["targets"]
+        n = targets.shape[0]
+        if tc.mixup > 0:  # the RNG draws are torch's, saved with the checkpoint: a resumed run mixes alike
+            lam = float(torch.distributions.Beta(tc.mixup, tc.mixup).sample())
+            perm = torch.randperm(n, device=targets.device)
+            batch = mix_batch(batch, lam, perm)
+        out = forward_batch(self.model, batch, self.channels_last, tc.meta_dropout)
+        loss, parts = multitask_loss(out, targets, self.class_weights, tc.label_smoothing)
+        if tc.mixup > 0:  # the same outputs scored against the shuffled cases' labels, weighted 1 - lam
+            other, other_parts = multitask_loss(out, targets[perm], self.class_weights, tc.label_smoothing)
+            loss = lam * loss + (1.0 - lam) * other
+            parts = {b: lam * v + (1.0 - lam) * other_parts[b] for b, v in parts.items()}
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         for branch, value in parts.items():
             self.log(f"train/loss_{branch}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
