@@ -92,6 +92,44 @@ def test_cross_fit_ensemble_tempers_each_member_before_averaging(crossfit_run, t
     np.testing.assert_allclose(results["torch"], results["frozen"], atol=1e-4)
 
 
+def test_cross_fit_sets_are_cross_conformal_and_every_engine_gives_the_same(crossfit_run, trust_data, tmp_path):
+    """Each stored score carries the fold (= the member) that made it; eager, frozen, ONNX Runtime and the
+    evaluation path emit the members' probabilities and give the same sets (with a correction too)."""
+    from sevenpoint.engine.evaluate import predict_split
+    from sevenpoint.engine.held_out import CROSS_METHOD
+    from sevenpoint.infer.export import export_onnx
+
+    summary, run = crossfit_run
+    section = read_checkpoint(summary["best_checkpoint"])["sevenpoint"]
+    oof = np.load(run / "out_of_fold.npz")
+    assert section["conformal"]["method"] == CROSS_METHOD
+    for t, task in enumerate(TASKS):
+        known = oof["targets"][:, t] >= 0
+        assert section["conformal"]["tasks"][task.name]["folds"] == oof["folds"][known].tolist()
+    assert sorted(set(oof["folds"].tolist())) == [0, 1, 2]
+    data = Derm7pt.load(trust_data)
+    cases = data.split_cases("test")[:8]
+    inputs = [{"derm": c.derm, "clinic": c.clinic, "meta": c.raw_meta} for c in cases]
+    inputs[1]["corrections"] = {"BWV": "PRS"}
+    export_onnx(summary["best_checkpoint"], tmp_path / "m.onnx")
+    got = {}
+    for backend in ("torch", "frozen", "onnx"):
+        predictor = (Predictor.from_onnx(tmp_path / "m.onnx") if backend == "onnx" else
+                     Predictor.from_checkpoint(summary["best_checkpoint"], backend=backend, precision="fp32"))
+        got[backend] = [r.sets for r in predictor.predict_batch(inputs)]
+    assert got["torch"] == got["frozen"] == got["onnx"]
+    model, cfg, extra = load_model(summary["best_checkpoint"])
+    pred = predict_split(model, cfg, data, "test", progress=False)
+    assert pred.members is not None and len(pred.members) == 3
+    order = [pred.ids.index(c.case_id) for c in cases if "corrections" not in inputs[cases.index(c)]]
+    shown = postprocess([p[order] for p in pred.probs], Artifacts.from_section(extra), cfg.infer.output_temperature,
+                        members=[[p[order] for p in m] for m in pred.members])
+    plain = [s for s, i in zip(got["torch"], inputs) if "corrections" not in i]
+    for i, sets in enumerate(plain):
+        assert sets == {task.name: [c for c, inside in zip(task.classes, shown.sets[t][i]) if inside]
+                        for t, task in enumerate(TASKS)}
+
+
 def test_an_uncalibrated_model_says_so(tiny_run, synth_root):
     predictor = Predictor.from_checkpoint(tiny_run["best_checkpoint"], backend="torch")
     case = Derm7pt.load(synth_root).split_cases("test")[0]
@@ -176,6 +214,81 @@ def test_a_rare_class_is_not_in_every_set_and_no_set_is_empty():
     shown = art.prediction_sets(weird, 0.5)[t]
     assert (shown.sum(1) >= 1).all()  # never empty ...
     assert shown[:, 3].all()  # ... the most probable class stands in
+
+
+def _member_world(rng, n, sharpness, task="BWV"):
+    """n cases of a two-class task seen by members of different `sharpness` (one (n, 2) array each)."""
+    y = rng.integers(0, 2, n)
+    out = []
+    for s in sharpness:
+        logit = s * np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.5, n)
+        p1 = 1 / (1 + np.exp(-logit))
+        out.append(np.stack([1 - p1, p1], axis=1))
+    return out, y
+
+
+def test_cross_conformal_scores_each_member_against_its_own_fold():
+    """p(c) = (1 + sum_k #{fold k scores of c's bin >= member k's score}) / (n_bin + 1), by hand; one fold and
+    one member give exactly the split-conformal sets (crepes), rare-class pooling included."""
+    rng = np.random.default_rng(4)
+    sharp = (3.0, 0.3)  # member 0 sure of itself, member 1 hardly: their scores live on different scales
+    by_member, y = _member_world(rng, 60, sharp)
+    folds = np.arange(60) % 2
+    oof = np.where(folds[:, None] == 0, by_member[0], by_member[1])  # each case by the member of its fold
+    t, probs, targets = _one_task("BWV", oof, y)
+    art = Artifacts(conformal=conformal_scores(probs, targets, folds=folds))
+    assert art.cross_conformal
+    test_members, _ = _member_world(rng, 25, sharp)
+    shown = [np.full((25, k.num_classes), 1 / k.num_classes) for k in TASKS]
+    shown[t] = np.mean(test_members, axis=0)
+    members = []
+    for m in test_members:
+        mine = [q.copy() for q in shown]
+        mine[t] = m
+        members.append(mine)
+    sets = art.prediction_sets(shown, 0.8, members=members)[t]
+    scores = 1 - oof[np.arange(60), y]
+    for i in range(25):
+        expected = np.zeros(2, dtype=bool)
+        for c in (0, 1):
+            count = sum(((scores >= 1 - test_members[k][i, c]) & (y == c) & (folds == k)).sum() for k in (0, 1))
+            expected[c] = (count + 1) / ((y == c).sum() + 1) > 0.2
+        if not expected.any():  # never empty: the most probable class stands in
+            expected[shown[t][i].argmax()] = True
+        np.testing.assert_array_equal(sets[i], expected)
+    with pytest.raises(ValueError, match="each member's probabilities"):
+        art.prediction_sets(shown, 0.8)
+
+    counts = {0: 7, 1: 120, 2: 50, 3: 30, 4: 10}  # DIAG with a rare BCC: pooled / marginal bins
+    yd = np.concatenate([np.full(k, c) for c, k in counts.items()])
+    pd_ = rng.dirichlet(np.ones(5), len(yd))
+    t, probs, targets = _one_task("DIAG", pd_, yd)
+    split = Artifacts(conformal=conformal_scores(probs, targets))
+    one_fold = Artifacts(conformal=conformal_scores(probs, targets, folds=np.zeros(len(yd), dtype=int)))
+    test = [q[:40] for q in _one_task("DIAG", rng.dirichlet(np.ones(5), 40), yd[:40])[1]]
+    for level in (0.8, 0.9):
+        np.testing.assert_array_equal(one_fold.prediction_sets(test, level, members=[test])[t],
+                                      split.prediction_sets(test, level)[t])
+
+
+def test_cross_conformal_sets_cover_each_class_at_the_level():
+    """Three members of different sharpness, calibrated each on its own fold: over fresh cases the
+    cross-conformal 90 % sets cover each class at >= ~90 % (the guarantee is >= 1 - 2 alpha; in practice ~1 - alpha)."""
+    rng = np.random.default_rng(6)
+    sharp = (3.0, 1.5, 0.5)
+    by_member, y = _member_world(rng, 600, sharp)
+    folds = np.arange(600) % 3
+    oof = np.choose(folds[:, None], by_member)
+    t, probs, targets = _one_task("BWV", oof, y)
+    art = Artifacts(conformal=conformal_scores(probs, targets, folds=folds))
+    test_members, ty = _member_world(rng, 4000, sharp)
+    shown = [np.full((4000, k.num_classes), 1 / k.num_classes) for k in TASKS]
+    shown[t] = np.mean(test_members, axis=0)
+    members = [[m if j == t else q for j, q in enumerate(shown)] for m in test_members]
+    sets = art.prediction_sets(shown, 0.9, members=members)[t]
+    for c in (0, 1):
+        assert sets[ty == c, c].mean() >= 0.87
+    assert sets.sum(axis=1).mean() < 1.9  # and the sets say something
 
 
 def test_a_correction_equal_to_the_models_answer_changes_nothing():
@@ -339,15 +452,23 @@ def test_evaluate_reports_intervals_coverage_breakdown_and_interventions(crossfi
     assert lo <= m["average_accuracy"] <= hi and hi - lo > 0.01
     for name, (lo, hi) in m["intervals"]["tasks"].items():
         assert lo - 1e-9 <= m["tasks"][name]["accuracy"] <= hi + 1e-9
-    # the set figures, recomputed from predictions.csv through the checkpoint's artefacts
-    section = read_checkpoint(summary["best_checkpoint"])["sevenpoint"]
-    art = Artifacts.from_section(section)
+    # the set figures, recomputed through the checkpoint's artefacts from the members' probabilities (the sets
+    # are cross-conformal) of a separate pass, whose shown probabilities are those of predictions.csv
     import pandas as pd
 
+    from sevenpoint.engine.evaluate import predict_split
+
+    model, cfg, section = load_model(summary["best_checkpoint"])
+    pred = predict_split(model, cfg, Derm7pt.load(trust_data), "test", progress=False)
+    shown = postprocess(pred.probs, Artifacts.from_section(section), cfg.infer.output_temperature, level=0.6,
+                        members=pred.members)
     frame = pd.read_csv(tmp_path / "e" / "predictions.csv")
+    assert frame["case_id"].tolist() == pred.ids
     probs = [frame[[f"{t.name}_p_{c}" for c in t.classes]].to_numpy() for t in TASKS]
+    for mine, theirs in zip(shown.probs, probs):
+        np.testing.assert_allclose(mine, theirs, atol=2e-6)
     targets = frame[[f"{t.name}_true" for t in TASKS]].to_numpy()
-    sets = art.prediction_sets(probs, 0.6)
+    sets = shown.sets
     assert m["sets"]["level"] == 0.6
     assert any(s.sum(1).mean() < s.shape[1] - 0.5 for s in sets)  # some sets leave classes out at 60 %
     for t, task in enumerate(TASKS):

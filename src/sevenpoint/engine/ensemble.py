@@ -80,7 +80,8 @@ def out_of_fold_predictions(members: list[str], folds: list[np.ndarray], data: C
     probs = [np.concatenate([p.probs[t] for _, p in parts])[order] for t in range(len(TASKS))]
     targets = np.concatenate([p.targets for _, p in parts])[order]
     ids = [i for _, p in parts for i in p.ids]
-    return Predictions(probs, targets, [ids[j] for j in order])
+    folds = np.concatenate([np.full(len(r), k) for k, (r, _) in enumerate(parts)])[order]
+    return Predictions(probs, targets, [ids[j] for j in order], folds=folds)
 
 
 def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
@@ -133,7 +134,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     if folds is not None:
         oof = out_of_fold_predictions(members, folds, data, cfg, progress)
         np.savez_compressed(run_dir / "out_of_fold.npz", ids=np.asarray(oof.ids), targets=oof.targets,
-                            **{f"probs_{task.name}": p for task, p in zip(TASKS, oof.probs)})
+                            folds=oof.folds, **{f"probs_{task.name}": p for task, p in zip(TASKS, oof.probs)})
     best.parent.mkdir(parents=True, exist_ok=True)
     pred = finish_checkpoint(ckpt, best, data, cfg, held_out=oof, progress=progress,
                              source=f"{data.root} (valid, out of fold: each case by the member that never saw it)",

@@ -41,6 +41,8 @@ class Predictions:
     branch_probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     branch_masks: dict[str, np.ndarray] = field(default_factory=dict)
     untempered: list[np.ndarray] | None = None  # a model tempered inside the network: `probs` without it
+    members: list[list[np.ndarray]] | None = None  # an ensemble's members' own probabilities (FusionOutput.members)
+    folds: np.ndarray | None = None  # (N,) out-of-fold predictions: the member (= fold) that made each row
 
 
 @torch.no_grad()
@@ -50,8 +52,7 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
     if channels_last:
         model.to(memory_format=torch.channels_last)
     dev_type = torch.device(device).type
-    names = ["fused", *model.branch_names]
-    chunks: dict[str, list[list[np.ndarray]]] = {b: [[] for _ in TASKS] for b in [*names, "untempered"]}
+    chunks: dict[str, list[list[np.ndarray]]] = {}
     masks: dict[str, list[np.ndarray]] = {b: [] for b in model.branch_names}
     targets, ids = [], []
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
@@ -64,21 +65,24 @@ def predict_loader(model: FusionModel, loader: DataLoader, tta: str = "none", bf
             view = {"fused": out.probs, **{b: out.branch_probs(b) for b in model.branch_names}}
             if out.untempered is not None:
                 view["untempered"] = out.untempered
+            for k, member in enumerate(out.members or []):
+                view[f"member{k}"] = member
             for b, ps in view.items():
                 ps = [p.float().cpu() for p in ps]
                 acc[b] = ps if b not in acc else [a + p for a, p in zip(acc[b], ps)]
         for b in acc:
             for t in range(len(TASKS)):
-                chunks[b][t].append((acc[b][t] / len(views_d)).numpy())
+                chunks.setdefault(b, [[] for _ in TASKS])[t].append((acc[b][t] / len(views_d)).numpy())
         used = out.branches_used().cpu().numpy()  # (N, 3) over BRANCHES; the same for every view
         for b in model.branch_names:
             masks[b].append(used[:, BRANCHES.index(b)])
         targets.append(batch["targets"].cpu().numpy())
         ids += list(batch["case_id"])
-    untempered = [np.concatenate(p) for p in chunks["untempered"]] if chunks["untempered"][0] else None
-    probs = {b: [np.concatenate(p) for p in chunks[b]] for b in names}
-    return Predictions(probs.pop("fused"), np.concatenate(targets), ids, probs,
-                       {b: np.concatenate(m) for b, m in masks.items()}, untempered)
+    joined = {b: [np.concatenate(p) for p in parts] for b, parts in chunks.items()}
+    members = [joined.pop(f"member{k}") for k in range(sum(b.startswith("member") for b in joined))]
+    untempered = joined.pop("untempered", None)
+    return Predictions(joined.pop("fused"), np.concatenate(targets), ids, joined,
+                       {b: np.concatenate(m) for b, m in masks.items()}, untempered, members or None)
 
 
 def inference_path(model: FusionModel, cfg: RunConfig, batch_size: int, precision: str = "auto",
@@ -198,7 +202,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     targets, ids = pred.targets, pred.ids
     art = Artifacts.from_section(extra)
     image_probs = apply_temperatures(pred.probs, temperature)
-    shown = postprocess(pred.probs, art, temperature, level=level)  # what `predict` shows, case by case
+    shown = postprocess(pred.probs, art, temperature, level=level, members=pred.members)  # what `predict` shows
     probs, stacked = shown.probs, shown.stacked
     metrics = compute_metrics(probs, targets)
     metrics["diagnosis_source"] = "stacked" if stacked.any() else "image model"
@@ -252,7 +256,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     if bootstrap:
         metrics["intervals"] = bootstrap_intervals(probs, targets, bootstrap)
     if calibrate and shown.sets is not None:  # new temperatures: the sets follow the probabilities now shown
-        shown = postprocess(pred.probs, art, temps, level=level)
+        shown = postprocess(pred.probs, art, temps, level=level, members=pred.members)
     metrics["sets"] = None if shown.sets is None else set_report(shown.sets, targets, level)
     metrics["uncertain_share"] = float(shown.uncertain.mean())
     metrics["triage"] = triage_report(shown, targets)

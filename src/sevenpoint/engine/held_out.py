@@ -92,24 +92,34 @@ def fit_stacker(probs: list[np.ndarray], targets: np.ndarray, seed: int = 0) -> 
     return stacker, full_cv
 
 
-def _task_scores(probs: np.ndarray, targets: np.ndarray, num_classes: int) -> dict:
+def _task_scores(probs: np.ndarray, targets: np.ndarray, num_classes: int, folds: np.ndarray | None = None) -> dict:
     known = targets >= 0
     y = targets[known]
     scores = 1.0 - probs[known][np.arange(len(y)), y]
-    return {"scores": np.round(scores, 7).tolist(), "labels": y.astype(int).tolist(),
-            "counts": np.bincount(y, minlength=num_classes).astype(int).tolist()}
+    out = {"scores": np.round(scores, 7).tolist(), "labels": y.astype(int).tolist(),
+           "counts": np.bincount(y, minlength=num_classes).astype(int).tolist()}
+    if folds is not None:
+        out["folds"] = np.asarray(folds)[known].astype(int).tolist()
+    return out
 
 
-def conformal_scores(probs: list[np.ndarray], targets: np.ndarray, diagnosis: dict[str, np.ndarray] | None = None) -> dict:
+SPLIT_METHOD = "split conformal, Mondrian by true class with rare classes pooled, score 1 - p(true class)"
+CROSS_METHOD = ("cross-conformal over the cross-fitted members (member k scores a new case against the cases of "
+                "fold k, the counts pooled), Mondrian by true class with rare classes pooled, score 1 - p(true class)")
+
+
+def conformal_scores(probs: list[np.ndarray], targets: np.ndarray, diagnosis: dict[str, np.ndarray] | None = None,
+                     folds: np.ndarray | None = None) -> dict:
     """Per task, each annotated case's non-conformity score 1 - p(true class) and its true class;
     `diagnosis`: {"image model": (N, 5), "stacked": (N, 5)}, both diagnosis models' held-out probabilities,
-    stored too so a corrected case's set is scored against the model that gave its diagnosis."""
-    tasks = {task.name: _task_scores(probs[t], targets[:, t], task.num_classes) for t, task in enumerate(TASKS)}
-    out = {"method": "split conformal, Mondrian by true class with rare classes pooled (crepes), "
-                     "score 1 - p(true class)", "tasks": tasks}
+    stored too so a corrected case's set is scored against the model that gave its diagnosis. `folds`: (N,)
+    the member that made each case's prediction (a cross-fit ensemble's out-of-fold ones): stored with each
+    score, they make the sets cross-conformal (`Artifacts.cross_conformal`)."""
+    tasks = {task.name: _task_scores(probs[t], targets[:, t], task.num_classes, folds) for t, task in enumerate(TASKS)}
+    out = {"method": SPLIT_METHOD if folds is None else CROSS_METHOD, "tasks": tasks}
     if diagnosis:
         n = TASKS[DIAG_INDEX].num_classes
-        out["diagnosis"] = {name: _task_scores(p, targets[:, DIAG_INDEX], n) for name, p in diagnosis.items()}
+        out["diagnosis"] = {name: _task_scores(p, targets[:, DIAG_INDEX], n, folds) for name, p in diagnosis.items()}
     return out
 
 
@@ -150,5 +160,5 @@ def fit_held_out(pred, source: str, seed: int = 0) -> tuple[list[float], dict]:
     triage = triage if triage.get("image model") else None
     n = len(pred.targets)  # "root (valid)" -> "root (valid, 203 cases)"
     fitted_on = f"{source[:-1]}, {n} cases)" if source.endswith(")") else f"{source} ({n} cases)"
-    return temps, {"calibration": {"fitted_on": fitted_on, **report}, "conformal": conformal_scores(shown, pred.targets, diagnosis),
+    return temps, {"calibration": {"fitted_on": fitted_on, **report}, "conformal": conformal_scores(shown, pred.targets, diagnosis, pred.folds),
                    "stacker": stacker, "fitted_on": fitted_on, "triage": triage}

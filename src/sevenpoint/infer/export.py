@@ -12,7 +12,7 @@ import torch
 from .artifacts import Artifacts
 from ..atomic import atomic_path
 from ..checkpoint import load_model
-from ..models import DenseFusion
+from ..models import DenseFusion, split_outputs
 from ..schema import TASK_NAMES
 
 INPUT_NAMES = ["derm", "clinic", "meta", "has_derm", "has_clinic", "has_meta"]
@@ -43,7 +43,8 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: int, met
     inputs = example_inputs(2, size, meta_dim)
     with torch.no_grad():
         dense(*inputs)  # fills attention_names
-    outputs = [f"prob_{t}" for t in TASK_NAMES] + ["branches_used"] + [f"attention_{n}" for n in dense.attention_names]
+    outputs = ([f"prob_{t}" for t in TASK_NAMES] + ["branches_used"] + [f"attention_{n}" for n in dense.attention_names]
+               + [f"member{k}_prob_{t}" for k in range(dense.members) for t in TASK_NAMES])
     dynamic = {name: {0: "batch"} for name in INPUT_NAMES + outputs}
     with atomic_path(path, suffix=".onnx.tmp") as tmp:
         torch.onnx.export(dense, inputs, str(tmp), input_names=INPUT_NAMES, output_names=outputs,
@@ -81,14 +82,14 @@ def check_parity(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, n:
     inputs[5] = torch.tensor([1.0, 1.0, 0.0] * n)[:n]  # some without metadata
     with torch.no_grad():
         ref = model(inputs[0], inputs[1], inputs[2], inputs[3].bool(), inputs[4].bool(), inputs[5].bool())
-    if "derm" not in cfg.model.images:  # a clinical-only model has nothing to run without the clinical photo
-        keep = inputs[4].bool()
-        ref_probs = [p[keep] for p in ref.probs]
-    else:
-        keep, ref_probs = torch.ones(n, dtype=torch.bool), ref.probs
+    # a clinical-only model has nothing to run without the clinical photo
+    keep = inputs[4].bool() if "derm" not in cfg.model.images else torch.ones(n, dtype=torch.bool)
     sess = ort_session(onnx_path)
-    got = sess.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, inputs)})
-    return float(max(np.abs(got[t][keep.numpy()] - ref_probs[t].numpy()).max() for t in range(len(TASK_NAMES))))
+    attention = json.loads(sess.get_modelmeta().custom_metadata_map.get("sevenpoint_attention", "[]"))
+    out = sess.run(None, {k: v.numpy() for k, v in zip(INPUT_NAMES, inputs)})
+    probs, _, _, members = split_outputs(out, attention, len(ref.members or []))
+    pairs = list(zip(probs, ref.probs)) + [pair for m, r in zip(members, ref.members or []) for pair in zip(m, r)]
+    return float(max(np.abs(got[keep.numpy()] - want[keep].numpy()).max() for got, want in pairs))
 
 
 # --- int8: static QDQ quantisation with ONNX Runtime, calibrated and checked on real cases -------------

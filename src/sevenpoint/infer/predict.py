@@ -28,7 +28,7 @@ from ..data.images import ImageError, crop_and_resize, open_rgb
 from ..data.transforms import to_tensor, transforms_for, tta_views
 from ..runtime import (PATHS, ThreadGovernor, autotune_cache_file, bf16_autocast, path_candidates, path_key,
                        pick_path, use_bf16, use_channels_last)
-from ..models import BRANCHES, freeze_for_inference
+from ..models import BRANCHES, freeze_for_inference, split_outputs
 from .ood import GateError, OODModel, descriptor, gate
 from ..schema import (DIAG_INDEX, MEL_CLASS, MELANOMA_THRESHOLD, META_FIELDS, TASK_BY_NAME, TASKS,
                      encode_meta, score_rule, seven_point_score)
@@ -168,8 +168,9 @@ class _TorchBackend:
             out = self.model(derm.to(dev).contiguous(memory_format=fmt), clinic.to(dev).contiguous(memory_format=fmt),
                              meta.to(dev), *(has[k].to(dev) for k in ("derm", "clinic", "meta")))
         heads = {k: v.float().cpu().numpy() for k, v in out.attention.items()}
+        members = [[p.float().cpu().numpy() for p in m] for m in out.members or []]
         return ([p.float().cpu().numpy() for p in out.probs], out.branches_used().cpu().numpy(),
-                {k: v.sum(axis=1) for k, v in heads.items()}, heads)
+                {k: v.sum(axis=1) for k, v in heads.items()}, heads, members)
 
 
 class _FrozenBackend:
@@ -187,9 +188,10 @@ class _FrozenBackend:
         with bf16_autocast(self.bf16, tracing=True):
             out = self.graph(derm.contiguous(memory_format=fmt), clinic.contiguous(memory_format=fmt), meta,
                              *(has[k].float() for k in ("derm", "clinic", "meta")))
-        n_tasks = len(TASKS)
-        attention = {k: v.float().numpy() for k, v in zip(self.names, out[n_tasks + 1:])}
-        return [p.float().numpy() for p in out[:n_tasks]], out[n_tasks].numpy() > 0.5, attention, {}
+        probs, used, maps, members = split_outputs(out, self.names, self.graph.members)
+        attention = {k: v.float().numpy() for k, v in zip(self.names, maps)}
+        return ([p.float().numpy() for p in probs], used.numpy() > 0.5, attention, {},
+                [[p.float().numpy() for p in m] for m in members])
 
 
 class _OnnxBackend:
@@ -204,6 +206,8 @@ class _OnnxBackend:
             raise PredictError(f"{path}: not a sevenpoint ONNX export (no sevenpoint_config metadata)")
         self.cfg = config_from_dict(json.loads(meta["sevenpoint_config"]))
         self.attention_names = json.loads(meta["sevenpoint_attention"])
+        # an ensemble's export also gives each member's probabilities ("member<k>_prob_<task>", after the maps)
+        self.members = len({o.name.split("_")[0] for o in self.session.get_outputs() if o.name.startswith("member")})
         self.ood = OODModel.from_dict(json.loads(meta.get("sevenpoint_ood", "null")))
         self.artifacts = Artifacts.from_section(json.loads(meta.get("sevenpoint_artifacts", "{}")))
         # `export --int8`: how it was calibrated and its checked accuracy; None for an fp32 export
@@ -212,11 +216,8 @@ class _OnnxBackend:
     def __call__(self, derm, clinic, meta, has):
         feeds = {"derm": derm.numpy(), "clinic": clinic.numpy(), "meta": meta.numpy(),
                  **{f"has_{k}": v.float().numpy() for k, v in has.items()}}
-        out = self.session.run(None, feeds)
-        n_tasks = len(TASKS)
-        used = out[n_tasks] > 0.5
-        attention = dict(zip(self.attention_names, out[n_tasks + 1:]))
-        return out[:n_tasks], used, attention, {}
+        probs, used, maps, members = split_outputs(self.session.run(None, feeds), self.attention_names, self.members)
+        return probs, used > 0.5, dict(zip(self.attention_names, maps)), {}, members
 
 
 @dataclass
@@ -424,13 +425,16 @@ class Predictor:
         # Test-time views: probabilities averaged over the views, attention maps from the original one.
         views = list(zip(tta_views(derm, self.tta), tta_views(clinic, self.tta)))
         start = time.perf_counter()
-        probs, used, attention, heads = self.backend(derm, clinic, meta, has)
+        probs, used, attention, heads, members = self.backend(derm, clinic, meta, has)
         for view_derm, view_clinic in views[1:]:
-            probs = [a + b for a, b in zip(probs, self.backend(view_derm, view_clinic, meta, has)[0])]
+            view = self.backend(view_derm, view_clinic, meta, has)
+            probs = [a + b for a, b in zip(probs, view[0])]
+            members = [[a + b for a, b in zip(mine, theirs)] for mine, theirs in zip(members, view[4])]
         if self.governor is not None:
             self.governor.record(n, time.perf_counter() - start)
         done = postprocess([p / len(views) for p in probs], self.artifacts, self.cfg.infer.output_temperature,
-                           [p.corrections for p in prepared], self.set_level)
+                           [p.corrections for p in prepared], self.set_level,
+                           [[p / len(views) for p in m] for m in members] or None)
         probs, sets, stacked = done.probs, done.sets, done.stacked
         calibration = self.cfg.infer.calibration_text(self.artifacts.fitted_on)
         preds = np.stack([p.argmax(axis=1) for p in probs], axis=1)
@@ -477,7 +481,8 @@ def cached_export(path: str | os.PathLike, kind: str = "fp32") -> Path:
 
     src = Path(path).resolve()
     stat = src.stat()
-    name = hashlib.sha1(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    # "|members": the graph's outputs include an ensemble's members' probabilities (exports before lacked them)
+    name = hashlib.sha1(f"{src}|{stat.st_size}|{stat.st_mtime_ns}|members".encode()).hexdigest()[:20]
     return autotune_cache_file().parent / "onnx" / (f"{name}.onnx" if kind == "fp32" else f"{name}.{kind}.onnx")
 
 

@@ -95,6 +95,9 @@ class FusionOutput:
     probs: list[torch.Tensor] = field(default_factory=list)  # 8 x (N, C_t), late fusion
     attention: dict[str, torch.Tensor] = field(default_factory=dict)  # "derm.exit" -> (N, K, h, w)
     untempered: list[torch.Tensor] | None = None  # an ensemble tempered per member: `probs` without temperatures
+    members: list[list[torch.Tensor]] | None = None  # an ensemble's members' own fused probabilities (tempered when
+    #                                                  `probs` is tempered per member), 8 x (N, C_t) each: what
+    #                                                  cross-conformal sets score (`infer.artifacts`)
 
     def branch_probs(self, branch: str) -> list[torch.Tensor]:
         """One branch's own probabilities; rows it did not run on are uniform (zero logits), including
@@ -241,11 +244,12 @@ class FusionEnsemble(nn.Module):
         out.attention = {k: mean_of([o.attention[k].float() for o in outs]) for k in outs[0].attention}
         # late fusion is linear: fusing the members' mean = the mean of the members' fused probabilities
         out.probs = late_fusion(out, self.fusion_weights)
+        out.members = [late_fusion(o, self.fusion_weights) for o in outs]
         if self.member_temperature is not None:
             out.untempered = out.probs
-            fused = [late_fusion(o, self.fusion_weights) for o in outs]
-            out.probs = [mean_of([tempered(f[t], temp) for f in fused])
-                         for t, temp in enumerate(self.member_temperature)]
+            out.members = [[tempered(f[t], temp) for t, temp in enumerate(self.member_temperature)]
+                           for f in out.members]
+            out.probs = [mean_of([f[t] for f in out.members]) for t in range(len(NUM_CLASSES))]
         return out
 
 

@@ -37,14 +37,16 @@ class DenseFusion(nn.Module):
     In eval mode this equals `FusionModel.forward` for every case (BatchNorm uses running
     statistics, so running a branch on a placeholder image changes nothing for the others).
     Inputs: images (N, 3, S, S), meta (N, D), availability flags (N,) float 0/1.
-    Outputs: the 8 fused probability tensors, the (N, 3) branch-used flags, and the
-    aggregated attention maps of each branch stage.
+    Outputs: the 8 fused probability tensors, the (N, 3) branch-used flags, the aggregated attention
+    maps of each branch stage, and for an ensemble each member's 8 fused probability tensors
+    (`FusionOutput.members`, member by member): `members` says how many.
     """
 
     def __init__(self, model: FusionModel | FusionEnsemble) -> None:
         super().__init__()
         self.model = model.eval()
         self.attention_names: list[str] = []
+        self.members = len(model.members) if isinstance(model, FusionEnsemble) else 0
 
     def forward(self, derm: torch.Tensor, clinic: torch.Tensor, meta: torch.Tensor, has_derm: torch.Tensor,
                 has_clinic: torch.Tensor, has_meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -53,16 +55,29 @@ class DenseFusion(nn.Module):
         weights = parts[0][1]
         maps = {k: mean_of([p[2][k] for p in parts]) for k in parts[0][2]}
         temps = getattr(self.model, "member_temperature", None)
+        fused = []  # each member's fused (and tempered) probabilities, as `FusionEnsemble.forward`
+        if self.members:
+            fused = [weighted_branch_mean(p[0], weights, self.model.fusion_weights, eps=1e-12) for p in parts]
+            if temps is not None:
+                fused = [[tempered(f[t], temp) for t, temp in enumerate(temps)] for f in fused]
         if temps is None:  # late fusion is linear: fusing the members' mean = the mean of the fused
             branch_probs = {b: [mean_of([p[0][b][t] for p in parts]) for t in range(len(NUM_CLASSES))] for b in weights}
             probs = weighted_branch_mean(branch_probs, weights, self.model.fusion_weights, eps=1e-12)
-        else:  # each member fused and tempered, then averaged (`FusionEnsemble.forward`)
-            fused = [weighted_branch_mean(p[0], weights, self.model.fusion_weights, eps=1e-12) for p in parts]
-            probs = [mean_of([tempered(f[t], temp) for f in fused]) for t, temp in enumerate(temps)]
+        else:  # each member fused and tempered, then averaged
+            probs = [mean_of([f[t] for f in fused]) for t in range(len(NUM_CLASSES))]
         n = derm.shape[0]
         used = torch.stack([weights.get(b, torch.zeros(n, device=derm.device)) for b in BRANCHES], dim=1)
         self.attention_names = list(maps)
-        return (*probs, used, *maps.values())
+        return (*probs, used, *maps.values(), *(p for f in fused for p in f))
+
+
+def split_outputs(out, attention_names: list[str], members: int) -> tuple[list, object, list, list[list]]:
+    """`DenseFusion`'s flat outputs (torch or ONNX Runtime) -> (probs, branch-used flags, attention maps in
+    `attention_names` order, each member's probabilities)."""
+    n_tasks = len(NUM_CLASSES)
+    start = n_tasks + 1 + len(attention_names)
+    member_probs = [list(out[start + k * n_tasks:start + (k + 1) * n_tasks]) for k in range(members)]
+    return list(out[:n_tasks]), out[n_tasks], list(out[n_tasks + 1:start]), member_probs
 
 
 def freeze_for_inference(model: FusionModel, batch: int, size: int, meta_dim: int, bf16: bool,
@@ -84,4 +99,5 @@ def freeze_for_inference(model: FusionModel, batch: int, size: int, meta_dim: in
         frozen = torch.jit.freeze(traced)
         frozen(x, x, torch.zeros(batch, meta_dim), flags, flags, flags)  # first call optimises the graph
     frozen.attention_names = list(dense.attention_names)
+    frozen.members = dense.members
     return frozen
