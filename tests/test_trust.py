@@ -604,7 +604,7 @@ def test_api_takes_corrections_and_writes_the_report(crossfit_run, trust_data):
 def test_batch_csv_carries_each_tasks_set_and_the_uncertain_flag(crossfit_run, trust_data, tmp_path):
     import pandas as pd
 
-    from sevenpoint.batch import run_batch
+    from sevenpoint.infer.batch import run_batch
 
     summary, _ = crossfit_run
     cases = Derm7pt.load(trust_data).split_cases("test")[:3]

@@ -367,7 +367,7 @@ def predict(
                                               "onnx (from .onnx)")] = "auto",
     tta: Annotated[Optional[str], typer.Option(
         help="Test-time views: none | flip | flip_rot (default: the checkpoint's own infer.tta)")] = None,
-    devices: Annotated[int, typer.Option(help="--batch: processes (CPU) or GPUs for Lightning's Trainer.predict.")] = 1,
+    devices: Annotated[int, typer.Option(help="--batch: processes (CPU, sharing the cores) or GPUs, one process each.")] = 1,
     accelerator: Annotated[str, typer.Option(help="--batch: cpu | gpu | auto (Lightning's accelerator).")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="--batch: cases per forward pass.")] = 16,
     restart: Annotated[bool, typer.Option(help="--batch: discard an interrupted run's journal and start over.")] = False,
@@ -439,7 +439,7 @@ def _predict_batch(checkpoint: Path, source: Path, outs: list[Path], **options) 
     """`predict --batch`: streamed, resumable, per-row errors; exit 3 when some rows failed."""
     import tempfile
 
-    from .batch import EXIT_ROWS_FAILED, run_batch
+    from .infer.batch import EXIT_ROWS_FAILED, run_batch
 
     with tempfile.TemporaryDirectory(prefix="sevenpoint-batch-") as scratch:
         to_stdout = not outs

@@ -6,9 +6,9 @@ memory stays flat and a killed run resumes where it stopped: rerunning the same 
 only the rows the journal lacks. When every row is in, the journal is merged in input order into
 the outputs (CSV, JSON list or JSON lines, by suffix), each written atomically, and removed.
 
-The rows run through Lightning's `Trainer.predict`: `devices=N` starts N processes (N CPU
-processes sharing the cores, or N GPUs), each streaming its share of the rows (row i goes to
-process i mod N) into its own journal shard.
+`devices=N` starts N processes (a `concurrent.futures` pool, spawned: N CPU processes sharing the
+cores, or one per GPU), each building its own predictor and streaming its share of the rows (row i
+goes to process i mod N) into its own journal shard; with one device the rows run in this process.
 
 Input: a CSV (comma, semicolon or tab separated; UTF-8 with or without BOM, UTF-16 with a BOM;
 CRLF or LF) with a `derm` and/or `clinic` column (paths relative to the CSV's folder, or absolute)
@@ -23,21 +23,18 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .schema import META_FIELDS, TASKS
+from ..atomic import atomic_path
+from ..schema import META_FIELDS, TASKS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ID_COLUMNS = ("case_id", "id", "case_num")
@@ -344,64 +341,48 @@ def write_outputs(journal: Journal, outs: Sequence[Path]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- the engine
 
-class _Remaining(torch.utils.data.IterableDataset):
-    """The cases the journal lacks, streamed from the input; process r of N takes rows r, r+N, ..."""
+def _score_share(settings: dict, journal: Journal, source: CaseSource, done: np.ndarray, rank: int, world: int,
+                 batch_size: int, progress: bool, device: str) -> int:
+    """What process `rank` of `world` runs: builds the predictor (in a spawned process only the settings
+    travel), predicts the rows rank, rank + world, ... that the journal lacks, `batch_size` at a time, and
+    appends their records to its journal shard. Returns how many rows it scored."""
+    from .predict import Predictor
 
-    def __init__(self, source: CaseSource, done: np.ndarray) -> None:
-        self.source, self.done = source, done
+    if device == "cpu":  # N processes share the cores
+        torch.set_num_threads(max(1, (settings["threads"] or torch.get_num_threads()) // world))
+    predictor = Predictor.from_checkpoint(settings["checkpoint"], precision=settings["precision"],
+                                          backend=settings["backend"], tta=settings["tta"], device=device)
+    share = sum(1 for r in range(rank, len(done), world) if not done[r])
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
 
-    def __iter__(self) -> Iterator[Case]:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        for case in self.source:
-            if (case.row - 1) % world == rank and not self.done[case.row - 1]:
-                yield case
+        bar = tqdm(total=share, unit="row", dynamic_ncols=True,
+                   desc="predict" if world == 1 else f"predict (process 1 of {world})")
+    chunk: list[Case] = []
 
+    def flush() -> None:
+        journal.append(rank, predict_cases(predictor, chunk))
+        if bar is not None:
+            bar.update(len(chunk))
+        chunk.clear()
 
-class ArchiveModule(L.LightningModule):
-    """What each of Trainer.predict's processes runs: builds the predictor after the spawn (only the
-    settings travel), predicts a batch of cases and appends their records to its journal shard."""
-
-    def __init__(self, settings: dict, journal: Journal, remaining: int, progress: bool) -> None:
-        super().__init__()
-        self.settings, self.journal, self.remaining, self.progress = settings, journal, remaining, progress
-        self.predictor = None
-        self.bar = None
-
-    def setup(self, stage: str) -> None:
-        from .infer.predict import Predictor
-
-        world = self.trainer.world_size
-        if self.device.type == "cpu":  # N processes share the cores
-            torch.set_num_threads(max(1, (self.settings["threads"] or torch.get_num_threads()) // world))
-        s = self.settings
-        self.predictor = Predictor.from_checkpoint(s["checkpoint"], precision=s["precision"], backend=s["backend"],
-                                                   tta=s["tta"], device=self.device)
-        if self.progress and self.global_rank == 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=len(range(0, self.remaining, world)), unit="row", dynamic_ncols=True,
-                            desc="predict" if world == 1 else f"predict (process 1 of {world})")
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # Case records, not tensors: the predictor moves what it builds from them
-
-    def predict_step(self, cases: list[Case], batch_idx: int = 0) -> int:
-        self.journal.append(self.global_rank, predict_cases(self.predictor, cases))
-        if self.bar is not None:
-            self.bar.update(len(cases))
-        return len(cases)  # the records are in the journal; Trainer.predict keeps nothing
-
-    def on_predict_end(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    for case in source:
+        if (case.row - 1) % world == rank and not done[case.row - 1]:
+            chunk.append(case)
+            if len(chunk) == batch_size:
+                flush()
+    if chunk:
+        flush()
+    if bar is not None:
+        bar.close()
+    return share
 
 
 def predict_cases(predictor, cases: Sequence[Case]) -> list[dict]:
     """One journal record per case: its prediction, or the reason it has none."""
-    from .data.images import ImageError
-    from .infer.predict import PredictError
+    from ..data.images import ImageError
+    from .predict import PredictError
 
     records, prepared, where = [], [], []
     for case in cases:
@@ -469,38 +450,25 @@ def run_batch(checkpoint: str | os.PathLike, source: str | os.PathLike, outs: Se
                              batch_size, progress)
 
 
-@contextmanager
-def _lightning_quiet() -> Iterator[None]:
-    """Lightning's INFO lines ("GPU available: False", tips) are not ours to print while scoring a batch.
-
-    The levels are put back afterwards: muting them for the whole process would also silence the lines a
-    later `train` in the same process prints."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    before = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, before):
-            lg.setLevel(level)
-
-
 def _predict_into(journal: Journal, cases: CaseSource, outs: list[Path], settings: dict, devices: int,
                   accelerator: str, batch_size: int, progress: bool) -> BatchSummary:
     done = journal.done(cases.count)
     resumed = int(done.sum())
     if resumed < cases.count:
-        loader = torch.utils.data.DataLoader(_Remaining(cases, done), batch_size=batch_size,
-                                             collate_fn=list, num_workers=0)
-        strategy = "ddp_spawn" if devices > 1 else "auto"
-        with warnings.catch_warnings(), _lightning_quiet():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch 2.13 vs lightning 2.6, harmless
-            trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                use_distributed_sampler=False, inference_mode=True)
-            trainer.predict(ArchiveModule(settings, journal, cases.count - resumed, progress), loader,
-                            return_predictions=False)
+        def device(rank: int) -> str:
+            return "cpu" if accelerator == "cpu" else ("cuda" if devices == 1 else f"cuda:{rank}")
+
+        jobs = [(settings, journal, cases, done, rank, devices, batch_size, progress, device(rank))
+                for rank in range(devices)]
+        if devices == 1:
+            _score_share(*jobs[0])
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(devices, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for job in [pool.submit(_score_share, *args) for args in jobs]:
+                    job.result()  # a process's error is raised here, after the others finished their share
     ok, failed = write_outputs(journal, outs)
     if ok + failed != cases.count:  # never true unless a shard was edited by hand: keep the journal then
         raise BatchInputError(f"{journal.folder}: holds {ok + failed} of {cases.count} rows after the run")
