@@ -345,6 +345,86 @@ def test_isic_as_extra_training_data_joins_the_train_split_only(synth_root, tmp_
         load_training_data(synth_root, cfg_ph2)
 
 
+def test_soft_target_loss_is_the_cross_entropy_against_the_teacher_on_the_cases_that_carry_it():
+    from sevenpoint.config import load_config
+    from sevenpoint.engine.loss import soft_target_loss
+    from sevenpoint.engine.module import forward_batch
+    from sevenpoint.models import FusionModel
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = FusionModel(cfg.model, 64, cfg.meta_dim).eval()
+    n = 5
+    batch = {"derm": torch.rand(n, 3, 64, 64), "clinic": torch.rand(n, 3, 64, 64), "meta": torch.zeros(n, 14),
+             "has_derm": torch.ones(n, dtype=torch.bool), "has_clinic": torch.tensor([True, True, False, True, True]),
+             "has_meta": torch.ones(n, dtype=torch.bool)}
+    out = forward_batch(model, batch)
+    soft = torch.cat([torch.softmax(torch.randn(n, t.num_classes), dim=1) for t in TASKS], dim=1)
+    has = torch.tensor([True, True, True, False, False])
+    expected = 0.0
+    for branch, logits in out.logits.items():
+        rows = out.masks[branch] & has
+        start = 0
+        for lg in logits:
+            q = soft[rows, start:start + lg.shape[1]]
+            start += lg.shape[1]
+            expected = expected + F.cross_entropy(lg[rows], q)  # soft-label cross-entropy, mean over rows
+    got = soft_target_loss(out, soft, has)
+    assert torch.allclose(got, expected, atol=1e-5)
+    other = soft.clone()
+    other[3:] = torch.rand(2, soft.shape[1])  # cases without a teacher's answer: their values are never read
+    assert torch.equal(soft_target_loss(out, other, has), got)
+    assert float(soft_target_loss(out, soft, torch.zeros(n, dtype=torch.bool))) == 0.0
+
+
+def test_teach_writes_the_teachers_probabilities_and_a_student_learns_them(tiny_run, synth_root, tmp_path, capsys):
+    """`sevenpoint teach` on ISIC images, then `data.extra` + `data.extra_soft`: the extra cases carry the
+    teacher's probabilities into the batches, and training adds the distillation loss."""
+    import pandas as pd
+
+    from sevenpoint.config import ConfigError, load_config
+    from sevenpoint.engine.evaluate import eval_dataset
+    from sevenpoint.engine.run import train
+    from sevenpoint.engine.teach import SOFT_KEYS
+    from sevenpoint.engine.train import load_training_data
+
+    isic = make_synthetic_isic(tmp_path, cases=24, size=48)
+    soft_file = tmp_path / "teacher.npz"
+    code, text = cli(capsys, "teach", "--checkpoint", tiny_run["best_checkpoint"], "--data", isic, "--out", soft_file,
+                     "--no-progress")
+    assert code == 0, text
+    saved = np.load(soft_file)
+    cases = load_dataset(isic).cases
+    assert sorted(saved["ids"].tolist()) == sorted(c.case_id for c in cases)
+    for key, task in zip(SOFT_KEYS, TASKS):
+        assert saved[key].shape == (len(cases), task.num_classes)
+        np.testing.assert_allclose(saved[key].sum(axis=1), 1.0, atol=1e-5)
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={isic}",
+                               f"data.extra_soft={soft_file}", "train.epochs=1"])
+    data = load_training_data(synth_root, cfg)
+    row = {cid: i for i, cid in enumerate(saved["ids"].tolist())}
+    extra = [c for c in data.cases if c.case_id in row]
+    assert extra and all(c.soft is not None for c in extra)
+    assert all(c.soft is None for c in data.cases if c.case_id not in row)  # Derm7pt's own cases: labels only
+    first = extra[0]
+    np.testing.assert_allclose(first.soft, np.concatenate([saved[k][row[first.case_id]] for k in SOFT_KEYS]))
+    ds = eval_dataset(cfg, data, "train")
+    item = ds[[c.case_id for c in ds.cases].index(first.case_id)]
+    assert bool(item["has_soft"]) and torch.allclose(item["soft"], torch.from_numpy(first.soft))
+    plain = ds[[c.soft is None for c in ds.cases].index(True)]
+    assert not bool(plain["has_soft"]) and not plain["soft"].any()
+    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+    log = pd.read_csv(next((tmp_path / "run" / "logs").rglob("metrics.csv")))
+    distill = log["train/loss_distill"].dropna()
+    assert len(distill) == 1 and distill.iloc[0] > 0 and summary["epochs_run"] == 1
+    with pytest.raises(ConfigError, match="data.extra_soft"):
+        load_config("tiny", [f"data.extra_soft={soft_file}"])
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    bad = load_config("tiny", [f"data.extra={isic}", f"data.extra_soft={tmp_path / 'junk.npz'}"])
+    with pytest.raises(DatasetError, match="junk.npz"):
+        load_training_data(synth_root, bad)
+
+
 def test_ddp_on_two_cpu_processes_trains_on_isic_and_shares_the_cache_safely(tmp_path):
     """The scale-out command (README) with 2 CPU processes instead of GPUs: it trains, writes one
     best.ckpt, and the decoded-image cache both processes filled holds only valid entries."""

@@ -249,6 +249,24 @@ def ensemble(
 
 
 @app.command()
+def teach(
+    checkpoint: Annotated[Path, typer.Option(help="The teacher: a trained (or ensemble) checkpoint.")],
+    data: Annotated[Path, typer.Option(help="Dataset whose cases get the teacher's probabilities (e.g. ISIC images).")],
+    out: Annotated[Path, typer.Option(help="The .npz to write (ids and one probs_<TASK> array per task).")],
+    split: Annotated[str, typer.Option(help="Which split of --data (all: every case).")] = "all",
+    data_format: FormatOption = "auto",
+    progress: bool = True,
+) -> None:
+    """Write a teacher's probabilities for the 8 tasks on every case of a dataset: distillation targets for a
+    student trained with `data.extra=DATA data.extra_soft=OUT` (train.distill_weight weighs them)."""
+    from .engine.teach import teach as run_teach
+
+    r = run_teach(checkpoint, data, out, split, data_format, progress=progress)
+    console.print(f"wrote {r['out']}: the teacher's probabilities for {r['cases']} case(s) of {r['dataset']} "
+                  f"(split {r['split']}); train a student with data.extra={data} data.extra_soft={out}")
+
+
+@app.command()
 def calibrate(
     checkpoint: Annotated[Path, typer.Option(help="A trained (or ensemble) checkpoint.")],
     data: Annotated[Path, typer.Option(help="Dataset with a validation split (the one the model was chosen on).")],

@@ -36,6 +36,8 @@ class DataConfig:
     extra: str | None = None  # auxiliary TRAINING data (any format; its train split, else all of it), e.g.
     #                           ISIC images for the derm branch and DIAG; validation stays on --data
     extra_format: str = "auto"
+    extra_soft: str | None = None  # a teacher's probabilities for `extra`'s cases (`sevenpoint teach`, .npz): those
+    #                                cases also learn the teacher's 8 tasks (distillation, train.distill_weight)
 
 
 VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}
@@ -95,6 +97,8 @@ class TrainConfig:
     class_weights: bool = False  # inverse-frequency CE weights per task
     balanced_sampling: bool = False  # sample train cases to balance DIAG
     meta_dropout: float = 0.1  # chance to hide metadata in training, so "unknown" is learned
+    distill_weight: float = 1.0  # weight of the soft-target loss on cases with a teacher's probabilities
+    #                              (data.extra_soft); their own labels (e.g. ISIC's diagnosis) still count
     mixup: float = 0.0  # >0: MixUp with lambda ~ Beta(mixup, mixup): each batch mixed with a shuffled copy of itself
     #                     (images or cached trunk features, and metadata), the loss mixed alike; 0 = off
     early_stopping: int = 30  # epochs without val improvement; 0 = off
@@ -290,6 +294,7 @@ _RANGES = [
     ("train", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train", "meta_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("train", "mixup", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train", "distill_weight", lambda v: v >= 0, ">= 0"),
     ("train", "early_stopping", lambda v: v >= 0, ">= 0 (0 = off)"), ("train", "devices", lambda v: v >= 1, ">= 1"),
     ("train", "limit_train_batches", lambda v: 0 < v <= 1, "in (0, 1]"),
 ]
@@ -307,6 +312,8 @@ def finalize(cfg: RunConfig) -> RunConfig:
     for name in ("format", "extra_format"):
         if getattr(cfg.data, name) not in FORMAT_CHOICES:
             raise ConfigError(f"data.{name}: {getattr(cfg.data, name)!r} is not one of {', '.join(FORMAT_CHOICES)}")
+    if cfg.data.extra_soft and not cfg.data.extra:
+        raise ConfigError("data.extra_soft: a teacher's probabilities are for data.extra's cases; set data.extra too")
     if model.variant not in VARIANT_BRANCHES:
         raise ConfigError(f"model.variant: {model.variant!r} is not one of {', '.join(VARIANT_BRANCHES)}")
     from .models.backbones import BACKBONES  # imported here: models import this module

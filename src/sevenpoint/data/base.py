@@ -38,6 +38,9 @@ class Case:
     # descriptive columns never fed to the model (raw diagnosis, diagnostic difficulty): `evaluate` breaks
     # accuracy down by them
     describe: dict[str, str] = field(default_factory=dict)
+    # a teacher's probabilities for the 8 tasks, their classes concatenated (schema order): distillation targets
+    # (`data.extra_soft`); None for a case without them
+    soft: np.ndarray | None = None
 
 
 @dataclass

@@ -9,15 +9,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..schema import NUM_CLASSES
 from .base import CaseSet, DatasetError
 from .cache import ImageCache
 from .transforms import eval_transform, to_tensor
+
+SOFT_DIM = sum(NUM_CLASSES)  # a teacher's probabilities for the 8 tasks, concatenated (`Case.soft`)
 
 
 class CaseDataset(Dataset):
     """Items: `derm`, `clinic` (3, S, S) float tensors, `meta` (D,), `targets` (8,) long (partial
     labels as in schema.NOT_ANNOTATED / PRESENT), `has_derm`, `has_clinic`, `has_meta` (bool),
-    `case_id`, `index`.
+    `soft` (24,) a teacher's probabilities with `has_soft` (zeros / False without: `Case.soft`), `case_id`,
+    `index`.
 
     A missing photo is a zero tensor with `has_*=False`, missing metadata zeros with
     `has_meta=False`: the model must not see a dermoscopy photo standing in for a clinical one.
@@ -84,6 +88,8 @@ class CaseDataset(Dataset):
             "has_clinic": torch.tensor(has_clinic or fallback),
             "clinic_is_fallback": torch.tensor(fallback),
             "has_meta": torch.tensor(has_meta),
+            "soft": torch.zeros(SOFT_DIM) if case.soft is None else torch.from_numpy(case.soft.astype(np.float32)),
+            "has_soft": torch.tensor(case.soft is not None),
             "case_id": case.case_id,
             "index": index,
         }

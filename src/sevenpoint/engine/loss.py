@@ -40,3 +40,21 @@ def multitask_loss(out: FusionOutput, targets: torch.Tensor, class_weights: list
         parts[branch] = float(branch_loss.detach())
         total = total + branch_loss
     return total, parts
+
+
+def soft_target_loss(out: FusionOutput, soft: torch.Tensor, has_soft: torch.Tensor) -> torch.Tensor:
+    """Distillation: per branch and task, the cross-entropy of the branch's logits against a teacher's
+    probabilities (`soft`: (N, 24), the tasks' classes concatenated in schema order), averaged over the cases
+    that carry them (`has_soft`) and that the branch ran on; summed over tasks and branches like
+    `multitask_loss`. Zero when no case in the batch carries them."""
+    total = soft.new_zeros((), dtype=torch.float32)
+    for branch, logits in out.logits.items():
+        rows = out.masks[branch] & has_soft
+        if not bool(rows.any()):
+            continue
+        start = 0
+        for lg in logits:
+            q = soft[rows, start:start + lg.shape[1]].float()
+            start += lg.shape[1]
+            total = total - (q * F.log_softmax(lg[rows].float(), dim=-1)).sum(dim=-1).mean()
+    return total

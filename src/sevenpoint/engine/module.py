@@ -12,7 +12,7 @@ from torchmetrics import SumMetric
 from ..checkpoint import SCHEMA_FINGERPRINT
 from ..config import RunConfig
 from ..models import FusionModel, FusionOutput
-from .loss import multitask_loss
+from .loss import multitask_loss, soft_target_loss
 from ..schema import TASK_NAMES, TASKS, annotated, correct
 
 
@@ -29,13 +29,15 @@ def forward_batch(model: FusionModel, batch: dict, channels_last: bool = False,
 
 def mix_batch(batch: dict, lam: float, perm: torch.Tensor) -> dict:
     """MixUp's inputs: each case blended with case `perm[i]` at weight `lam` (images or cached trunk features, and
-    metadata); a modality counts as present only where both cases have it. Targets are left as they are: the loss
-    mixes them (`SevenPointModule.training_step`)."""
+    metadata, and a teacher's probabilities); a modality (or a teacher's answer) counts as present only where both
+    cases have it. Targets are left as they are: the loss mixes them (`SevenPointModule.training_step`)."""
     mixed = dict(batch)
-    for key in ("derm", "clinic", "meta"):
-        mixed[key] = lam * batch[key] + (1.0 - lam) * batch[key][perm]
-    for key in ("has_derm", "has_clinic", "has_meta"):
-        mixed[key] = batch[key] & batch[key][perm]
+    for key in ("derm", "clinic", "meta", "soft"):
+        if key in batch:
+            mixed[key] = lam * batch[key] + (1.0 - lam) * batch[key][perm]
+    for key in ("has_derm", "has_clinic", "has_meta", "has_soft"):
+        if key in batch:
+            mixed[key] = batch[key] & batch[key][perm]
     return mixed
 
 
@@ -81,6 +83,10 @@ class SevenPointModule(L.LightningModule):
             other, other_parts = multitask_loss(out, targets[perm], self.class_weights, tc.label_smoothing)
             loss = lam * loss + (1.0 - lam) * other
             parts = {b: lam * v + (1.0 - lam) * other_parts[b] for b, v in parts.items()}
+        if tc.distill_weight > 0 and "has_soft" in batch and bool(batch["has_soft"].any()):
+            distill = soft_target_loss(out, batch["soft"], batch["has_soft"])
+            self.log("train/loss_distill", distill, on_step=False, on_epoch=True, batch_size=n)
+            loss = loss + tc.distill_weight * distill
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         for branch, value in parts.items():
             self.log(f"train/loss_{branch}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)

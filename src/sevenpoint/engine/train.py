@@ -65,7 +65,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
                        splits: dict[str, np.ndarray] | None = None, extra: bool = True) -> CaseSet:
     """The dataset with the test split dropped, so nothing downstream can select on it, and
-    `data.extra`'s cases added to the training split (with `extra`).
+    `data.extra`'s cases added to the training split (with `extra`), carrying a teacher's probabilities
+    where `data.extra_soft` gives them.
 
     `splits` replaces the official train / valid rows (cross-validation folds); it may only
     use rows of the official train and valid splits.
@@ -90,6 +91,10 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
             raise DatasetError(f"{more.root}: PH2 is an external test set; it is never trained on")
         if more.meta_dim and more.meta_dim != data.meta_dim:
             raise DatasetError(f"{more.root}: metadata has {more.meta_dim} values, {data.root}'s {data.meta_dim}")
+        if cfg.data.extra_soft:
+            from .teach import with_soft_targets
+
+            more = with_soft_targets(more, cfg.data.extra_soft)
         data = with_extra(data, more)
     return data
 
