@@ -417,6 +417,12 @@ def test_teach_writes_the_teachers_probabilities_and_a_student_learns_them(tiny_
     log = pd.read_csv(next((tmp_path / "run" / "logs").rglob("metrics.csv")))
     distill = log["train/loss_distill"].dropna()
     assert len(distill) == 1 and distill.iloc[0] > 0 and summary["epochs_run"] == 1
+    alone = load_training_data(synth_root, load_config("tiny", [f"data.extra={isic}", f"data.extra_soft={soft_file}",
+                                                                "data.extra_labels=false"]))
+    taught = [c for c in alone.cases if c.case_id in row]
+    assert all(c.soft is not None and set(c.targets) == {NOT_ANNOTATED} for c in taught)  # the teacher alone
+    assert [c.targets for c in alone.cases if c.case_id not in row] == [c.targets for c in data.cases
+                                                                         if c.case_id not in row]
     with pytest.raises(ConfigError, match="data.extra_soft"):
         load_config("tiny", [f"data.extra_soft={soft_file}"])
     (tmp_path / "junk.npz").write_bytes(b"not an npz")

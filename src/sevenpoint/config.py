@@ -38,6 +38,7 @@ class DataConfig:
     extra_format: str = "auto"
     extra_soft: str | None = None  # a teacher's probabilities for `extra`'s cases (`sevenpoint teach`, .npz): those
     #                                cases also learn the teacher's 8 tasks (distillation, train.distill_weight)
+    extra_labels: bool = True  # false: `extra`'s own labels are left out (with extra_soft: the teacher alone)
 
 
 VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}

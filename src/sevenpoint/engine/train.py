@@ -33,7 +33,7 @@ from ..data import CaseDataset, CaseSet, EpochSampler, balanced_weights, load_da
 from ..data.base import DatasetError, with_extra
 from ..data.cache import make_cache
 from ..data.transforms import transforms_for
-from ..schema import TASKS
+from ..schema import NOT_ANNOTATED, TASKS
 from .finish import TRAIN_SPLITS, finish_checkpoint, run_info, training_view
 from .loss import multitask_loss
 from .module import SevenPointModule
@@ -95,6 +95,9 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
             from .teach import with_soft_targets
 
             more = with_soft_targets(more, cfg.data.extra_soft)
+        if not cfg.data.extra_labels:  # e.g. ISIC 2017's diagnosis, which reads keratoses as nevi
+            blank = (NOT_ANNOTATED,) * len(TASKS)
+            more = dataclasses.replace(more, cases=[dataclasses.replace(c, targets=blank) for c in more.cases])
         data = with_extra(data, more)
     return data
 
