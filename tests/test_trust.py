@@ -44,6 +44,12 @@ def test_cross_fit_members_leave_out_one_fold_each_and_oof_predictions_come_from
         same = [np.allclose(pred.probs[0][mine[cid]], oof["probs_DIAG"][j], atol=1e-5) for j, cid in enumerate(ids)]
         assert sum(same) >= held_out[-1]
     assert sum(held_out) == len(valid) and min(held_out) > 0  # the folds partition the validation split
+    for i in range(3):  # each member's fold, predicted at the end of its training by the model in memory
+        saved = np.load(run / "members" / f"m{i}" / "held_out.npz")
+        assert len(saved["ids"]) == held_out[i]
+        rows = [ids.index(cid) for cid in saved["ids"].tolist()]
+        np.testing.assert_array_equal(oof["probs_DIAG"][rows], saved["probs_DIAG"])
+        assert (oof["folds"][rows] == i).all()
     section = read_checkpoint(run / "checkpoints" / "best.ckpt")["sevenpoint"]
     assert "out of fold" in section["fitted_on"] and section["conformal"] and section["stacker"]
     assert section["config"]["infer"]["temperature"] == [section["calibration"][t.name]["temperature"] for t in TASKS]
@@ -128,6 +134,37 @@ def test_cross_fit_sets_are_cross_conformal_and_every_engine_gives_the_same(cros
     for i, sets in enumerate(plain):
         assert sets == {task.name: [c for c, inside in zip(task.classes, shown.sets[t][i]) if inside]
                         for t, task in enumerate(TASKS)}
+
+
+def test_a_calibrated_run_fits_on_the_model_in_memory_with_the_selected_weights(synth_root, tmp_path, monkeypatch):
+    """`train.calibrate` on a plain run: the held-out fits predict with the trained model in memory (no second
+    model built from the file), and its weights are the selected epoch's: the stored conformal scores are what
+    best.ckpt predicts."""
+    import sevenpoint.checkpoint as ckpt_mod
+    from sevenpoint.engine.evaluate import predict_split
+    from sevenpoint.engine.run import train
+    from sevenpoint.infer.temperature import apply_temperatures
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trained model was rebuilt from its checkpoint")
+
+    monkeypatch.setattr(ckpt_mod, "model_from", refuse)
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'c'}", "train.calibrate=true", "train.epochs=4",
+                               "infer.clinic_weight=0.5"], seed=3)
+    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    import pandas as pd
+
+    val = pd.read_csv(next((tmp_path / "run" / "logs").rglob("metrics.csv")))["val/avg_acc"].dropna().tolist()
+    assert max(val) > val[-1]  # the selected epoch is not the last: else the check below could not tell them apart
+    model, saved, section = load_model(summary["best_checkpoint"])
+    pred = predict_split(model, saved, Derm7pt.load(synth_root), "valid", progress=False)
+    probs = apply_temperatures(pred.probs, saved.infer.temperature)
+    pn = TASK_NAMES.index("PN")
+    known = pred.targets[:, pn] >= 0
+    y = pred.targets[known, pn]
+    expected = 1.0 - probs[pn][known][np.arange(len(y)), y]
+    np.testing.assert_allclose(section["conformal"]["tasks"]["PN"]["scores"], expected, atol=1e-4)
 
 
 def test_an_uncalibrated_model_says_so(tiny_run, synth_root):

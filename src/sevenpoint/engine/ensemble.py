@@ -64,17 +64,28 @@ def member_splits(data: CaseSet, folds: list[np.ndarray] | None, i: int) -> dict
 def out_of_fold_predictions(members: list[str], folds: list[np.ndarray], data: CaseSet, cfg: RunConfig,
                             progress: bool = True):
     """Each validation case predicted by the one member that never trained on it (`train.cross_fit`),
-    gathered in validation-split order, with the ensemble's late-fusion weights and TTA."""
+    gathered in validation-split order, with the ensemble's late-fusion weights and TTA: what each member's
+    model predicted of its fold at the end of its training (`train.HELD_OUT_FILE`), or for a member trained
+    before those were written, its checkpoint's prediction now."""
     from ..checkpoint import load_model
     from .evaluate import Predictions, predict_measured
+    from .train import HELD_OUT_FILE
 
     parts = []
     for path, rows in zip(members, folds):
-        model, member_cfg, _ = load_model(path)
-        model.fusion_weights = {"clinic": cfg.infer.clinic_weight}  # the ensemble's late fusion (its TTA: the same)
-        view = copy.copy(data)
-        view.splits = {**data.splits, "fold": rows}
-        parts.append((rows, predict_measured(model, member_cfg, view, "fold", cfg.train.batch_size, progress)))
+        saved = Path(path).parent.parent / HELD_OUT_FILE
+        if saved.is_file():
+            with np.load(saved) as f:
+                pred = Predictions([f[f"probs_{t.name}"] for t in TASKS], f["targets"], [str(i) for i in f["ids"]])
+        else:
+            model, member_cfg, _ = load_model(path)
+            model.fusion_weights = {"clinic": cfg.infer.clinic_weight}  # the ensemble's late fusion (its TTA: the same)
+            view = copy.copy(data)
+            view.splits = {**data.splits, "fold": rows}
+            pred = predict_measured(model, member_cfg, view, "fold", cfg.train.batch_size, progress)
+        if len(pred.ids) != len(rows):
+            raise RunDirError(f"{saved}: {len(pred.ids)} held-out cases, fold has {len(rows)}")
+        parts.append((rows, pred))
     rows = np.concatenate([r for r, _ in parts])
     order = np.argsort(rows, kind="stable")
     probs = [np.concatenate([p.probs[t] for _, p in parts])[order] for t in range(len(TASKS))]
@@ -122,7 +133,8 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
         member_rows = splits if folds is None else member_splits(data, folds, i)
         summary = train_model(member, data_dir, member_dir,
                         resume=(member_dir / "checkpoints" / "last.ckpt").is_file(), progress=progress, argv=argv,
-                        stop_after_epochs=stop_after_epochs, splits=member_rows)
+                        stop_after_epochs=stop_after_epochs, splits=member_rows,
+                        held_out_rows=None if folds is None else folds[i])
         if stop_after_epochs:  # an interrupted run (tests): this member is not finished
             return summary
         finished[name] = {k: summary[k] for k in ("best_checkpoint", "best_val_avg_acc", "epochs_run", "train_seconds")}

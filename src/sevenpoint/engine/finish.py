@@ -54,7 +54,7 @@ def training_view(data: CaseSet, cfg: RunConfig) -> CaseSet:
 
 
 def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, held_out=None, source: str | None = None,
-                      progress: bool = True, temperature_on: str = "output"):
+                      progress: bool = True, temperature_on: str = "output", model=None):
     """Add to the checkpoint dict `ckpt` what the model carries for inference (`sevenpoint.infer.artifacts`)
     and write it to `path` once, atomically. Returns the held-out predictions used (or None).
 
@@ -64,7 +64,9 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
     without a training split, e.g. PH2). With `train.calibrate`: temperatures, prediction sets and the
     stacked diagnosis, fitted on `held_out` predictions (a cross-fit ensemble's out-of-fold ones, each a
     single member's: `temperature_on="members"` then applies the temperatures to each member before
-    averaging), else on the model's own predictions of the validation split (applied to its output).
+    averaging), else on the model's own predictions of the validation split (applied to its output), made by
+    `model` — the trained model in memory, holding `ckpt`'s weights — or, without one (an ensemble assembled
+    from its members' files), by the model `ckpt` describes.
     """
     from ..infer.artifacts import Artifacts
     from ..checkpoint import model_from
@@ -85,8 +87,9 @@ def finish_checkpoint(ckpt: dict, path: Path, data: CaseSet, cfg: RunConfig, hel
     section.update(art.to_section())
     if cfg.train.calibrate:
         if held_out is None:
-            model, model_cfg, _ = model_from(ckpt, path)
-            held_out = predict_measured(model, model_cfg, data, "valid", cfg.train.batch_size, progress)
+            if model is None:
+                model, _, _ = model_from(ckpt, path)
+            held_out = predict_measured(model.eval(), cfg, data, "valid", cfg.train.batch_size, progress)
             source = f"{data.root} (valid)"
         art = fit_into(section, held_out, source or "held-out predictions", cfg.seed, temperature_on)
         print(_fitted_line(art), flush=True)

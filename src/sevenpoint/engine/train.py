@@ -102,6 +102,25 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
     return data
 
 
+HELD_OUT_FILE = "held_out.npz"
+
+
+def save_held_out(model, cfg: RunConfig, data: CaseSet, rows: np.ndarray, path: Path, progress: bool = True) -> None:
+    """`model`'s predictions of dataset rows `rows` (ids, targets, one probs_<TASK> array per task), written
+    atomically to `path`."""
+    import copy
+
+    from ..atomic import atomic_path
+    from .evaluate import predict_measured
+
+    view = copy.copy(data)
+    view.splits = {**data.splits, "held_out": np.asarray(rows)}
+    pred = predict_measured(model.eval(), cfg, view, "held_out", cfg.train.batch_size, progress)
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez_compressed(tmp, ids=np.asarray(pred.ids), targets=pred.targets,
+                            **{f"probs_{t.name}": p for t, p in zip(TASKS, pred.probs)})
+
+
 def build_loaders(data: CaseSet, cfg: RunConfig, model=None, progress: bool = True) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders. Both use `EpochSampler`, which also splits the cases between
     processes under DDP (Lightning's own sampler replacement is switched off in `train`).
@@ -182,11 +201,13 @@ def _log_version(run_dir: Path, resume: bool) -> str:
 
 def train_model(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False,
                 progress: bool = True, argv: list[str] | None = None, stop_after_epochs: int | None = None,
-                splits: dict[str, np.ndarray] | None = None) -> dict:
+                splits: dict[str, np.ndarray] | None = None, held_out_rows: np.ndarray | None = None) -> dict:
     """Train one model (an ensemble member too); returns the summary also written to
     `run_dir/train_summary.json`. Callers go through `engine.run.train`, which also trains ensembles.
 
     `splits` (train / valid row indices) replaces the official ones, e.g. for a cross-validation fold.
+    `held_out_rows`: dataset rows it never trained on (a cross-fit member's fold), predicted at the end by the
+    model in memory into `run_dir/held_out.npz` (`HELD_OUT_FILE`; read by `ensemble.out_of_fold_predictions`).
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -268,7 +289,16 @@ def train_model(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.P
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file():
         best = ckpt_dir / "best.ckpt"
-        finish_checkpoint(torch.load(best, map_location="cpu", weights_only=True), best, data, cfg, progress=progress)
+        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        # the model in memory, given the selected epoch's weights (it ends training with the last epoch's), reading
+        # images again: the held-out fits predict with it instead of building a second model from the file
+        module.load_state_dict(ckpt["state_dict"])
+        module.model.fusion_weights = {"clinic": cfg.infer.clinic_weight}  # inference's late fusion (build_model's)
+        if cfg.train.trunk_views:
+            module.model.read_trunk(False)
+        finish_checkpoint(ckpt, best, data, cfg, progress=progress, model=module.model)
+        if held_out_rows is not None:
+            save_held_out(module.model, cfg, data, held_out_rows, run_dir / HELD_OUT_FILE, progress)
     summary = {
         "best_checkpoint": str(ckpt_dir / "best.ckpt"),
         "last_checkpoint": str(last),
