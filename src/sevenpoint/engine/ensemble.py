@@ -84,7 +84,8 @@ def out_of_fold_predictions(members: list[str], folds: list[np.ndarray], data: C
             view.splits = {**data.splits, "fold": rows}
             pred = predict_measured(model, member_cfg, view, "fold", cfg.train.batch_size, progress)
         if len(pred.ids) != len(rows):
-            raise RunDirError(f"{saved}: {len(pred.ids)} held-out cases, fold has {len(rows)}")
+            raise RunDirError(f"{saved.parent}: its held-out predictions hold {len(pred.ids)} cases, its fold "
+                              f"{len(rows)}: not this run's member")
         parts.append((rows, pred))
     rows = np.concatenate([r for r, _ in parts])
     order = np.argsort(rows, kind="stable")
