@@ -1,6 +1,7 @@
 """Batch-1 latency and batch-8 throughput of one checkpoint on each inference engine, timed round robin
 through `Predictor.run` (forward pass and post-processing; image decoding excluded), and what
-`--backend auto` picks on this machine.
+`--backend auto` picks on this machine. ONNX Runtime int8 is timed too where `export --int8` accepted
+an int8 model for this checkpoint.
 
     .venv/bin/python scripts/engine_speed.py RUN/checkpoints/best.ckpt --rounds 15
 """
@@ -13,7 +14,7 @@ import statistics
 
 import torch
 
-from sevenpoint.infer.predict import Prepared, Predictor, onnx_cache
+from sevenpoint.infer.predict import Prepared, Predictor, cached_export, onnx_cache
 from sevenpoint.checkpoint import load_model
 from sevenpoint.runtime import cpu_summary, time_round_robin
 
@@ -29,6 +30,9 @@ def main() -> None:
     engines = {"torch eager": Predictor.from_checkpoint(args.checkpoint, backend="torch", precision="fp32"),
                "frozen": Predictor.from_checkpoint(args.checkpoint, backend="frozen", precision="fp32"),
                "onnxruntime": Predictor.from_onnx(onnx)}
+    int8 = cached_export(args.checkpoint, "int8")
+    if int8.is_file():  # the int8 model `export --int8` accepted for this checkpoint (after its accuracy check)
+        engines["onnxruntime int8"] = Predictor.from_onnx(int8)
     g = torch.Generator().manual_seed(0)
     s = cfg.data.image_size
 
@@ -44,7 +48,7 @@ def main() -> None:
         p50 = statistics.median(times[(name, 1)])
         rate = 8 / statistics.median(times[(name, 8)])
         report["engines"][name] = {"batch1_p50_ms": 1000 * p50, "batch8_cases_per_s": rate, "path": engines[name].choice}
-        print(f"{name:12s} batch 1 p50 {1000 * p50:7.1f} ms   batch 8 {rate:6.1f} cases/s   ({engines[name].choice})")
+        print(f"{name:16s} batch 1 p50 {1000 * p50:7.1f} ms   batch 8 {rate:6.1f} cases/s   ({engines[name].choice})")
     auto = Predictor.from_checkpoint(args.checkpoint)
     report["auto"] = {"backend": auto.info["backend"], "why": auto.choice}
     print(f"auto picks {auto.info['backend']}: {auto.choice}")
