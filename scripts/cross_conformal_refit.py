@@ -19,10 +19,9 @@ import yaml
 from sevenpoint.checkpoint import atomic_torch_save, read_checkpoint
 from sevenpoint.config import config_from_dict
 from sevenpoint.engine.ensemble import cross_fit_folds
-from sevenpoint.engine.evaluate import Predictions
+from sevenpoint.engine.evaluate import load_predictions
 from sevenpoint.engine.held_out import fit_into
 from sevenpoint.engine.train import load_training_data
-from sevenpoint.schema import TASKS
 
 
 def main() -> None:
@@ -36,10 +35,8 @@ def main() -> None:
         raise SystemExit(f"{args.run}: not a cross-fitted run (train.cross_fit is false)")
     data = load_training_data(args.data, cfg, extra=False)
     fold_of = {data.cases[r].case_id: k for k, rows in enumerate(cross_fit_folds(data, cfg)) for r in rows}
-    oof = np.load(args.run / "out_of_fold.npz")
-    ids = [str(i) for i in oof["ids"]]
-    pred = Predictions([oof[f"probs_{t.name}"] for t in TASKS], oof["targets"], ids,
-                       folds=np.array([fold_of[i] for i in ids]))
+    pred = load_predictions(args.run / "out_of_fold.npz")
+    pred.folds = np.array([fold_of[i] for i in pred.ids])
     ckpt = read_checkpoint(args.run / "checkpoints" / "best.ckpt")
     section = ckpt["sevenpoint"]
     before = section["config"]["infer"]["temperature"]

@@ -385,7 +385,7 @@ def test_teach_writes_the_teachers_probabilities_and_a_student_learns_them(tiny_
     from sevenpoint.config import ConfigError, load_config
     from sevenpoint.engine.evaluate import eval_dataset
     from sevenpoint.engine.run import train
-    from sevenpoint.engine.teach import SOFT_KEYS
+    from sevenpoint.engine.evaluate import load_predictions
     from sevenpoint.engine.train import load_training_data
 
     isic = make_synthetic_isic(tmp_path, cases=24, size=48)
@@ -393,21 +393,21 @@ def test_teach_writes_the_teachers_probabilities_and_a_student_learns_them(tiny_
     code, text = cli(capsys, "teach", "--checkpoint", tiny_run["best_checkpoint"], "--data", isic, "--out", soft_file,
                      "--no-progress")
     assert code == 0, text
-    saved = np.load(soft_file)
+    saved = load_predictions(soft_file)
     cases = load_dataset(isic).cases
-    assert sorted(saved["ids"].tolist()) == sorted(c.case_id for c in cases)
-    for key, task in zip(SOFT_KEYS, TASKS):
-        assert saved[key].shape == (len(cases), task.num_classes)
-        np.testing.assert_allclose(saved[key].sum(axis=1), 1.0, atol=1e-5)
+    assert sorted(saved.ids) == sorted(c.case_id for c in cases)
+    for p, task in zip(saved.probs, TASKS):
+        assert p.shape == (len(cases), task.num_classes)
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
     cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={isic}",
                                f"data.extra_soft={soft_file}", "train.epochs=1"])
     data = load_training_data(synth_root, cfg)
-    row = {cid: i for i, cid in enumerate(saved["ids"].tolist())}
+    row = {cid: i for i, cid in enumerate(saved.ids)}
     extra = [c for c in data.cases if c.case_id in row]
     assert extra and all(c.soft is not None for c in extra)
     assert all(c.soft is None for c in data.cases if c.case_id not in row)  # Derm7pt's own cases: labels only
     first = extra[0]
-    np.testing.assert_allclose(first.soft, np.concatenate([saved[k][row[first.case_id]] for k in SOFT_KEYS]))
+    np.testing.assert_allclose(first.soft, np.concatenate([p[row[first.case_id]] for p in saved.probs]))
     ds = eval_dataset(cfg, data, "train")
     item = ds[[c.case_id for c in ds.cases].index(first.case_id)]
     assert bool(item["has_soft"]) and torch.allclose(item["soft"], torch.from_numpy(first.soft))

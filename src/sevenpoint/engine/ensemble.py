@@ -5,7 +5,6 @@ member of a refit leaves out one fold of the validation split, and the out-of-fo
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -68,21 +67,18 @@ def out_of_fold_predictions(members: list[str], folds: list[np.ndarray], data: C
     model predicted of its fold at the end of its training (`train.HELD_OUT_FILE`), or for a member trained
     before those were written, its checkpoint's prediction now."""
     from ..checkpoint import load_model
-    from .evaluate import Predictions, predict_measured
+    from .evaluate import Predictions, load_predictions, predict_rows
     from .train import HELD_OUT_FILE
 
     parts = []
     for path, rows in zip(members, folds):
         saved = Path(path).parent.parent / HELD_OUT_FILE
         if saved.is_file():
-            with np.load(saved) as f:
-                pred = Predictions([f[f"probs_{t.name}"] for t in TASKS], f["targets"], [str(i) for i in f["ids"]])
+            pred = load_predictions(saved)
         else:
             model, member_cfg, _ = load_model(path)
             model.fusion_weights = {"clinic": cfg.infer.clinic_weight}  # the ensemble's late fusion (its TTA: the same)
-            view = copy.copy(data)
-            view.splits = {**data.splits, "fold": rows}
-            pred = predict_measured(model, member_cfg, view, "fold", cfg.train.batch_size, progress)
+            pred = predict_rows(model, member_cfg, data, rows, cfg.train.batch_size, progress)
         if len(pred.ids) != len(rows):
             raise RunDirError(f"{saved.parent}: its held-out predictions hold {len(pred.ids)} cases, its fold "
                               f"{len(rows)}: not this run's member")
@@ -102,7 +98,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     """Train the members one after another in `run_dir/members/m<i>/` (each a normal, resumable run),
     then write their average as `run_dir/checkpoints/best.ckpt` and score it on validation."""
     from ..checkpoint import ensemble_checkpoint, load_model
-    from .evaluate import predict_measured
+    from .evaluate import predict_measured, save_predictions
     from .metrics import compute_metrics
 
     run_dir = Path(run_dir)
@@ -146,8 +142,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
     oof, oof_acc = None, None
     if folds is not None:
         oof = out_of_fold_predictions(members, folds, data, cfg, progress)
-        np.savez_compressed(run_dir / "out_of_fold.npz", ids=np.asarray(oof.ids), targets=oof.targets,
-                            folds=oof.folds, **{f"probs_{task.name}": p for task, p in zip(TASKS, oof.probs)})
+        save_predictions(run_dir / "out_of_fold.npz", oof)
     best.parent.mkdir(parents=True, exist_ok=True)
     pred = finish_checkpoint(ckpt, best, data, cfg, held_out=oof, progress=progress,
                              source=f"{data.root} (valid, out of fold: each case by the member that never saw it)",

@@ -120,6 +120,34 @@ def predict_measured(model: FusionModel, cfg: RunConfig, data: CaseSet, split: s
     return predict_split(model, cfg, data, split, cfg.infer.tta, batch_size, bf16, channels_last, progress)
 
 
+def predict_rows(model: FusionModel, cfg: RunConfig, data: CaseSet, rows, batch_size: int = 32,
+                 progress: bool = True) -> Predictions:
+    """`predict_measured` over the dataset rows `rows` (e.g. a cross-fit member's fold), in that order."""
+    import copy
+
+    view = copy.copy(data)
+    view.splits = {**data.splits, "rows": np.asarray(rows)}
+    return predict_measured(model, cfg, view, "rows", batch_size, progress)
+
+
+def save_predictions(path: str | os.PathLike, pred: Predictions) -> None:
+    """`pred`'s ids, targets, one `probs_<TASK>` array per task (and its folds, if any) as an .npz, atomically:
+    the one format of `out_of_fold.npz`, a member's `held_out.npz` and a teacher's file (`sevenpoint teach`)."""
+    from ..atomic import atomic_path
+
+    extra = {} if pred.folds is None else {"folds": pred.folds}
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez_compressed(tmp, ids=np.asarray(pred.ids), targets=pred.targets, **extra,
+                            **{f"probs_{t.name}": p for t, p in zip(TASKS, pred.probs)})
+
+
+def load_predictions(path: str | os.PathLike) -> Predictions:
+    """What `save_predictions` wrote (KeyError / ValueError / OSError on another file)."""
+    with np.load(path) as f:
+        return Predictions([np.asarray(f[f"probs_{t.name}"]) for t in TASKS], np.asarray(f["targets"]),
+                           [str(i) for i in f["ids"]], folds=np.asarray(f["folds"]) if "folds" in f else None)
+
+
 def branch_accuracy(pred: Predictions) -> dict[str, dict]:
     """Each branch on its own (on the cases it ran on): how much it contributes to the fused result."""
     out = {}

@@ -2,53 +2,47 @@
 for the 8 tasks on every case of another dataset (`sevenpoint teach`, e.g. ISIC images that carry no
 criteria), and a student trains on them as `data.extra` with `data.extra_soft` (`train.distill_weight`).
 
-The file is an `.npz` like `out_of_fold.npz`: `ids` and one `probs_<TASK>` array per task, the probabilities
-the teacher shows (its temperatures applied; no corrections, no stacked diagnosis: the image model's own).
+The file is written by `evaluate.save_predictions`, like `out_of_fold.npz`: `ids`, `targets` and one
+`probs_<TASK>` array per task, the probabilities the teacher shows (its temperatures applied; no
+corrections, no stacked diagnosis: the image model's own).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
 from ..data import CaseSet, DatasetError, load_dataset
 from ..schema import TASKS
-
-SOFT_KEYS = tuple(f"probs_{t.name}" for t in TASKS)
-
 
 def teach(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike, split: str = "all",
           data_format: str = "auto", batch_size: int = 32, progress: bool = True) -> dict:
     """Write the teacher's probabilities for every case of `split` of the dataset at `data_dir` to `out`."""
     from ..checkpoint import load_model
     from ..infer.temperature import apply_temperatures
-    from .evaluate import predict_measured
+    from .evaluate import predict_measured, save_predictions
 
     model, cfg, _ = load_model(checkpoint)
     data = load_dataset(data_dir, data_format, include_leaky_meta=cfg.data.include_leaky_meta)
     data.split_cases(split)  # an unknown split fails here, before any work
     pred = predict_measured(model, cfg, data, split, batch_size, progress)
-    probs = apply_temperatures(pred.probs, cfg.infer.output_temperature)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, suffix=".tmp.npz") as tmp:
-        np.savez_compressed(tmp, ids=np.asarray(pred.ids), **dict(zip(SOFT_KEYS, probs)))
+    pred.probs = apply_temperatures(pred.probs, cfg.infer.output_temperature)
+    save_predictions(out, pred)
     return {"out": str(out), "cases": len(pred.ids), "dataset": str(data.root), "split": split,
             "teacher": str(checkpoint)}
 
 
 def with_soft_targets(data: CaseSet, path: str | os.PathLike) -> CaseSet:
     """`data` whose cases named in the teacher's file `path` carry its probabilities (`Case.soft`)."""
+    from .evaluate import load_predictions
+
     try:
-        saved = np.load(path)
-        ids = [str(i) for i in saved["ids"]]
-        probs = [np.asarray(saved[k], dtype=np.float32) for k in SOFT_KEYS]
+        saved = load_predictions(path)
     except (OSError, KeyError, ValueError) as exc:
         raise DatasetError(f"{path}: not a teacher's probabilities file from `sevenpoint teach` ({exc})") from exc
+    ids, probs = saved.ids, [p.astype(np.float32) for p in saved.probs]
     for task, p in zip(TASKS, probs):
         if p.shape != (len(ids), task.num_classes):
             raise DatasetError(f"{path}: probs_{task.name} has shape {p.shape}, expected ({len(ids)}, "

@@ -106,19 +106,10 @@ HELD_OUT_FILE = "held_out.npz"
 
 
 def save_held_out(model, cfg: RunConfig, data: CaseSet, rows: np.ndarray, path: Path, progress: bool = True) -> None:
-    """`model`'s predictions of dataset rows `rows` (ids, targets, one probs_<TASK> array per task), written
-    atomically to `path`."""
-    import copy
+    """`model`'s predictions of dataset rows `rows`, written to `path` (`evaluate.save_predictions`)."""
+    from .evaluate import predict_rows, save_predictions
 
-    from ..atomic import atomic_path
-    from .evaluate import predict_measured
-
-    view = copy.copy(data)
-    view.splits = {**data.splits, "held_out": np.asarray(rows)}
-    pred = predict_measured(model.eval(), cfg, view, "held_out", cfg.train.batch_size, progress)
-    with atomic_path(path, suffix=".tmp.npz") as tmp:
-        np.savez_compressed(tmp, ids=np.asarray(pred.ids), targets=pred.targets,
-                            **{f"probs_{t.name}": p for t, p in zip(TASKS, pred.probs)})
+    save_predictions(path, predict_rows(model.eval(), cfg, data, rows, cfg.train.batch_size, progress))
 
 
 def build_loaders(data: CaseSet, cfg: RunConfig, model=None, progress: bool = True) -> tuple[DataLoader, DataLoader]:

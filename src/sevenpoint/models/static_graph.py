@@ -54,17 +54,15 @@ class DenseFusion(nn.Module):
         parts = [_dense_branches(m, derm, clinic, meta, has_derm, has_clinic, has_meta) for m in members]
         weights = parts[0][1]
         maps = {k: mean_of([p[2][k] for p in parts]) for k in parts[0][2]}
+        # each member's fused (and, with member temperatures, tempered) probabilities, as `FusionEnsemble.forward`;
+        # the output is their mean (late fusion is linear: untempered, that equals fusing the members' mean)
+        fused = [weighted_branch_mean(p[0], weights, self.model.fusion_weights, eps=1e-12) for p in parts]
         temps = getattr(self.model, "member_temperature", None)
-        fused = []  # each member's fused (and tempered) probabilities, as `FusionEnsemble.forward`
-        if self.members:
-            fused = [weighted_branch_mean(p[0], weights, self.model.fusion_weights, eps=1e-12) for p in parts]
-            if temps is not None:
-                fused = [[tempered(f[t], temp) for t, temp in enumerate(temps)] for f in fused]
-        if temps is None:  # late fusion is linear: fusing the members' mean = the mean of the fused
-            branch_probs = {b: [mean_of([p[0][b][t] for p in parts]) for t in range(len(NUM_CLASSES))] for b in weights}
-            probs = weighted_branch_mean(branch_probs, weights, self.model.fusion_weights, eps=1e-12)
-        else:  # each member fused and tempered, then averaged
-            probs = [mean_of([f[t] for f in fused]) for t in range(len(NUM_CLASSES))]
+        if temps is not None:
+            fused = [[tempered(f[t], temp) for t, temp in enumerate(temps)] for f in fused]
+        probs = [mean_of([f[t] for f in fused]) for t in range(len(NUM_CLASSES))]
+        if not self.members:
+            fused = []  # a single model: no member outputs
         n = derm.shape[0]
         used = torch.stack([weights.get(b, torch.zeros(n, device=derm.device)) for b in BRANCHES], dim=1)
         self.attention_names = list(maps)
