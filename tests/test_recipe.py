@@ -30,6 +30,7 @@ from sevenpoint.infer.predict import Predictor
     ("train.optimizer=sgd", "train.optimizer"),
     ("train.scheduler=linear", "train.scheduler"),
     ("train.ema_decay=1.0", "train.ema_decay"),
+    ("train.swa_start=1.0", "train.swa_start"),
     ("infer.tta=rot", "infer.tta"),
 ])
 def test_recipe_options_are_validated_when_loaded(override, match):
@@ -139,6 +140,25 @@ def test_ema_weights_are_what_is_validated_and_saved(ema_run, synth_root, tmp_pa
     assert sched["last_epoch"] == last["global_step"] > 3
     assert max(sched["_last_lr"]) < 1e-3 * max(g["initial_lr"] for g in last["optimizer_states"][0]["param_groups"])
     # evaluating best.ckpt (no TTA) on validation reproduces the accuracy the trainer selected it by
+    m = evaluate(summary["best_checkpoint"], synth_root, tmp_path / "v", split="valid", tta="none", progress=False)
+    assert m["average_accuracy"] == pytest.approx(summary["best_val_avg_acc"], abs=1e-6)
+
+
+def test_swa_averages_the_epochs_from_its_start_and_the_trained_weights_before(synth_root, tmp_path):
+    with pytest.raises(ConfigError, match="train.swa_start.*ema_decay=0"):
+        load_config("tiny", ["train.ema_decay=0.5", "train.swa_start=0.5"])
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=4", "train.swa_start=0.5",
+                               "train.lr=0.01", "data.image_size=48"], seed=0)
+    run = tmp_path / "run"
+    train(cfg, synth_root, run, progress=False, stop_after_epochs=1)  # epoch 0: before the average starts
+    early = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    # what is saved (and was validated) is the trained model, not the untrained copy the average starts from
+    assert "current_model_state" not in early
+    summary = train(cfg, synth_root, run, resume=True, progress=False)
+    last = read_checkpoint(summary["last_checkpoint"])
+    assert int(last["averaging_state"]["n_averaged"]) == 2  # epochs 2 and 3 of 0..3, across the resume
+    raw, averaged = last["current_model_state"], last["state_dict"]
+    assert any(v.is_floating_point() and not torch.equal(v, raw[k]) for k, v in averaged.items())
     m = evaluate(summary["best_checkpoint"], synth_root, tmp_path / "v", split="valid", tta="none", progress=False)
     assert m["average_accuracy"] == pytest.approx(summary["best_val_avg_acc"], abs=1e-6)
 

@@ -145,7 +145,6 @@ def test_fill_over_two_processes_writes_the_same_entries(synth_root, tmp_path):
 def test_training_on_the_trunk_cache_writes_an_ordinary_checkpoint(synth_root, tmp_path, capsys):
     from sevenpoint.checkpoint import load_model
     from sevenpoint.engine.evaluate import eval_dataset, predict_split
-    from sevenpoint.engine.metrics import compute_metrics
     from sevenpoint.engine.run import train
 
     cfg = lite_cfg(tmp_path, "model.pretrained=true")

@@ -94,6 +94,8 @@ class TrainConfig:
     scheduler: str = "none"  # none | cosine (stepped per epoch) | warmup_cosine (linear warm-up, then cosine per step)
     warmup_epochs: float = 1.0  # warmup_cosine only
     ema_decay: float = 0.0  # >0: validate, select and save an exponential moving average of the weights
+    swa_start: float = 0.0  # >0: instead, an equal-weight average of the weights at the end of every epoch from
+    #                         this fraction of train.epochs on (stochastic weight averaging); needs ema_decay=0
     label_smoothing: float = 0.0
     class_weights: bool = False  # inverse-frequency CE weights per task
     balanced_sampling: bool = False  # sample train cases to balance DIAG
@@ -354,6 +356,11 @@ def finalize(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.scheduler: {cfg.train.scheduler!r} is not one of none, cosine, warmup_cosine")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {cfg.train.ema_decay}")
+    if not 0.0 <= cfg.train.swa_start < 1.0:
+        raise ConfigError(f"train.swa_start: expected 0 (off) or a fraction of the epochs in (0, 1), "
+                          f"got {cfg.train.swa_start}")
+    if cfg.train.swa_start > 0 and cfg.train.ema_decay > 0:
+        raise ConfigError("train.swa_start: one weight average at a time; set train.ema_decay=0 to use SWA")
     if cfg.infer.tta not in TTA_MODES:
         raise ConfigError(f"infer.tta: {cfg.infer.tta!r} is not one of {', '.join(TTA_MODES)}")
     if cfg.train.ensemble < 1:

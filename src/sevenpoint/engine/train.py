@@ -21,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -180,6 +180,42 @@ class StopAfterEpochs(L.Callback):
             trainer.should_stop = True
 
 
+class EpochWeightAverage(WeightAveraging):
+    """Stochastic weight averaging: the equal-weight mean of the weights (and BN statistics) at the end of every
+    epoch from `start_epoch` on (Lightning's WeightAveraging, torch's AveragedModel). Until the first epoch is
+    averaged, validation, checkpoints and the final weights are the trained ones, not the untrained copy the
+    average starts from."""
+
+    def __init__(self, start_epoch: int) -> None:
+        super().__init__()  # no avg_fn: equal weights
+        self.start_epoch = start_epoch
+        self._swapped = False
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return epoch_idx is not None and epoch_idx >= self.start_epoch
+
+    def _averaging(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swapped = self._averaging()
+        if self._swapped:
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped:
+            super().on_validation_epoch_end(trainer, pl_module)
+        self._swapped = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._averaging():
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._averaging():
+            super().on_train_end(trainer, pl_module)
+
+
 def _log_version(run_dir: Path, resume: bool) -> str:
     """A fresh CSV log folder per (re)start: Lightning would otherwise overwrite the earlier epochs' log."""
     if not resume:
@@ -260,6 +296,10 @@ def train_model(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | os.P
     if cfg.train.ema_decay > 0:
         # Validation, best.ckpt and the final weights are the average; last.ckpt also keeps the raw weights.
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
+    if cfg.train.swa_start > 0:  # the same, with an equal-weight average of the later epochs' weights
+        callbacks.append(EpochWeightAverage(int(cfg.train.swa_start * cfg.train.epochs)))
+        # resuming before the first averaged epoch: a checkpoint without an average is expected then
+        warnings.filterwarnings("ignore", message="The checkpoint was not created with WeightAveraging")
     if stop_after_epochs:
         callbacks.append(StopAfterEpochs(stop_after_epochs))
     trainer = L.Trainer(
