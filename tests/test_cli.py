@@ -170,3 +170,31 @@ def test_int8_export_is_checked_on_real_cases_and_written_only_when_it_holds(tin
     proc = run("export", "--checkpoint", ckpt, "--onnx", tmp_path / "c.onnx", "--int8", synth_root,
                "--calibration-cases", 16, "--max-drop", 100)
     assert "int8, calibrated on 16 training cases" in proc.stdout and "average accuracy fp32" in proc.stdout
+
+
+def test_paired_verdict_follows_the_screening_rule():
+    from sevenpoint.engine.report import paired_verdict
+
+    base = {0: 72.0, 1: 73.0}
+    assert paired_verdict({0: 72.8, 1: 73.4}, base)["verdict"] == "promising"  # +0.6 mean, both up
+    assert paired_verdict({0: 73.5, 1: 72.9}, base)["verdict"] == "no measurable effect"  # +0.7 mean, one seed down
+    assert paired_verdict({0: 71.2, 1: 72.9}, base)["verdict"] == "no measurable effect"  # mean -0.45
+    judged = paired_verdict({0: 71.0, 1: 72.9}, base)
+    assert judged["verdict"] == "rejected" and judged["delta"] == {0: pytest.approx(-1.0), 1: pytest.approx(-0.1)}
+    with pytest.raises(ValueError, match="no seed 2"):
+        paired_verdict({0: 72.0, 2: 73.0}, base)
+
+
+def test_train_against_a_baseline_pairs_the_seeds_and_refuses_unpaired_ones(synth_root, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "seeds_summary.json").write_text(json.dumps({"seeds": [0, 1], "best_val_avg_acc": [0.0, 0.0]}))
+    common = ["train", "--data", synth_root.parent, "--config", "tiny", "--no-progress",
+              f"data.cache_dir={tmp_path / 'cache'}", "--against", base]
+    proc = run(*common, "--out", tmp_path / "x", "--seeds", "0", "2", check=False)
+    assert proc.returncode == 2 and "no seed 2" in proc.stderr and not (tmp_path / "x").exists()  # before training
+    out = tmp_path / "lever"
+    proc = run(*common, "--out", out, "--seeds", "0", "1")
+    summary = json.loads((out / "seeds_summary.json").read_text())
+    assert summary["against"]["delta"] == pytest.approx(summary["best_val_avg_acc"])  # baseline 0 on both seeds
+    assert summary["against"]["verdict"] == "promising" and "promising" in proc.stdout

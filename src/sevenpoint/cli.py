@@ -154,6 +154,10 @@ def train(
     seed: int = 0,
     seeds: Annotated[Optional[str], typer.Option(help="Several seeds: --seeds 0 1 2 (runs in OUT/seedN).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    against: Annotated[Optional[Path], typer.Option(
+        help="With --seeds: a baseline run folder trained with the same seeds (its seeds_summary.json); prints "
+             "the paired change per seed and a verdict (promising / no measurable effect / rejected, ±0.5 points).",
+        show_default=False)] = None,
     progress: bool = True,
 ) -> None:
     """Train (checkpoints selected on validation average accuracy, or train.refit=true: train + valid, final
@@ -162,6 +166,7 @@ def train(
     from .engine.run import train as run_train
 
     seed_list = _seeds(seed, seeds)
+    baseline = _baseline(against, seed_list) if against is not None else None
     results = []
     for s in seed_list:
         cfg = load_config(config, overrides or [], seed=s)
@@ -179,7 +184,37 @@ def train(
         from .engine.report import mean_sd
 
         console.print(f"validation average accuracy over seeds {seed_list}: {mean_sd(vals)} %")
-        (out / "seeds_summary.json").write_text(json.dumps({"seeds": seed_list, "best_val_avg_acc": vals}, indent=2))
+        summary = {"seeds": seed_list, "best_val_avg_acc": vals}
+        if baseline is not None:
+            from .engine.report import paired_verdict
+
+            judged = paired_verdict(dict(zip(seed_list, vals)), baseline)
+            for s, d in judged["delta"].items():
+                console.print(f"seed {s}: {dict(zip(seed_list, vals))[s]:.2f} vs {baseline[s]:.2f} in {against} ({d:+.2f})")
+            console.print(f"mean change {judged['mean_delta']:+.2f} points: {judged['verdict']} (promising: mean "
+                          f">= +{judged['margin']} and every seed gains; rejected: mean <= -{judged['margin']})")
+            summary["against"] = {"run": str(against), "baseline": [baseline[s] for s in seed_list],
+                                  **{k: v for k, v in judged.items() if k != "delta"},
+                                  "delta": [judged["delta"][s] for s in seed_list]}
+        (out / "seeds_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _baseline(run: Path, seed_list: list[int]) -> dict[int, float]:
+    """Validation accuracy by seed of a `train --seeds` run, checked before any training starts."""
+    if len(seed_list) < 2:
+        raise typer.BadParameter("a paired verdict needs --seeds with at least two seeds", param_hint="--against")
+    path = run / "seeds_summary.json"
+    try:
+        saved = json.loads(path.read_text())
+        baseline = dict(zip(saved["seeds"], saved["best_val_avg_acc"], strict=True))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise typer.BadParameter(f"{path}: not a `train --seeds` summary ({exc})", param_hint="--against") from None
+    missing = [s for s in seed_list if s not in baseline]
+    if missing:
+        raise typer.BadParameter(f"{path} has no seed {', '.join(map(str, missing))} (it holds seeds "
+                                 f"{sorted(baseline)}): pair the lever with the seeds its baseline was trained with",
+                                 param_hint="--against")
+    return {s: baseline[s] for s in seed_list}
 
 
 @app.command("cache-trunk", context_settings={"allow_extra_args": True})

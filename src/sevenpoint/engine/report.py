@@ -38,6 +38,29 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+SCREEN_MARGIN = 0.5  # points: about what two paired seeds resolve (docs/RESULTS.md §16)
+
+
+def paired_verdict(values: dict[int, float], baseline: dict[int, float],
+                   margin: float = SCREEN_MARGIN) -> dict:
+    """Judge a lever against a baseline trained with the same seeds (validation accuracy in points, by seed):
+    *promising* if the mean gain is >= `margin` and every seed gains, *rejected* if the mean change is
+    <= -`margin`, otherwise *no measurable effect*. Seeds missing from `baseline` are an error."""
+    missing = sorted(set(values) - set(baseline))
+    if missing:
+        raise ValueError(f"the baseline has no seed {', '.join(map(str, missing))}: "
+                         f"it was trained with seeds {sorted(baseline)}")
+    deltas = {s: values[s] - baseline[s] for s in sorted(values)}
+    mean_delta = sum(deltas.values()) / len(deltas)
+    if mean_delta >= margin and all(d > 0 for d in deltas.values()):
+        verdict = "promising"
+    elif mean_delta <= -margin:
+        verdict = "rejected"
+    else:
+        verdict = "no measurable effect"
+    return {"delta": deltas, "mean_delta": mean_delta, "verdict": verdict, "margin": margin}
+
+
 def _fmt(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
