@@ -132,6 +132,10 @@ def test_assembling_refuses_what_cannot_be_averaged(ens_run, tiny_run, tmp_path)
     # another run with the same model and data (its cache folder differs): fine
     assert assemble_ensemble([members[0], tiny_run["best_checkpoint"]], tmp_path / "ok.ckpt").train.ensemble == 2
     other = read_checkpoint(members[1])
+    other["sevenpoint"]["config"]["model"]["freeze_blocks"] = 3  # frozen deeper in training: same network
+    torch.save(other, tmp_path / "cut.ckpt")
+    mixed = assemble_ensemble([members[0], tmp_path / "cut.ckpt"], tmp_path / "cuts.ckpt")
+    assert mixed.train.ensemble == 2 and mixed.model.freeze_blocks == 0
     other["sevenpoint"]["config"]["model"]["dropout"] = 0.5
     torch.save(other, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="config differs"):

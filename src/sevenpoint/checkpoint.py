@@ -87,8 +87,10 @@ def model_from(ckpt: dict, path: str | os.PathLike = "checkpoint") -> tuple[Fusi
 
 
 def _shape(cfg: RunConfig) -> tuple:
-    """What ensemble members must share: the model and the image pipeline (not where images are cached)."""
-    return cfg.model, dataclasses.replace(cfg.data, cache_dir=None, num_workers=0)
+    """What ensemble members must share: the model and the image pipeline (not where images are cached, nor how
+    deep the trunk was frozen in training: inference runs the whole network either way)."""
+    return (dataclasses.replace(cfg.model, freeze_blocks=0),
+            dataclasses.replace(cfg.data, cache_dir=None, num_workers=0))
 
 
 def assemble_ensemble(members: list[str | os.PathLike], out: str | os.PathLike,
@@ -122,6 +124,8 @@ def ensemble_checkpoint(members: list[str | os.PathLike], infer: dict | None = N
                       for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     values = configs[0].to_dict()
     values["train"]["ensemble"] = len(members)
+    if len({c.model.freeze_blocks for c in configs}) > 1:  # members frozen at different cuts: no one cut for all
+        values["model"]["freeze_blocks"], values["train"]["trunk_views"] = 0, 0
     values["train"]["refit"] = any(c.train.refit for c in configs)  # then validation was training data for one
     values["infer"]["temperature"] = None  # a member's temperatures do not fit the average: calibrate the ensemble
     values["infer"]["temperature_on"] = "output"
