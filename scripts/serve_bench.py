@@ -70,7 +70,7 @@ def offline(repeats):
 
 
 forward, full = offline(args.repeats)
-result = {"device": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+result = {"device": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
           "torch": torch.__version__, "threads": torch.get_num_threads(), "config": args.config,
           "model": {"variant": cfg.model.variant, "backbone": cfg.model.backbone, "size": cfg.data.image_size},
           "offline_batch8_forward_cases_per_s": round(forward, 2),
