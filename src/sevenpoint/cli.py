@@ -181,20 +181,17 @@ def train(
                       f"-> {summary['best_checkpoint']}")
     if len(results) > 1 and all(r["best_val_avg_acc"] is not None for r in results):
         vals = [100 * r["best_val_avg_acc"] for r in results]
-        from .engine.report import mean_sd
+        from .engine.report import mean_sd, paired_verdict
 
         console.print(f"validation average accuracy over seeds {seed_list}: {mean_sd(vals)} %")
         summary = {"seeds": seed_list, "best_val_avg_acc": vals}
         if baseline is not None:
-            from .engine.report import paired_verdict
-
             judged = paired_verdict(dict(zip(seed_list, vals)), baseline)
-            for s, d in judged["delta"].items():
-                console.print(f"seed {s}: {dict(zip(seed_list, vals))[s]:.2f} vs {baseline[s]:.2f} in {against} ({d:+.2f})")
+            for s, v in zip(seed_list, vals):
+                console.print(f"seed {s}: {v:.2f} vs {baseline[s]:.2f} in {against} ({judged['delta'][s]:+.2f})")
             console.print(f"mean change {judged['mean_delta']:+.2f} points: {judged['verdict']} (promising: mean "
                           f">= +{judged['margin']} and every seed gains; rejected: mean <= -{judged['margin']})")
-            summary["against"] = {"run": str(against), "baseline": [baseline[s] for s in seed_list],
-                                  **{k: v for k, v in judged.items() if k != "delta"},
+            summary["against"] = {**judged, "run": str(against), "baseline": [baseline[s] for s in seed_list],
                                   "delta": [judged["delta"][s] for s in seed_list]}
         (out / "seeds_summary.json").write_text(json.dumps(summary, indent=2))
 

@@ -189,7 +189,6 @@ class EpochWeightAverage(WeightAveraging):
     def __init__(self, start_epoch: int) -> None:
         super().__init__()  # no avg_fn: equal weights
         self.start_epoch = start_epoch
-        self._swapped = False
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return epoch_idx is not None and epoch_idx >= self.start_epoch
@@ -197,15 +196,14 @@ class EpochWeightAverage(WeightAveraging):
     def _averaging(self) -> bool:
         return self._average_model is not None and int(self._average_model.n_averaged) > 0
 
+    # the average only changes at an epoch's end, after its validation: start and end see the same answer
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swapped = self._averaging()
-        if self._swapped:
+        if self._averaging():
             super().on_validation_epoch_start(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._swapped:
+        if self._averaging():
             super().on_validation_epoch_end(trainer, pl_module)
-        self._swapped = False
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self._averaging():
