@@ -527,7 +527,7 @@ def test_evaluate_reports_intervals_coverage_breakdown_and_interventions(crossfi
     assert (tmp_path / "e" / "reliability.png").stat().st_size > 5000
     # the temperatures act inside the network (each member): "raw" is a pass without them
     from sevenpoint.engine.evaluate import predict_split
-    from sevenpoint.engine.metrics import ece
+    from sevenpoint.engine.metrics import ece, nll
 
     assert m["temperature_on"] == "members" and "to each member before averaging" in report
     model, cfg, _ = load_model(summary["best_checkpoint"])
@@ -535,6 +535,9 @@ def test_evaluate_reports_intervals_coverage_breakdown_and_interventions(crossfi
     raw = predict_split(model, cfg, Derm7pt.load(trust_data), "test", progress=False).probs
     known = targets[:, 1] >= 0
     assert m["ece_uncalibrated"]["tasks"]["PN"] == pytest.approx(ece(targets[known, 1], raw[1][known]), abs=1e-6)
+    assert m["nll_uncalibrated"]["tasks"]["PN"] == pytest.approx(nll(raw[1][known], targets[known, 1]), abs=1e-6)
+    assert m["nll_mean"] == pytest.approx(np.mean([m["tasks"][t.name]["nll"] for t in TASKS]))
+    assert "NLL of the raw probabilities" in report
 
 
 def test_correction_effects_measure_how_a_criterion_moves_p_mel():

@@ -357,6 +357,21 @@ def evaluate(
 
 
 @app.command()
+def summarize(
+    evaluations: Annotated[list[Path], typer.Argument(help="`evaluate --out` folders of the same cases, e.g. one "
+                                                           "per seed.")],
+    out: Annotated[Path, typer.Option(help="Folder for summary.json and summary.md.")],
+) -> None:
+    """Mean ± sd over several evaluations (seeds): accuracy per task, the 7-point rule, calibration, prediction
+    sets per task and class, the referral point, the intervention curve."""
+    from .engine.summary import write_summary
+
+    s = write_summary(evaluations, out)
+    console.print((out / "summary.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{len(s['runs'])} evaluation(s) of {s['cases']} {s['split']} cases -> {out}")
+
+
+@app.command()
 def ablate(
     data: Annotated[Path, typer.Option(help="Derm7pt folder.")],
     out: Annotated[Path, typer.Option(help="Output folder for all runs and the tables.")],

@@ -23,7 +23,7 @@ from ..models import BRANCHES, FusionModel
 from ..infer.artifacts import DEFAULT_LEVEL, Artifacts, postprocess
 from ..schema import TASKS
 from ..infer.temperature import apply_temperatures
-from .metrics import accuracy, compute_metrics, ece, mean_accuracy, temperature_report
+from .metrics import accuracy, compute_metrics, ece, mean_accuracy, nll, temperature_report
 from .module import forward_batch
 from .report import plot_confusion, plot_reliability, plot_roc, write_report
 from .trust import bootstrap_intervals, breakdown, case_fields, diagnosis_models, set_report, triage_report
@@ -273,14 +273,18 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
 
     eces = [metrics["tasks"][t.name].get("ece") for t in TASKS if metrics["tasks"][t.name].get("ece") is not None]
     metrics["ece_mean"] = float(np.mean(eces)) if eces else None
+    nlls = [metrics["tasks"][t.name].get("nll") for t in TASKS if metrics["tasks"][t.name].get("nll") is not None]
+    metrics["nll_mean"] = float(np.mean(nlls)) if nlls else None
     if calibrated or stacked.any():  # what the temperatures (and the stacked diagnosis) changed
         uncalibrated = pred.probs if pred.untempered is None else pred.untempered  # tempered in the network
-        raw = {}
+        raw, raw_nll = {}, {}
         for t, task in enumerate(TASKS):
             exact = targets[:, t] >= 0
             raw[task.name] = ece(targets[exact, t], uncalibrated[t][exact]) if exact.any() else None
-        kept = [v for v in raw.values() if v is not None]
-        metrics["ece_uncalibrated"] = {"tasks": raw, "mean": float(np.mean(kept)) if kept else None}
+            raw_nll[task.name] = nll(uncalibrated[t][exact], targets[exact, t]) if exact.any() else None
+        for name, per_task in (("ece_uncalibrated", raw), ("nll_uncalibrated", raw_nll)):
+            kept = [v for v in per_task.values() if v is not None]
+            metrics[name] = {"tasks": per_task, "mean": float(np.mean(kept)) if kept else None}
     if bootstrap:
         metrics["intervals"] = bootstrap_intervals(probs, targets, bootstrap)
     if calibrate and shown.sets is not None:  # new temperatures: the sets follow the probabilities now shown

@@ -214,9 +214,14 @@ def trust_sections(m: dict) -> list[str]:
                  ""]
         raw = (m.get("ece_uncalibrated") or {}).get("tasks")
         if raw:
-            text += ["| task | ECE | ECE of the raw probabilities |", "|---|---:|---:|"]
-            text += [f"| {k} | {v:.3f} | {_fmt(raw.get(k), 3)} |" for k, v in eces.items() if v is not None]
-            text.append(f"| mean | {m['ece_mean']:.3f} | {m['ece_uncalibrated']['mean']:.3f} |")
+            nlls = {t.name: m["tasks"][t.name].get("nll") for t in TASKS}
+            raw_nll = (m.get("nll_uncalibrated") or {}).get("tasks") or {}
+            text += ["| task | ECE | ECE of the raw probabilities | NLL | NLL of the raw probabilities |",
+                     "|---|---:|---:|---:|---:|"]
+            text += [f"| {k} | {v:.3f} | {_fmt(raw.get(k), 3)} | {_fmt(nlls[k], 3)} | {_fmt(raw_nll.get(k), 3)} |"
+                     for k, v in eces.items() if v is not None]
+            text.append(f"| mean | {m['ece_mean']:.3f} | {m['ece_uncalibrated']['mean']:.3f} | "
+                        f"{_fmt(m.get('nll_mean'), 3)} | {_fmt((m.get('nll_uncalibrated') or {}).get('mean'), 3)} |")
         else:
             text += ["| task | ECE |", "|---|---:|"]
             text += [f"| {k} | {v:.3f} |" for k, v in eces.items() if v is not None]
