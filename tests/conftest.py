@@ -81,6 +81,25 @@ def crossfit_run(trust_data, tmp_path_factory) -> tuple[dict, Path]:
     return train(cfg, trust_data.parent, out / "run", progress=False), out / "run"
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`sevenpoint ARGS` in this process (no interpreter start, errors as the console entry point maps them):
+    (exit status, stdout, stderr)."""
+    import sevenpoint.cli as cli_module
+
+    cli_module._STATE["debug"] = False
+    old = sys.argv
+    sys.argv = ["sevenpoint", *map(str, args)]
+    try:
+        cli_module.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def start_server(checkpoint, *extra) -> tuple[subprocess.Popen, str]:
     """`sevenpoint serve` on a free loopback port; returns (process, base URL) once /health answers."""
     import httpx

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import run_cli
 from sevenpoint.infer import batch as batch_mod
 from sevenpoint.infer.batch import BatchInputError, CaseSource, predict_cases, run_batch
 from sevenpoint.cli import _is_known
@@ -30,15 +31,8 @@ EXAMPLES = int(os.environ.get("SEVENPOINT_FUZZ_EXAMPLES", "60"))
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     """`sevenpoint ARGS` in this process (no interpreter start): (exit status, stderr)."""
-    from sevenpoint.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["sevenpoint", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, *args)
+    return code, err
 
 
 def ckpt(tiny_run):

@@ -17,23 +17,14 @@ import torch
 from PIL import Image
 
 import sevenpoint.cli as cli_module
+from conftest import run_cli
 from sevenpoint.data import Derm7pt, CaseDataset, ImageCache
 
 
 def cli(capsys, *args) -> tuple[int, str]:
     """Run the CLI in-process; returns (exit code, stdout + stderr)."""
-    cli_module._STATE["debug"] = False
-    old = sys.argv
-    sys.argv = ["sevenpoint", *map(str, args)]
-    try:
-        cli_module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = run_cli(capsys, *args)
+    return code, out + err
 
 
 def _meta(root: Path) -> pd.DataFrame:

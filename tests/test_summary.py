@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 
 import numpy as np
 import pytest
 
-import sevenpoint.cli as cli_module
+from conftest import run_cli
 from sevenpoint.engine.metrics import compute_metrics
 from sevenpoint.engine.summary import SummaryError, summarize, write_summary
 from sevenpoint.schema import TASKS
@@ -68,22 +67,14 @@ def test_summary_refuses_evaluations_of_different_cases_naming_the_folder(tmp_pa
         summarize([tmp_path / "a", tmp_path / "missing"])
 
 
-def test_cli_summarize_writes_both_files_and_exits_2_on_a_bad_folder(tmp_path, capsys, monkeypatch):
+def test_cli_summarize_writes_both_files_and_exits_2_on_a_bad_folder(tmp_path, capsys):
     for i in range(2):
         _evaluation(tmp_path / f"s{i}", i)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text("{not json")
 
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["sevenpoint", *map(str, args)])
-        try:
-            cli_module.main()
-            return 0
-        except SystemExit as exc:
-            return exc.code
-
-    assert run("summarize", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "sum") == 0
-    assert "2 evaluation(s) of 60 test cases" in capsys.readouterr().out
+    code, out, _ = run_cli(capsys, "summarize", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "sum")
+    assert code == 0 and "2 evaluation(s) of 60 test cases" in out
     assert (tmp_path / "sum" / "summary.md").is_file()
-    assert run("summarize", tmp_path / "s0", tmp_path / "bad", "--out", tmp_path / "sum2") == 2
-    assert "bad" in capsys.readouterr().err and not (tmp_path / "sum2").exists()
+    code, _, err = run_cli(capsys, "summarize", tmp_path / "s0", tmp_path / "bad", "--out", tmp_path / "sum2")
+    assert code == 2 and "bad" in err and not (tmp_path / "sum2").exists()

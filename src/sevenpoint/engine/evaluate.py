@@ -271,10 +271,10 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir
     metrics["majority_baseline"] = baseline
     metrics["majority_baseline_from"] = source
 
-    eces = [metrics["tasks"][t.name].get("ece") for t in TASKS if metrics["tasks"][t.name].get("ece") is not None]
-    metrics["ece_mean"] = float(np.mean(eces)) if eces else None
-    nlls = [metrics["tasks"][t.name].get("nll") for t in TASKS if metrics["tasks"][t.name].get("nll") is not None]
-    metrics["nll_mean"] = float(np.mean(nlls)) if nlls else None
+    for name in ("ece", "nll"):
+        per_task = [metrics["tasks"][t.name].get(name) for t in TASKS]
+        kept = [v for v in per_task if v is not None]
+        metrics[f"{name}_mean"] = float(np.mean(kept)) if kept else None
     if calibrated or stacked.any():  # what the temperatures (and the stacked diagnosis) changed
         uncalibrated = pred.probs if pred.untempered is None else pred.untempered  # tempered in the network
         raw, raw_nll = {}, {}
