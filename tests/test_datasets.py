@@ -431,6 +431,71 @@ def test_teach_writes_the_teachers_probabilities_and_a_student_learns_them(tiny_
         load_training_data(synth_root, bad)
 
 
+def test_train_distill_trains_a_teacher_then_a_student_on_its_probabilities_and_resumes(synth_root, tmp_path):
+    """`train.distill`: the teacher (the recipe without the unlabelled images), its probabilities on every one of
+    them, then the student on those; best.ckpt is the student's. Interrupted in the teacher, `--resume` finishes
+    both phases, and a finished phase is not trained again."""
+    import filecmp
+    import json
+
+    import yaml
+
+    from sevenpoint.checkpoint import load_model
+    from sevenpoint.engine.evaluate import load_predictions
+    from sevenpoint.engine.run import train
+    from sevenpoint.config import load_config
+
+    isic = make_synthetic_isic(tmp_path, cases=24, size=48)
+    run = tmp_path / "run"
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={isic}", "train.distill=true",
+                               "data.extra_labels=false", "train.epochs=2"])
+    interrupted = train(cfg, synth_root, run, progress=False, stop_after_epochs=1)
+    assert interrupted["epochs_run"] == 1 and not (run / "student").exists()
+    summary = train(cfg, synth_root, run, resume=True, progress=False)
+    assert summary["distilled"] and summary["phases"]["teacher"]["epochs_run"] == 2
+    assert summary["epochs_run"] == 4
+    teacher = yaml.safe_load((run / "teacher" / "config.yaml").read_text())
+    student = yaml.safe_load((run / "student" / "config.yaml").read_text())
+    assert teacher["data"]["extra"] is None and teacher["train"]["distill"] is False
+    assert student["data"]["extra_soft"] == str(run / "teacher" / "soft_targets.npz") and not student["train"]["distill"]
+    soft = load_predictions(run / "teacher" / "soft_targets.npz")
+    assert sorted(soft.ids) == sorted(c.case_id for c in load_dataset(isic).cases)
+    logs = {name: pd.read_csv(next((run / name / "logs").rglob("metrics.csv"))) for name in ("teacher", "student")}
+    assert "train/loss_distill" not in logs["teacher"] and (logs["student"]["train/loss_distill"].dropna() > 0).all()
+    best = run / "checkpoints" / "best.ckpt"
+    assert filecmp.cmp(best, summary["phases"]["student"]["best_checkpoint"], shallow=False)
+    load_model(best)
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.ckpt") if p != best}
+    again = train(cfg, synth_root, run, resume=True, progress=False)
+    assert again["phases"] == summary["phases"]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.ckpt") if p != best} == stamps  # nothing trained again
+    assert json.loads((run / "train_summary.json").read_text())["distilled"] is True
+
+
+def test_train_distill_without_the_unlabelled_images_says_so_and_keeps_the_teacher(synth_root, tmp_path, capsys):
+    """The unlabelled images are optional: where data.extra does not exist the run names the path, trains the
+    recipe alone and keeps it; a config that cannot distil is refused before any work."""
+    import filecmp
+
+    from sevenpoint.config import ConfigError, load_config
+    from sevenpoint.engine.run import train
+
+    missing = tmp_path / "isic-not-here"
+    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={missing}", "train.distill=true",
+                               "train.epochs=1"])
+    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
+    said = capsys.readouterr().out
+    assert f"distillation skipped: no unlabelled images at {missing}" in said
+    assert not summary["distilled"] and summary["soft_targets"] is None and list(summary["phases"]) == ["teacher"]
+    assert not (tmp_path / "run" / "student").exists()
+    assert filecmp.cmp(tmp_path / "run" / "checkpoints" / "best.ckpt", summary["phases"]["teacher"]["best_checkpoint"],
+                       shallow=False)
+    with pytest.raises(ConfigError, match="train.distill"):
+        load_config("tiny", ["train.distill=true"])
+    with pytest.raises(ConfigError, match="data.extra_soft"):
+        load_config("tiny", [f"data.extra={missing}", "train.distill=true", f"data.extra_soft={tmp_path / 't.npz'}"])
+
+
 def test_ddp_on_two_cpu_processes_trains_on_isic_and_shares_the_cache_safely(tmp_path):
     """The scale-out command (README) with 2 CPU processes instead of GPUs: it trains, writes one
     best.ckpt, and the decoded-image cache both processes filled holds only valid entries."""

@@ -121,6 +121,9 @@ class TrainConfig:
     trunk_views: int = 0  # >0: each backbone's frozen part (model.freeze_blocks) is not run in training but read
     #                       from a trunk-feature cache of this many augmented views per image (plus the un-augmented
     #                       one, for validation), filled once (`sevenpoint cache-trunk`); 0: run it every step
+    distill: bool = False  # train the recipe twice: a teacher, then a student that also learns the teacher's
+    #                        probabilities on data.extra's unlabelled images; best.ckpt = the student's
+    #                        (engine.distill). Without those images the teacher alone is trained and kept
     cross_fit: bool = False  # refit ensemble: member i leaves out fold i of `ensemble` (stratified on DIAG) of the
     #                          validation split, so every validation case has one member that never saw it; those
     #                          out-of-fold predictions fit the temperatures, prediction sets and stacked diagnosis
@@ -315,6 +318,11 @@ def finalize(cfg: RunConfig) -> RunConfig:
     for name in ("format", "extra_format"):
         if getattr(cfg.data, name) not in FORMAT_CHOICES:
             raise ConfigError(f"data.{name}: {getattr(cfg.data, name)!r} is not one of {', '.join(FORMAT_CHOICES)}")
+    if cfg.train.distill and not cfg.data.extra:
+        raise ConfigError("train.distill: name the unlabelled images the teacher labels with data.extra=DIR")
+    if cfg.train.distill and cfg.data.extra_soft:
+        raise ConfigError("data.extra_soft: with train.distill the run writes its own teacher's probabilities; "
+                          "leave data.extra_soft unset (or train.distill=false to use a file)")
     if cfg.data.extra_soft and not cfg.data.extra:
         raise ConfigError("data.extra_soft: a teacher's probabilities are for data.extra's cases; set data.extra too")
     if model.variant not in VARIANT_BRANCHES:
