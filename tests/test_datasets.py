@@ -476,16 +476,18 @@ def test_train_distill_without_the_unlabelled_images_says_so_and_keeps_the_teach
     """The unlabelled images are optional: where data.extra does not exist the run names the path, trains the
     recipe alone and keeps it; a config that cannot distil is refused before any work."""
     import filecmp
+    import json
 
     from sevenpoint.config import ConfigError, load_config
-    from sevenpoint.engine.run import train
 
     missing = tmp_path / "isic-not-here"
-    cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={missing}", "train.distill=true",
-                               "train.epochs=1"])
-    summary = train(cfg, synth_root, tmp_path / "run", progress=False)
-    said = capsys.readouterr().out
-    assert f"distillation skipped: no unlabelled images at {missing}" in said
+    code, said = cli(capsys, "train", "--data", synth_root, "--out", tmp_path / "run", "--config", "tiny", "--no-progress",
+                     f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={missing}", "train.distill=true",
+                     "train.epochs=1")
+    assert code == 0, said
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert f"distillation skipped: no unlabelled images at {missing}" in " ".join(said.split())
+    assert f"teacher: {100 * summary['best_val_avg_acc']:.2f} %" in said and "student:" not in said
     assert not summary["distilled"] and summary["soft_targets"] is None and list(summary["phases"]) == ["teacher"]
     assert not (tmp_path / "run" / "student").exists()
     assert filecmp.cmp(tmp_path / "run" / "checkpoints" / "best.ckpt", summary["phases"]["teacher"]["best_checkpoint"],

@@ -179,6 +179,10 @@ def train(
                  else f"best val avg acc {100 * summary['best_val_avg_acc']:.2f} %")
         console.print(f"seed {s}: {score} ({summary['epochs_run']} epochs, {summary['train_seconds']} s) "
                       f"-> {summary['best_checkpoint']}")
+        for name, phase in summary.get("phases", {}).items():  # train.distill: the teacher and the student
+            acc = phase["best_val_avg_acc"]
+            console.print(f"  {name}: {'no validation score' if acc is None else f'{100 * acc:.2f} %'} "
+                          f"({phase['epochs_run']} epochs) -> {phase['best_checkpoint']}")
     if len(results) > 1 and all(r["best_val_avg_acc"] is not None for r in results):
         vals = [100 * r["best_val_avg_acc"] for r in results]
         from .engine.report import mean_sd, paired_verdict
