@@ -431,6 +431,17 @@ def test_teach_writes_the_teachers_probabilities_and_a_student_learns_them(tiny_
         load_training_data(synth_root, bad)
 
 
+def test_path_options_take_the_users_home(monkeypatch, tmp_path):
+    """`data.extra=~/data/isic2017` as the README writes it: the shell leaves that ~ alone, the config does not."""
+    from sevenpoint.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("tiny", ["data.extra=~/isic", "data.extra_soft=~/t.npz", "data.cache_dir=~/cache"])
+    assert (cfg.data.extra, cfg.data.extra_soft, cfg.data.cache_dir) == (str(tmp_path / "isic"), str(tmp_path / "t.npz"),
+                                                                         str(tmp_path / "cache"))
+    assert load_config("tiny", ["data.extra=isic"]).data.extra == "isic"  # a relative path stays relative
+
+
 def test_train_distill_trains_a_teacher_then_a_student_on_its_probabilities_and_resumes(synth_root, tmp_path):
     """`train.distill`: the teacher (the recipe without the unlabelled images), its probabilities on every one of
     them, then the student on those; best.ckpt is the student's. Interrupted in the teacher, `--resume` finishes

@@ -7,6 +7,7 @@ epochs, 299 px, modified Xception, all three branches with soft attention.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -402,7 +403,17 @@ def finalize(cfg: RunConfig) -> RunConfig:
                           f"blocks, not {model.backbone_text}")
     if cfg.train.channels_last not in ("auto", "on", "off"):
         raise ConfigError(f"train.channels_last: {cfg.train.channels_last!r} is not one of auto, on, off")
-    return dataclasses.replace(cfg, model=model)
+    return dataclasses.replace(cfg, model=_home(model, PATH_FIELDS["model"]), data=_home(cfg.data, PATH_FIELDS["data"]))
+
+
+# Options that name files or folders: a leading ~ is the user's home (the shell leaves `data.extra=~/x` alone).
+PATH_FIELDS = {"data": ("cache_dir", "extra", "extra_soft"), "model": ("backbone_checkpoint", "derm_init")}
+
+
+def _home(section, names: tuple[str, ...]):
+    """`section` with `~` expanded in the path options `names`."""
+    return dataclasses.replace(section, **{n: os.path.expanduser(getattr(section, n)) for n in names
+                                           if getattr(section, n)})
 
 
 def config_from_dict(values: dict) -> RunConfig:

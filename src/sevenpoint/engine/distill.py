@@ -90,7 +90,7 @@ def train_distilled(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | 
     if not resume:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "run_info.json", run_info(argv))
-    unlabelled = Path(cfg.data.extra).expanduser()
+    unlabelled = Path(cfg.data.extra)
     soft_file = run_dir / TEACHER / SOFT_FILE
     teacher_cfg, student_cfg = phase_configs(cfg, soft_file)
     if not unlabelled.exists():
