@@ -1,6 +1,7 @@
 """The dataset seam: format detection, the PH2 and ISIC readers (with their real layouts' quirks),
 partial labels through loss, metrics, weights and baselines, and PH2 / ISIC end to end."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -443,8 +444,8 @@ def test_path_options_take_the_users_home(monkeypatch, tmp_path):
 
 
 def test_train_distill_trains_a_teacher_then_a_student_on_its_probabilities_and_resumes(synth_root, tmp_path):
-    """`train.distill`: the teacher (the recipe without the unlabelled images), its probabilities on every one of
-    them, then the student on those; best.ckpt is the student's. Interrupted in the teacher, `--resume` finishes
+    """`train.distill`: the teacher (the recipe without the unlabelled images), its probabilities on the ones
+    drawn (`data.extra_cases`), then the student on those; best.ckpt is the student's. Interrupted in the teacher, `--resume` finishes
     both phases, and a finished phase is not trained again."""
     import filecmp
     import json
@@ -454,12 +455,13 @@ def test_train_distill_trains_a_teacher_then_a_student_on_its_probabilities_and_
     from sevenpoint.checkpoint import load_model
     from sevenpoint.engine.evaluate import load_predictions
     from sevenpoint.engine.run import train
+    from sevenpoint.engine.train import load_training_data
     from sevenpoint.config import load_config
 
     isic = make_synthetic_isic(tmp_path, cases=24, size=48)
     run = tmp_path / "run"
     cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={isic}", "train.distill=true",
-                               "data.extra_labels=false", "train.epochs=2"])
+                               "data.extra_labels=false", "data.extra_cases=10", "train.epochs=2"])
     interrupted = train(cfg, synth_root, run, progress=False, stop_after_epochs=1)
     assert interrupted["epochs_run"] == 1 and not (run / "student").exists()
     summary = train(cfg, synth_root, run, resume=True, progress=False)
@@ -470,7 +472,12 @@ def test_train_distill_trains_a_teacher_then_a_student_on_its_probabilities_and_
     assert teacher["data"]["extra"] is None and teacher["train"]["distill"] is False
     assert student["data"]["extra_soft"] == str(run / "teacher" / "soft_targets.npz") and not student["train"]["distill"]
     soft = load_predictions(run / "teacher" / "soft_targets.npz")
-    assert sorted(soft.ids) == sorted(c.case_id for c in load_dataset(isic).cases)
+    drawn = {seed: load_training_data(synth_root, dataclasses.replace(cfg, seed=seed)) for seed in (0, 5)}
+    isic_ids = {c.case_id for c in load_dataset(isic).cases}
+    taught = [[data.cases[i].case_id for i in data.splits["train"] if data.cases[i].case_id in isic_ids]
+              for data in drawn.values()]
+    assert len(taught[0]) == 10 and taught[0] == taught[1]  # a fixed draw: the same for every seed
+    assert sorted(soft.ids) == sorted(taught[0])  # the teacher labels exactly the drawn images
     logs = {name: pd.read_csv(next((run / name / "logs").rglob("metrics.csv"))) for name in ("teacher", "student")}
     assert "train/loss_distill" not in logs["teacher"] and (logs["student"]["train/loss_distill"].dropna() > 0).all()
     best = run / "checkpoints" / "best.ckpt"

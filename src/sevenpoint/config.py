@@ -40,6 +40,7 @@ class DataConfig:
     extra_soft: str | None = None  # a teacher's probabilities for `extra`'s cases (`sevenpoint teach`, .npz): those
     #                                cases also learn the teacher's 8 tasks (distillation, train.distill_weight)
     extra_labels: bool = True  # false: `extra`'s own labels are left out (with extra_soft: the teacher alone)
+    extra_cases: int = 0  # >0: a fixed draw (seed 0, the same for every run) of this many of `extra`'s cases; 0: all
 
 
 VARIANT_BRANCHES = {"DIM": ("derm",), "CIM": ("clinic",), "DCIHMM": ("derm", "clinic", "hybrid")}
@@ -294,6 +295,7 @@ def _check_user_choices(cfg: RunConfig) -> None:
 _RANGES = [
     ("data", "image_size", lambda v: v >= 16, ">= 16"), ("data", "crop", lambda v: v >= 0, ">= 0"),
     ("data", "augment", lambda v: v >= 0, ">= 0"), ("data", "num_workers", lambda v: v >= 0, ">= 0"),
+    ("data", "extra_cases", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("model", "hybrid_channels", lambda v: v >= 1, ">= 1"), ("model", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train", "epochs", lambda v: v >= 1, ">= 1"), ("train", "batch_size", lambda v: v >= 1, ">= 1"),
     ("train", "lr", lambda v: v > 0, "> 0"), ("train", "weight_decay", lambda v: v >= 0, ">= 0"),

@@ -116,16 +116,27 @@ class CaseSet:
         return out
 
 
-def with_extra(data: CaseSet, extra: CaseSet, split: str = "train") -> CaseSet:
-    """`data` with `extra`'s cases added to `split` (auxiliary training data: extra's own `train`
-    split when it has one, else all of it). The other splits are `data`'s alone."""
+def extra_rows(extra: CaseSet, limit: int = 0) -> np.ndarray:
+    """The rows of `extra` that serve as auxiliary training data: its own `train` split when it has one, else all
+    of it; with `limit` > 0 a fixed draw of that many of them (seed 0, the same for every run and seed)."""
+    own = extra.splits.get("train", extra.splits["all"] if "all" in extra.splits else np.arange(len(extra.cases)))
+    own = np.asarray(own, dtype=np.int64)
+    if 0 < limit < len(own):
+        own = np.sort(np.random.default_rng(0).choice(own, size=limit, replace=False))
+    return own
+
+
+def with_extra(data: CaseSet, extra: CaseSet, split: str = "train", limit: int = 0) -> CaseSet:
+    """`data` with `extra`'s cases added to `split` (auxiliary training data, `extra_rows`). The other splits are
+    `data`'s alone."""
     from dataclasses import replace
 
-    own = extra.splits.get("train", extra.splits["all"] if "all" in extra.splits else np.arange(len(extra.cases)))
+    own = extra_rows(extra, limit)
     offset = len(data.cases)
     splits = dict(data.splits)
-    splits[split] = np.concatenate([data.splits[split], offset + np.asarray(own, dtype=np.int64)])
-    note = f"{len(own)} {extra.format} case(s) from {extra.root} added to {split!r}"
+    splits[split] = np.concatenate([data.splits[split], offset + own])
+    drawn = f" (a fixed draw of {len(own)})" if limit and len(own) == limit else ""
+    note = f"{len(own)} {extra.format} case(s) from {extra.root} added to {split!r}{drawn}"
     return replace(data, cases=data.cases + extra.cases, splits=splits, quirks=[*data.quirks, note])
 
 

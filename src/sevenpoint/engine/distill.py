@@ -110,7 +110,7 @@ def train_distilled(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | 
         if not soft_file.is_file():
             start = time.perf_counter()
             taught = teach(phases[TEACHER]["best_checkpoint"], unlabelled, soft_file, data_format=cfg.data.extra_format,
-                           batch_size=cfg.train.batch_size, progress=progress)
+                           batch_size=cfg.train.batch_size, progress=progress, extra_cases=cfg.data.extra_cases)
             phases["teach_seconds"] = round(time.perf_counter() - start, 1)
             write_json(done_file, phases)
             print(f"distillation: the teacher's probabilities for {taught['cases']} unlabelled case(s) of "

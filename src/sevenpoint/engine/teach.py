@@ -15,17 +15,22 @@ import os
 import numpy as np
 
 from ..data import CaseSet, DatasetError, load_dataset
+from ..data.base import extra_rows
 from ..schema import TASKS
 
 def teach(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike, split: str = "all",
-          data_format: str = "auto", batch_size: int = 32, progress: bool = True) -> dict:
-    """Write the teacher's probabilities for every case of `split` of the dataset at `data_dir` to `out`."""
+          data_format: str = "auto", batch_size: int = 32, progress: bool = True, extra_cases: int = 0) -> dict:
+    """Write the teacher's probabilities for every case of `split` of the dataset at `data_dir` to `out`; with
+    `extra_cases` > 0, for the cases `data.extra_cases` draws from it instead (`data.base.extra_rows`)."""
     from ..checkpoint import load_model
     from ..infer.temperature import apply_temperatures
     from .evaluate import predict_measured, save_predictions
 
     model, cfg, _ = load_model(checkpoint)
     data = load_dataset(data_dir, data_format, include_leaky_meta=cfg.data.include_leaky_meta)
+    if extra_cases:
+        data.splits = {**data.splits, "drawn": extra_rows(data, extra_cases)}
+        split = "drawn"
     data.split_cases(split)  # an unknown split fails here, before any work
     pred = predict_measured(model, cfg, data, split, batch_size, progress)
     pred.probs = apply_temperatures(pred.probs, cfg.infer.output_temperature)

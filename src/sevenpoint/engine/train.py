@@ -98,7 +98,7 @@ def load_training_data(data_dir: str | os.PathLike, cfg: RunConfig,
         if not cfg.data.extra_labels:  # e.g. ISIC 2017's diagnosis, which reads keratoses as nevi
             blank = (NOT_ANNOTATED,) * len(TASKS)
             more = dataclasses.replace(more, cases=[dataclasses.replace(c, targets=blank) for c in more.cases])
-        data = with_extra(data, more)
+        data = with_extra(data, more, limit=cfg.data.extra_cases)
     return data
 
 
