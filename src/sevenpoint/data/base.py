@@ -135,7 +135,7 @@ def with_extra(data: CaseSet, extra: CaseSet, split: str = "train", limit: int =
     offset = len(data.cases)
     splits = dict(data.splits)
     splits[split] = np.concatenate([data.splits[split], offset + own])
-    drawn = f" (a fixed draw of {len(own)})" if limit and len(own) == limit else ""
+    drawn = f" (data.extra_cases={limit})" if limit else ""
     note = f"{len(own)} {extra.format} case(s) from {extra.root} added to {split!r}{drawn}"
     return replace(data, cases=data.cases + extra.cases, splits=splits, quirks=[*data.quirks, note])
 
