@@ -461,12 +461,12 @@ def test_train_distill_trains_a_teacher_then_a_student_on_its_probabilities_and_
     isic = make_synthetic_isic(tmp_path, cases=24, size=48)
     run = tmp_path / "run"
     cfg = load_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", f"data.extra={isic}", "train.distill=true",
-                               "data.extra_labels=false", "data.extra_cases=10", "train.epochs=2"])
-    interrupted = train(cfg, synth_root, run, progress=False, stop_after_epochs=1)
+                               "data.extra_labels=false", "data.extra_cases=10", "train.epochs=2", "train.ensemble=2"])
+    interrupted = train(cfg, synth_root, run, progress=False, stop_after_epochs=1)  # in the teacher's first member
     assert interrupted["epochs_run"] == 1 and not (run / "student").exists()
     summary = train(cfg, synth_root, run, resume=True, progress=False)
-    assert summary["distilled"] and summary["phases"]["teacher"]["epochs_run"] == 2
-    assert summary["epochs_run"] == 4
+    assert summary["distilled"] and summary["phases"]["teacher"]["epochs_run"] == 4  # 2 members x 2 epochs
+    assert summary["epochs_run"] == 8 and len(summary["phases"]["student"]["members"]) == 2
     teacher = yaml.safe_load((run / "teacher" / "config.yaml").read_text())
     student = yaml.safe_load((run / "student" / "config.yaml").read_text())
     assert teacher["data"]["extra"] is None and teacher["train"]["distill"] is False
@@ -478,7 +478,8 @@ def test_train_distill_trains_a_teacher_then_a_student_on_its_probabilities_and_
               for data in drawn.values()]
     assert len(taught[0]) == 10 and taught[0] == taught[1]  # a fixed draw: the same for every seed
     assert sorted(soft.ids) == sorted(taught[0])  # the teacher labels exactly the drawn images
-    logs = {name: pd.read_csv(next((run / name / "logs").rglob("metrics.csv"))) for name in ("teacher", "student")}
+    logs = {name: pd.read_csv(next((run / name / "members" / "m1" / "logs").rglob("metrics.csv")))
+            for name in ("teacher", "student")}
     assert "train/loss_distill" not in logs["teacher"] and (logs["student"]["train/loss_distill"].dropna() > 0).all()
     best = run / "checkpoints" / "best.ckpt"
     assert filecmp.cmp(best, summary["phases"]["student"]["best_checkpoint"], shallow=False)

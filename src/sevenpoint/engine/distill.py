@@ -25,12 +25,13 @@ import yaml
 
 from ..atomic import atomic_path, write_json
 from ..config import RunConfig, config_from_dict
+from .ensemble import train_ensemble
 from .finish import run_info
-from .train import RunDirError, check_run_dir
+from .train import RunDirError, check_run_dir, train_model
 
 TEACHER, STUDENT = "teacher", "student"
 SOFT_FILE = "soft_targets.npz"
-PHASE_KEYS = ("best_checkpoint", "best_val_avg_acc", "epochs_run", "train_seconds")
+PHASE_KEYS = ("best_checkpoint", "best_val_avg_acc", "epochs_run", "train_seconds", "members")
 
 
 def is_distill_run(run_dir: Path) -> bool:
@@ -54,10 +55,9 @@ def _holds_run(run_dir: Path) -> bool:
 def _train_phase(cfg: RunConfig, data_dir, phase_dir: Path, progress: bool, argv, stop_after_epochs,
                  splits) -> dict:
     """One phase trained, or resumed where its folder holds an unfinished run."""
-    from .run import train
-
-    return train(cfg, data_dir, phase_dir, resume=_holds_run(phase_dir), progress=progress, argv=argv,
-                 stop_after_epochs=stop_after_epochs, splits=splits)
+    trainer = train_ensemble if cfg.train.ensemble > 1 else train_model
+    return trainer(cfg, data_dir, phase_dir, resume=_holds_run(phase_dir), progress=progress, argv=argv,
+                   stop_after_epochs=stop_after_epochs, splits=splits)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -104,7 +104,7 @@ def train_distilled(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | 
         summary = _train_phase(teacher_cfg, data_dir, run_dir / TEACHER, progress, argv, stop_after_epochs, splits)
         if stop_after_epochs:  # an interrupted run (tests): the teacher is not finished
             return summary
-        phases[TEACHER] = {k: summary[k] for k in PHASE_KEYS}
+        phases[TEACHER] = {k: summary[k] for k in PHASE_KEYS if k in summary}
         write_json(done_file, phases)
     if unlabelled.exists() and STUDENT not in phases:
         if not soft_file.is_file():
@@ -117,7 +117,7 @@ def train_distilled(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | 
                   f"{taught['dataset']} -> {soft_file} ({phases['teach_seconds']} s)", flush=True)
         print(f"distillation: the student -> {run_dir / STUDENT}", flush=True)
         summary = _train_phase(student_cfg, data_dir, run_dir / STUDENT, progress, argv, None, splits)
-        phases[STUDENT] = {k: summary[k] for k in PHASE_KEYS}
+        phases[STUDENT] = {k: summary[k] for k in PHASE_KEYS if k in summary}
         write_json(done_file, phases)
     trained = [name for name in (TEACHER, STUDENT) if name in phases]
     model = phases[trained[-1]]
