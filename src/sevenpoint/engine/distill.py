@@ -21,13 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..atomic import atomic_path, write_json
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig
 from .ensemble import train_ensemble
-from .finish import run_info
-from .train import RunDirError, check_run_dir, train_model
+from .train import open_run_dir, saved_train_option, train_model
 
 TEACHER, STUDENT = "teacher", "student"
 SOFT_FILE = "soft_targets.npz"
@@ -35,8 +33,7 @@ PHASE_KEYS = ("best_checkpoint", "best_val_avg_acc", "epochs_run", "train_second
 
 
 def is_distill_run(run_dir: Path) -> bool:
-    saved = run_dir / "config.yaml"
-    return saved.is_file() and bool((yaml.safe_load(saved.read_text()) or {}).get("train", {}).get("distill"))
+    return bool(saved_train_option(run_dir, "distill", False))
 
 
 def phase_configs(cfg: RunConfig, soft_file: str | os.PathLike) -> tuple[RunConfig, RunConfig]:
@@ -80,16 +77,7 @@ def train_distilled(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | 
     from .teach import teach
 
     run_dir = Path(run_dir)
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml)")
-        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    elif (run_dir / TEACHER).exists() or (run_dir / "checkpoints").exists():
-        raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new --out")
-    check_run_dir(run_dir)
-    if not resume:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_json(run_dir / "run_info.json", run_info(argv))
+    cfg = open_run_dir(cfg, run_dir, resume, argv, taken=(TEACHER, "checkpoints"))
     unlabelled = Path(cfg.data.extra)
     soft_file = run_dir / TEACHER / SOFT_FILE
     teacher_cfg, student_cfg = phase_configs(cfg, soft_file)

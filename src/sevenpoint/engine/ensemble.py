@@ -12,20 +12,18 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..atomic import write_json
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig
 from ..data import CaseSet
 from ..data.base import DatasetError
 from ..schema import TASKS
-from .finish import finish_checkpoint, run_info, training_view
-from .train import RunDirError, check_run_dir, load_training_data, train_model
+from .finish import finish_checkpoint, training_view
+from .train import RunDirError, load_training_data, open_run_dir, saved_train_option, train_model
 
 
 def is_ensemble_run(run_dir: Path) -> bool:
-    saved = run_dir / "config.yaml"
-    return saved.is_file() and (yaml.safe_load(saved.read_text()) or {}).get("train", {}).get("ensemble", 1) > 1
+    return saved_train_option(run_dir, "ensemble", 1) > 1
 
 
 def member_config(cfg: RunConfig, i: int) -> RunConfig:
@@ -103,16 +101,7 @@ def train_ensemble(cfg: RunConfig, data_dir: str | os.PathLike, run_dir: str | o
 
     run_dir = Path(run_dir)
     done_file = run_dir / "members" / "finished.json"
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml)")
-        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    elif (run_dir / "members").exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
-        raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new --out")
-    check_run_dir(run_dir)
-    if not resume:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_json(run_dir / "run_info.json", run_info(argv))
+    cfg = open_run_dir(cfg, run_dir, resume, argv, taken=("members", "checkpoints/last.ckpt"))
     finished: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
     data = load_training_data(data_dir, cfg, splits, extra=False)  # folds, and the ensemble's fits below
     folds = None

@@ -169,6 +169,31 @@ def check_run_dir(run_dir: Path, need_mb: int = 200) -> None:
         raise RunDirError(f"{run_dir}: only {free_mb} MB free on disk; need at least {need_mb} MB for checkpoints")
 
 
+def saved_train_option(run_dir: Path, name: str, default=None):
+    """One `train.` option of the run saved in `run_dir` (its config.yaml), or `default` where there is none."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return default
+    return (yaml.safe_load(saved.read_text()) or {}).get("train", {}).get(name, default)
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, argv: list[str] | None, taken: tuple[str, ...]) -> RunConfig:
+    """The config a run of several parts (an ensemble, a distilled run) trains with: on `resume` the one saved in
+    `run_dir` (it wins over the command line), else `cfg`, saved there with the run's provenance. Refuses to
+    resume where nothing was saved, and to start where any of `taken` (paths in `run_dir`) shows a run."""
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml)")
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    elif any((run_dir / path).exists() for path in taken):
+        raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new --out")
+    check_run_dir(run_dir)
+    if not resume:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_json(run_dir / "run_info.json", run_info(argv))
+    return cfg
+
+
 class StopAfterEpochs(L.Callback):
     """Stop cleanly after `n` epochs (used to simulate an interrupted run in tests)."""
 
