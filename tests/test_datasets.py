@@ -260,6 +260,50 @@ def test_mixup_trains_on_blended_cases_against_blended_labels(monkeypatch):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def test_score_loss_is_the_squared_error_of_the_expected_checklist_score():
+    """train.score_weight's target: the points the criteria heads expect against the labelled 7-point score, on
+    cases whose seven criteria are all labelled; a 2-point criterion's miss costs 2 squared, a 1-point one's 1."""
+    from sevenpoint.engine.loss import score_loss
+    from sevenpoint.models import FusionOutput
+    from sevenpoint.schema import seven_point_score
+
+    targets = torch.tensor([[2, 2, 1, 0, 2, 0, 2, 1],    # score 2 + 2 + 1 + 1 + 1 = 7
+                            [1, 1, 0, 0, 1, 0, 0, 0],    # score 0
+                            [1, NOT_ANNOTATED, 0, 0, 1, 0, 0, 0]])  # PN not labelled: left out
+    sure = [torch.where(F.one_hot(targets[:, t].clamp_min(0), c).bool(), 30.0, -30.0)
+            for t, c in enumerate(task.num_classes for task in TASKS)]
+    out = FusionOutput(logits={"derm": sure}, masks={"derm": torch.ones(3, dtype=torch.bool)})
+    assert seven_point_score(targets[0].numpy()) == 7
+    assert float(score_loss(out, targets)) == pytest.approx(0.0, abs=1e-6)
+    wrong = [lg.clone() for lg in sure]
+    wrong[T["BWV"]][0] = torch.tensor([30.0, -30.0])    # case 0: BWV (2 points) missed
+    wrong[T["RS"]][1] = torch.tensor([-30.0, 30.0])     # case 1: RS (1 point) seen where absent
+    wrong[T["PN"]][2] = torch.tensor([-30.0, -30.0, 30.0])  # case 2 is not scored
+    out = FusionOutput(logits={"derm": wrong}, masks={"derm": torch.ones(3, dtype=torch.bool)})
+    assert float(score_loss(out, targets)) == pytest.approx((2 ** 2 + 1 ** 2) / 2, abs=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
+def test_score_weight_adds_the_score_loss_to_the_step():
+    from sevenpoint.config import load_config
+    from sevenpoint.engine import module as mod
+    from sevenpoint.engine.loss import multitask_loss, score_loss
+
+    torch.manual_seed(0)
+    n = 4
+    batch = {"derm": torch.rand(n, 3, 64, 64), "clinic": torch.rand(n, 3, 64, 64), "meta": torch.rand(n, 14),
+             "has_derm": torch.ones(n, dtype=torch.bool), "has_clinic": torch.ones(n, dtype=torch.bool),
+             "has_meta": torch.ones(n, dtype=torch.bool),
+             "targets": torch.stack([torch.randint(0, t.num_classes, (n,)) for t in TASKS], dim=1)}
+    cfg = load_config("tiny", ["train.score_weight=0.5", "model.dropout=0", "train.meta_dropout=0"])
+    step = mod.SevenPointModule(cfg).train()
+    loss = step.training_step(batch, 0)
+    out = mod.forward_batch(step.model, batch)
+    expected = multitask_loss(out, batch["targets"])[0] + 0.5 * score_loss(out, batch["targets"])
+    assert float(score_loss(out, batch["targets"])) > 0
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
 def test_metrics_weights_and_baselines_skip_unannotated_targets():
     from sevenpoint.data.dataset import balanced_weights
     from sevenpoint.engine.evaluate import majority_baseline, train_majority

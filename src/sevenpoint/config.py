@@ -104,6 +104,8 @@ class TrainConfig:
     meta_dropout: float = 0.1  # chance to hide metadata in training, so "unknown" is learned
     distill_weight: float = 1.0  # weight of the soft-target loss on cases with a teacher's probabilities
     #                              (data.extra_soft); their own labels (e.g. ISIC's diagnosis) still count
+    score_weight: float = 0.0  # >0: also fit the 7-point score: the squared error between the score the criteria heads
+    #                            expect (sum of points x probability) and the labelled score, on fully labelled cases
     mixup: float = 0.0  # >0: MixUp with lambda ~ Beta(mixup, mixup): each batch mixed with a shuffled copy of itself
     #                     (images or cached trunk features, and metadata), the loss mixed alike; 0 = off
     early_stopping: int = 30  # epochs without val improvement; 0 = off
@@ -304,6 +306,7 @@ _RANGES = [
     ("train", "meta_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("train", "mixup", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train", "distill_weight", lambda v: v >= 0, ">= 0"),
+    ("train", "score_weight", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train", "early_stopping", lambda v: v >= 0, ">= 0 (0 = off)"), ("train", "devices", lambda v: v >= 1, ">= 1"),
     ("train", "limit_train_batches", lambda v: 0 < v <= 1, "in (0, 1]"),
 ]

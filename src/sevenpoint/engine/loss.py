@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import FusionOutput
+from ..schema import TASKS
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
@@ -57,4 +58,33 @@ def soft_target_loss(out: FusionOutput, soft: torch.Tensor, has_soft: torch.Tens
             q = soft[rows, start:start + lg.shape[1]].float()
             start += lg.shape[1]
             total = total - (q * F.log_softmax(lg[rows].float(), dim=-1)).sum(dim=-1).mean()
+    return total
+
+
+def expected_score(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The 7-point score a branch's criteria heads expect: sum over criteria of points x P(the scoring class)."""
+    total = logits[0].new_zeros(logits[0].shape[0], dtype=torch.float32)
+    for task, lg in zip(TASKS, logits):
+        probs = F.softmax(lg.float(), dim=-1)
+        for cls, pts in task.points.items():
+            total = total + pts * probs[:, cls]
+    return total
+
+
+def score_loss(out: FusionOutput, targets: torch.Tensor) -> torch.Tensor:
+    """The 7-point score as an auxiliary target: per branch, the mean squared error (in points) between the
+    expected score (`expected_score`) and the labelled one, over the cases whose seven criteria are all labelled
+    (a partial or PRESENT label leaves the case out); summed over branches like `multitask_loss`. It couples the
+    criteria heads through the checklist's weights: a 2-point criterion's error costs twice a 1-point one's."""
+    scoring = [i for i, task in enumerate(TASKS) if task.points]
+    labelled = (targets[:, scoring] >= 0).all(dim=1)
+    truth = targets.new_zeros(targets.shape[0], dtype=torch.float32)
+    for i in scoring:
+        for cls, pts in TASKS[i].points.items():
+            truth = truth + pts * (targets[:, i] == cls).float()
+    total = truth.new_zeros(())
+    for branch, logits in out.logits.items():
+        rows = out.masks[branch] & labelled
+        if bool(rows.any()):
+            total = total + (expected_score([lg[rows] for lg in logits]) - truth[rows]).pow(2).mean()
     return total

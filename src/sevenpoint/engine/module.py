@@ -12,7 +12,7 @@ from torchmetrics import SumMetric
 from ..checkpoint import SCHEMA_FINGERPRINT
 from ..config import RunConfig
 from ..models import FusionModel, FusionOutput
-from .loss import multitask_loss, soft_target_loss
+from .loss import multitask_loss, score_loss, soft_target_loss
 from ..schema import TASK_NAMES, TASKS, annotated, correct
 
 
@@ -83,6 +83,12 @@ class SevenPointModule(L.LightningModule):
             other, other_parts = multitask_loss(out, targets[perm], self.class_weights, tc.label_smoothing)
             loss = lam * loss + (1.0 - lam) * other
             parts = {b: lam * v + (1.0 - lam) * other_parts[b] for b, v in parts.items()}
+        if tc.score_weight > 0:  # under MixUp, scored against both cases' scores like the cross-entropy
+            scored = score_loss(out, targets)
+            if tc.mixup > 0:
+                scored = lam * scored + (1.0 - lam) * score_loss(out, targets[perm])
+            self.log("train/loss_score", scored, on_step=False, on_epoch=True, batch_size=n)
+            loss = loss + tc.score_weight * scored
         if tc.distill_weight > 0 and "has_soft" in batch and bool(batch["has_soft"].any()):
             distill = soft_target_loss(out, batch["soft"], batch["has_soft"])
             self.log("train/loss_distill", distill, on_step=False, on_epoch=True, batch_size=n)
