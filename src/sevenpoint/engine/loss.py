@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import FusionOutput
-from ..schema import TASKS
+from ..schema import TASKS, seven_point_score
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
@@ -78,10 +78,7 @@ def score_loss(out: FusionOutput, targets: torch.Tensor) -> torch.Tensor:
     criteria heads through the checklist's weights: a 2-point criterion's error costs twice a 1-point one's."""
     scoring = [i for i, task in enumerate(TASKS) if task.points]
     labelled = (targets[:, scoring] >= 0).all(dim=1)
-    truth = targets.new_zeros(targets.shape[0], dtype=torch.float32)
-    for i in scoring:
-        for cls, pts in TASKS[i].points.items():
-            truth = truth + pts * (targets[:, i] == cls).float()
+    truth = torch.as_tensor(seven_point_score(targets.cpu().numpy()), dtype=torch.float32, device=targets.device)
     total = truth.new_zeros(())
     for branch, logits in out.logits.items():
         rows = out.masks[branch] & labelled
