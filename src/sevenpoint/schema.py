@@ -141,18 +141,19 @@ def score_rule() -> str:
     return f"7-point score = {terms}; >= {MELANOMA_THRESHOLD} suggests melanoma"
 
 
-def seven_point_score(labels: Mapping[str, int] | Sequence[int] | np.ndarray) -> int | np.ndarray:
+def seven_point_score(labels: Mapping[str, int] | Sequence[int] | np.ndarray):
     """The 7-point checklist score (0-10) from class indices.
 
     `labels` is either a mapping task name -> class index (criteria only needed), or an
-    array whose last axis holds the 8 class indices in `TASK_NAMES` order (any batch shape).
+    array whose last axis holds the 8 class indices in `TASK_NAMES` order (any batch shape):
+    numpy, or a torch tensor of class indices (the score is then a tensor of their dtype on their device).
     """
     if isinstance(labels, Mapping):
         return int(sum(t.points.get(int(labels[t.name]), 0) for t in TASKS if t.is_criterion))
-    arr = np.asarray(labels)
+    arr = labels if hasattr(labels, "device") else np.asarray(labels)  # a torch tensor stays one
     if arr.shape[-1] != len(TASKS):
-        raise ValueError(f"expected {len(TASKS)} class indices on the last axis, got shape {arr.shape}")
-    score = np.zeros(arr.shape[:-1], dtype=np.int64)
+        raise ValueError(f"expected {len(TASKS)} class indices on the last axis, got shape {tuple(arr.shape)}")
+    score = np.zeros(arr.shape[:-1], dtype=np.int64) if isinstance(arr, np.ndarray) else arr.new_zeros(arr.shape[:-1])
     for i, task in enumerate(TASKS):
         for cls, pts in task.points.items():
             score = score + pts * (arr[..., i] == cls)

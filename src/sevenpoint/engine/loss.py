@@ -78,7 +78,7 @@ def score_loss(out: FusionOutput, targets: torch.Tensor) -> torch.Tensor:
     criteria heads through the checklist's weights: a 2-point criterion's error costs twice a 1-point one's."""
     scoring = [i for i, task in enumerate(TASKS) if task.points]
     labelled = (targets[:, scoring] >= 0).all(dim=1)
-    truth = torch.as_tensor(seven_point_score(targets.cpu().numpy()), dtype=torch.float32, device=targets.device)
+    truth = seven_point_score(targets).float()
     total = truth.new_zeros(())
     for branch, logits in out.logits.items():
         rows = out.masks[branch] & labelled
