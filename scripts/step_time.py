@@ -7,9 +7,11 @@ its two parameter groups' rates); prints the median per step. `--profile` then r
 one step of each candidate and sums self CPU time by op class (depthwise / pointwise / dense
 convolution forward and backward, BatchNorm, activations, optimiser, the rest).
 
-    .venv/bin/python scripts/step_time.py full= freeze3=model.freeze_blocks=3 --profile
-    .venv/bin/python scripts/step_time.py full= f11=model.freeze_blocks=11 c11=model.freeze_blocks=11,train.trunk_views=1
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/step_time.py full=   # emulated AVX2
+    .venv/bin/python scripts/step_time.py v14= full=model.freeze_blocks=0 --profile
+    .venv/bin/python scripts/step_time.py v14= f11=model.freeze_blocks=11 c11=model.freeze_blocks=11,train.trunk_views=1
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/step_time.py v14=   # emulated AVX2
+
+(`cpu-recipe` is v14 since 2026-12-06: its members already freeze the stem and blocks 0-4.)
 """
 
 from __future__ import annotations

@@ -52,10 +52,16 @@ def test_packaged_recipes_load():
     assert not v5.train.refit and v5.train.calibrate and v5.train.epochs == 30 and not v1.train.calibrate
     assert dataclasses.replace(v6.train, refit=False, calibrate=True, epochs=30) == v5.train
     assert (v6.data, v6.model, v6.infer) == (v5.data, v5.model, v5.infer)
-    # v11 (the recipe) = v6 cross-fitted and calibrated out of fold, 22 epochs on 548 cases ~ v6's steps
-    assert recipe.train.cross_fit and recipe.train.calibrate and recipe.train.epochs == 22
-    assert dataclasses.replace(recipe.train, cross_fit=False, calibrate=False, epochs=20) == v6.train
-    assert (recipe.data, recipe.model, recipe.infer) == (v6.data, v6.model, v6.infer)
+    # v11 = v6 cross-fitted and calibrated out of fold, 22 epochs on 548 cases ~ v6's steps
+    v11 = load_config("cpu-recipe-v11")
+    assert v11.train.cross_fit and v11.train.calibrate and v11.train.epochs == 22
+    assert dataclasses.replace(v11.train, cross_fit=False, calibrate=False, epochs=20) == v6.train
+    assert (v11.data, v11.model, v11.infer) == (v6.data, v6.model, v6.infer)
+    # v14 (the recipe) = v11 with the stem and blocks 0-4 frozen in every member, 15 epochs (525 steps)
+    assert recipe.model.freeze_blocks == 5 and recipe.train.epochs == 15 and recipe.train.trunk_views == 0
+    assert dataclasses.replace(recipe.train, epochs=22) == v11.train
+    assert dataclasses.replace(recipe.model, freeze_blocks=0) == v11.model
+    assert (recipe.data, recipe.infer) == (v11.data, v11.infer)
 
 
 def test_short_side_keeps_the_aspect_ratio_and_the_centre():
