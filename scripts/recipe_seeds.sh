@@ -14,10 +14,11 @@ set -euo pipefail
 data=${1:?DATA (Derm7pt folder)}; out=${2:?OUT folder}; shift 2
 sp=${SEVENPOINT:-sevenpoint}
 config=${CONFIG:-cpu-recipe}
+seeds=${SEEDS:-0 1 2}
 mkdir -p "$out"
 exec 9>"$out/.lock"
 flock -n 9 || { echo "$out is in use by another recipe_seeds.sh" >&2; exit 1; }
-for s in ${SEEDS:-0 1 2}; do
+for s in $seeds; do
   run="$out/s$s"
   if [ ! -e "$run/trained" ]; then
     resume=(); [ -e "$run/config.yaml" ] && resume=(--resume)
@@ -35,7 +36,7 @@ for s in ${SEEDS:-0 1 2}; do
 done
 for split in test ph2; do
   evals=()
-  for s in ${SEEDS:-0 1 2}; do [ -e "$out/s$s/$split/metrics.json" ] && evals+=("$out/s$s/$split"); done
+  for s in $seeds; do [ -e "$out/s$s/$split/metrics.json" ] && evals+=("$out/s$s/$split"); done
   [ ${#evals[@]} -gt 0 ] && "$sp" summarize "${evals[@]}" --out "$out/summary-$split"
 done
 echo "summaries: $out/summary-test${PH2:+ and $out/summary-ph2}"
