@@ -23,6 +23,8 @@ else:
 # every predictor of a session (and every server it starts) then uses the same choice.
 os.environ.setdefault("SEVENPOINT_AUTOTUNE", os.path.join(tempfile.mkdtemp(prefix="sevenpoint-autotune-"),
                                                           "autotune.json"))
+# ... and are kept though the workers share the cores (runtime.autotune would otherwise re-measure them).
+os.environ.setdefault("SEVENPOINT_AUTOTUNE_SHARED", "keep")
 
 REPO = Path(__file__).resolve().parents[1]
 # The real Derm7pt meta + splits (no images) shared beside the checkout; tests that need it

@@ -50,6 +50,65 @@ def test_autotune_keeps_the_fastest_and_caches_it(tmp_path):
                                               cache=cache)[1]
 
 
+def test_autotune_does_not_keep_a_choice_timed_on_shared_cores(tmp_path, monkeypatch):
+    """A neighbour's load skews the timings, so such a choice serves this call only; the next measures again."""
+    class Share(runtime.CoreShare):  # a chosen neighbour load
+        others = 1.9
+
+        def __init__(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(runtime, "CoreShare", Share)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: 2)
+    monkeypatch.delenv("SEVENPOINT_AUTOTUNE_SHARED", raising=False)
+    cache = tmp_path / "autotune.json"
+    paths = {"slow": lambda: lambda: time.sleep(0.005), "fast": lambda: lambda: None}
+    for _ in range(2):  # measured afresh each time, and never written
+        choice, why = runtime.autotune("k", paths, rounds=1, cache=cache)
+        assert choice == "fast" and "1.9 of 2 cores busy" in why and "not kept" in why and not cache.exists()
+    Share.others = 0.3  # a light neighbour: 2 threads on 2 cores lose little to it
+    assert "measured now (" in runtime.autotune("k", paths, rounds=1, cache=cache)[1]
+    assert "measured earlier" in runtime.autotune("k", paths, rounds=1, cache=cache)[1]
+    Share.others = 0.9  # one thread leaves a core free: a one-core neighbour does not count
+    monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: 1)
+    assert "measured now (" in runtime.autotune("k1", paths, rounds=1, cache=cache)[1]
+    Share.others = 1.9
+    monkeypatch.setenv("SEVENPOINT_AUTOTUNE_SHARED", "keep")  # asked to keep it anyway
+    assert "measured now (" in runtime.autotune("k2", paths, rounds=1, cache=cache)[1]
+    assert set(json.loads(cache.read_text())) == {"k", "k1", "k2"}
+
+
+def test_core_share_counts_other_processes_not_this_one(monkeypatch):
+    import subprocess
+    import sys
+
+    with subprocess.Popen([sys.executable, "-c", "while True: pass"]) as spinner:
+        try:
+            time.sleep(0.3)  # the spinner is up
+            with runtime.CoreShare() as share:
+                time.sleep(1.0)
+        finally:
+            spinner.kill()
+    assert share.others is not None and share.others > 0.6  # the spinner took about one core
+    with runtime.CoreShare() as share:  # too short to tell from 10 ms ticks
+        pass
+    assert share.others is None
+    # this process's own work is not a neighbour: 3 busy CPU seconds of which 1 its own -> 2 by others
+    busy, own = iter([100.0, 103.0]), iter([5.0, 6.0])
+    monkeypatch.setattr(runtime, "_busy_cpu_seconds", lambda: next(busy))
+    monkeypatch.setattr(runtime, "_own_cpu_seconds", lambda: next(own))
+    with runtime.CoreShare() as share:
+        time.sleep(0.6)
+    assert share.others == pytest.approx(2.0 / share.wall)
+
+
 def stub(timed: list, answer: str):
     """An autotune that records the candidates it was offered and answers `answer`."""
     def autotune(key, candidates, **timing):

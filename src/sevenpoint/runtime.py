@@ -238,6 +238,50 @@ def time_round_robin(fns: dict, warmup: int, repeats: int, tick=None) -> dict[st
     return times
 
 
+def _busy_cpu_seconds() -> float | None:
+    """Seconds all CPUs of the machine have spent busy since boot (/proc/stat: everything but idle and
+    iowait, steal included); None where there is no /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    return sum(os.times()[:2])
+
+
+class CoreShare:
+    """How many cores other processes kept busy while a block ran: the machine's busy CPU time
+    (`/proc/stat`) less this process's own (`os.times`), over the wall time. `others` stays None where
+    it cannot be told: off Linux, or a block under `shortest` seconds (the counters tick every 10 ms).
+    `shared(threads)`: others took more than the cores `threads` leave free, by over half a core. In a
+    container that sees the host's CPUs it counts the host's load against the host's cores."""
+
+    def __init__(self, shortest: float = 0.5) -> None:
+        self.shortest, self.others, self.wall = shortest, None, None
+
+    def __enter__(self) -> "CoreShare":
+        import time
+
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        wall0, busy0, own0 = self._start
+        self.wall, busy, own = time.perf_counter() - wall0, _busy_cpu_seconds(), _own_cpu_seconds()
+        if busy is not None and busy0 is not None and self.wall >= self.shortest:
+            self.others = max(0.0, (busy - busy0) - (own - own0)) / self.wall
+
+    def shared(self, threads: int) -> bool:
+        return self.others is not None and self.others > max(0, (os.cpu_count() or 1) - threads) + 0.5
+
+
 def autotune_cache_file() -> Path:
     """Where measured path choices are kept ($SEVENPOINT_AUTOTUNE, else ~/.cache/sevenpoint/autotune.json)."""
     return Path(os.environ.get("SEVENPOINT_AUTOTUNE", Path.home() / ".cache" / "sevenpoint" / "autotune.json"))
@@ -254,7 +298,10 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     model config): a second call returns it without building or timing anything. A single
     candidate is returned untimed. `prune`: candidates whose warm-up call took more than `prune` x
     the fastest warm-up are not timed further (a naive path that is 5x slower need not be timed 5
-    times to lose).
+    times to lose). A choice timed while other processes took the cores this one's threads needed
+    (`CoreShare.shared`) is returned but not cached: the next call measures again
+    (`SEVENPOINT_AUTOTUNE_SHARED=keep` caches it anyway; the test suite, whose workers share the cores
+    on purpose, sets it).
     """
     import statistics
 
@@ -272,13 +319,18 @@ def autotune(key: str, candidates: dict, rounds: int = 5, cache: Path | None = N
     if isinstance(hit, dict) and hit.get("choice") in candidates:
         return hit["choice"], f"{hit['choice']}: measured earlier on this machine ({hit['why']}; cache {cache})"
     runs = {name: make() for name, make in candidates.items()}
-    warm = {n: t[0] for n, t in time_round_robin(runs, warmup=0, repeats=1).items()}  # first calls pick kernels
-    dropped = {n: t for n, t in warm.items() if prune and t > prune * min(warm.values())}
-    times = time_round_robin({n: f for n, f in runs.items() if n not in dropped}, warmup=0, repeats=rounds)
+    with CoreShare() as share:
+        warm = {n: t[0] for n, t in time_round_robin(runs, warmup=0, repeats=1).items()}  # first calls pick kernels
+        dropped = {n: t for n, t in warm.items() if prune and t > prune * min(warm.values())}
+        times = time_round_robin({n: f for n, f in runs.items() if n not in dropped}, warmup=0, repeats=rounds)
     medians = {name: statistics.median(t) for name, t in times.items()}
     choice = min(medians, key=medians.get)
     why = ", ".join([f"{n} {1000 * m:.1f} ms" for n, m in sorted(medians.items(), key=lambda kv: kv[1])]
                     + [f"{n} dropped after a {1000 * t:.0f} ms warm-up" for n, t in dropped.items()])
+    if share.shared(torch.get_num_threads()) and os.environ.get("SEVENPOINT_AUTOTUNE_SHARED") != "keep":
+        # a neighbour's load lands unevenly on the candidates (seen beside a training run: one path 9.8x slower)
+        return choice, (f"{choice}: measured now while other processes kept {share.others:.1f} of "
+                        f"{os.cpu_count()} cores busy, so used for this run only, not kept (median per step: {why})")
     known[key] = {"choice": choice, "why": f"median per step: {why}"}
     try:
         write_json(cache, known)
